@@ -1,0 +1,563 @@
+"""The LMDB store: two environments in one data directory.
+
+`config/`  replicated, read-mostly records in the Workers gateway's KV layout (and sync metadata)
+`ledger/`  usage written per request: monthly counters, reservations, the per-request log and the
+           fail-open grace ledger
+
+Keeping them apart means a large configuration write (an import, a sync pass) never holds the lock
+that a request's ledger write needs. The ledger commits without fsync (a killed process loses
+nothing: the OS page cache holds the pages); `flush()` syncs, and callers run it on a timer to bound
+what an OS crash can lose.
+"""
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from store.hashing import hash_key
+from store.records import (
+    ApiKey,
+    Org,
+    QuotaRecord,
+    RecordError,
+    User,
+    apikey_key,
+    org_config_key,
+    org_quota_key,
+    user_config_key,
+    user_quota_key,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("aigw.store")
+
+GIB = 1 << 30
+MAX_MAP_SIZE = 1 << 40
+LMDB_MAX_KEY = 511
+_COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
+_GRACE = struct.Struct("<qq")  # used_nusd, requests
+
+LEVELS = ("key", "user", "org")
+
+
+class StoreError(Exception):
+    """The store refused an operation (bad input, missing record)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be read or written: quota data is unavailable."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _enc(key: str) -> bytes:
+    raw = key.encode("utf-8")
+    if len(raw) > LMDB_MAX_KEY:
+        raise StoreError(f"key longer than LMDB's {LMDB_MAX_KEY} bytes: {key[:60]}...")
+    return raw
+
+
+class _Env:
+    """One LMDB environment with named databases; retries MapFull (grows) and MapResized."""
+
+    def __init__(self, path: Path, dbs: Iterable[str], *, map_size: int, sync: bool) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=16,
+            max_readers=1024,
+            sync=sync,
+            metasync=sync,
+            readahead=False,
+            lock=True,
+        )
+        self.env.reader_check()  # slots left by killed processes
+        self.dbs = {}
+        with self.env.begin(write=True) as txn:
+            for name in dbs:
+                self.dbs[name] = self.env.open_db(name.encode(), txn=txn)
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        for attempt in range(3):
+            try:
+                with self.env.begin(buffers=False) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise StoreUnavailable(f"store read failed: {exc}") from exc
+        raise StoreUnavailable("store map kept resizing")
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        for attempt in range(6):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.MapFullError:
+                size = self.env.info()["map_size"]
+                if size >= MAX_MAP_SIZE:
+                    raise StoreUnavailable("store is full") from None
+                self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
+            except lmdb.Error as exc:
+                raise StoreUnavailable(f"store write failed: {exc}") from exc
+        raise StoreUnavailable("store write kept failing on map size")
+
+    def close(self) -> None:
+        try:
+            self.env.sync(True)
+        finally:
+            self.env.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Everything a request's decision needs from the configuration records."""
+
+    key_hash: str
+    key: ApiKey | None
+    user: User | None
+    org: Org | None
+    user_quota: QuotaRecord | None  # the Workers gateway's own totals, if replicated
+    org_quota: QuotaRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    used_nusd: int = 0
+    reserved_nusd: int = 0
+    requests: int = 0
+    updated_ms: int = 0
+
+    @classmethod
+    def unpack(cls, raw: bytes | None) -> "Counter":
+        return cls(*_COUNTER.unpack(raw)) if raw else cls()
+
+    def pack(self) -> bytes:
+        return _COUNTER.pack(self.used_nusd, self.reserved_nusd, self.requests, self.updated_ms)
+
+
+Level = tuple[str, str]  # ("key" | "user" | "org", id)
+
+
+def _counter_key(month: str, level: Level) -> bytes:
+    return _enc(f"{month}|{level[0]}|{level[1]}")
+
+
+class Records:
+    """The configuration records: KV keys to their JSON values, as the Workers gateway lays them out."""
+
+    def __init__(self, env: _Env) -> None:
+        self._env = env
+        self._db = env.dbs["records"]
+        self._meta = env.dbs["meta"]
+
+    def get(self, key: str) -> bytes | None:
+        return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
+
+    def get_json(self, key: str) -> dict | None:
+        raw = self.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def resolve(self, key_hash: str) -> Identity:
+        """Look up a presented key's hash, its user and its org in one read transaction."""
+
+        def lookup(txn: lmdb.Transaction) -> Identity:
+            def get(k: str) -> bytes | None:
+                return txn.get(k.encode(), db=self._db)
+
+            raw_key = get(apikey_key(key_hash))
+            if raw_key is None:
+                return Identity(key_hash, None, None, None, None, None)
+            key = ApiKey.parse(key_hash, raw_key)
+            raw_user = get(user_config_key(key.user_id))
+            user = User.parse(key.user_id, raw_user) if raw_user is not None else None
+            org_id = key.org_id or (user.org_id if user else None)
+            raw_org = get(org_config_key(org_id)) if org_id else None
+            org = Org.parse(org_id, raw_org) if raw_org is not None else None
+            user_quota = get(user_quota_key(key.user_id))
+            org_quota = get(org_quota_key(org_id)) if org_id else None
+            return Identity(
+                key_hash,
+                key,
+                user,
+                org,
+                QuotaRecord.parse(user_quota) if user_quota else None,
+                QuotaRecord.parse(org_quota) if org_quota else None,
+            )
+
+        try:
+            return self._env.read(lookup)
+        except RecordError as exc:
+            raise StoreUnavailable(f"unreadable record: {exc}") from exc
+
+    def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
+        """Apply puts and deletes in one transaction: all or nothing."""
+        encoded = [(_enc(k), v) for k, v in puts.items()]
+        encoded_deletes = [_enc(k) for k in deletes]
+
+        def apply(txn: lmdb.Transaction) -> None:
+            for k, v in encoded:
+                txn.put(k, v, db=self._db)
+            for k in encoded_deletes:
+                txn.delete(k, db=self._db)
+
+        self._env.write(apply)
+
+    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        start = prefix.encode()
+
+        def collect(txn: lmdb.Transaction) -> list[tuple[str, bytes]]:
+            out = []
+            cursor = txn.cursor(db=self._db)
+            if not cursor.set_range(start):
+                return out
+            for k, v in cursor:
+                if not k.startswith(start):
+                    break
+                out.append((k.decode(), v))
+            return out
+
+        return self._env.read(collect)
+
+    def count(self) -> dict[str, int]:
+        """Record counts by kind: org, user, apikey, key listing, quota, other."""
+
+        def tally(txn: lmdb.Transaction) -> dict[str, int]:
+            counts = {"orgs": 0, "users": 0, "apikeys": 0, "key_listings": 0, "quotas": 0,
+                      "other": 0}
+            for k in txn.cursor(db=self._db).iternext(keys=True, values=False):
+                parts = k.decode().split(":")
+                if parts[0] == "apikey":
+                    counts["apikeys"] += 1
+                elif parts[-1] == "quota":
+                    counts["quotas"] += 1
+                elif parts[0] == "org" and parts[-1] == "config":
+                    counts["orgs"] += 1
+                elif parts[0] == "user" and parts[-1] == "config":
+                    counts["users"] += 1
+                elif parts[0] == "user" and len(parts) == 4:
+                    counts["key_listings"] += 1
+                else:
+                    counts["other"] += 1
+            return counts
+
+        return self._env.read(tally)
+
+    def meta(self, name: str) -> Any:
+        raw = self._env.read(lambda txn: txn.get(_enc(name), db=self._meta))
+        return None if raw is None else json.loads(raw)
+
+    def set_meta(self, name: str, value: Any) -> None:
+        data = json.dumps(value).encode()
+        self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
+
+
+class Ledger:
+    """Monthly usage counters per key, user and org; reservations for requests in flight; the
+    per-request usage log; and the fail-open grace ledger."""
+
+    def __init__(self, env: _Env) -> None:
+        self._env = env
+        self._usage = env.dbs["usage"]
+        self._reservations = env.dbs["reservations"]
+        self._log = env.dbs["requests"]
+        self._grace = env.dbs["grace"]
+        self._meta = env.dbs["meta"]
+
+    def counters(self, levels: Iterable[Level], month: str) -> list[Counter]:
+        keys = [_counter_key(month, level) for level in levels]
+        return self._env.read(
+            lambda txn: [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
+        )
+
+    def reserve(
+        self,
+        reservation_id: str,
+        levels: list[Level],
+        month: str,
+        amount_nusd: int,
+        admit: Callable[[list[Counter]], T],
+        *,
+        owner: dict | None = None,
+    ) -> T:
+        """Read the levels' counters and call `admit(counters)` inside one write transaction; if
+        it returns a truthy decision whose `allowed` is true, add `amount_nusd` to each level's
+        reserved total and record the reservation. Atomic across processes sharing the store."""
+        keys = [_counter_key(month, level) for level in levels]
+        rid = _enc(reservation_id)
+
+        def apply(txn: lmdb.Transaction) -> T:
+            counters = [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
+            decision = admit(counters)
+            if getattr(decision, "allowed", False):
+                now = _now_ms()
+                for k, c in zip(keys, counters, strict=True):
+                    txn.put(
+                        k,
+                        Counter(c.used_nusd, c.reserved_nusd + amount_nusd, c.requests, now).pack(),
+                        db=self._usage,
+                    )
+                record = {"levels": levels, "month": month, "amount_nusd": amount_nusd,
+                          "created_ms": now, **(owner or {})}
+                txn.put(rid, json.dumps(record).encode(), db=self._reservations)
+            return decision
+
+        return self._env.write(apply)
+
+    def settle(
+        self,
+        reservation_id: str | None,
+        levels: list[Level],
+        month: str,
+        cost_nusd: int,
+        log_entry: dict | None = None,
+    ) -> list[Counter]:
+        """Release a reservation (if still held) and add the real cost and one request to each
+        level, in one transaction. Returns the levels' counters after the write."""
+        keys = [_counter_key(month, level) for level in levels]
+
+        def apply(txn: lmdb.Transaction) -> list[Counter]:
+            released = 0
+            if reservation_id is not None:
+                rid = _enc(reservation_id)
+                raw = txn.get(rid, db=self._reservations)
+                if raw is not None:
+                    released = int(json.loads(raw)["amount_nusd"])
+                    txn.delete(rid, db=self._reservations)
+            now = _now_ms()
+            after = []
+            for k in keys:
+                c = Counter.unpack(txn.get(k, db=self._usage))
+                new = Counter(
+                    c.used_nusd + cost_nusd,
+                    max(0, c.reserved_nusd - released),
+                    c.requests + 1,
+                    now,
+                )
+                txn.put(k, new.pack(), db=self._usage)
+                after.append(new)
+            if log_entry is not None:
+                entry_key = _enc(f"{time.time_ns():020d}|{reservation_id or os.urandom(6).hex()}")
+                txn.put(entry_key, json.dumps(log_entry).encode(), db=self._log)
+            return after
+
+        return self._env.write(apply)
+
+    def release(self, reservation_id: str) -> bool:
+        """Drop a reservation without charging anything (the request was never forwarded)."""
+        rid = _enc(reservation_id)
+
+        def apply(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(rid, db=self._reservations)
+            if raw is None:
+                return False
+            self._unreserve(txn, json.loads(raw))
+            txn.delete(rid, db=self._reservations)
+            return True
+
+        return self._env.write(apply)
+
+    def _unreserve(self, txn: lmdb.Transaction, record: dict) -> None:
+        amount = int(record["amount_nusd"])
+        for level in record["levels"]:
+            k = _counter_key(record["month"], tuple(level))
+            c = Counter.unpack(txn.get(k, db=self._usage))
+            txn.put(
+                k,
+                Counter(c.used_nusd, max(0, c.reserved_nusd - amount), c.requests,
+                        c.updated_ms).pack(),
+                db=self._usage,
+            )
+
+    def release_stale(self, is_stale: Callable[[dict], bool]) -> int:
+        """Release every reservation for which `is_stale(record)` holds (left by a crash)."""
+
+        def apply(txn: lmdb.Transaction) -> int:
+            stale = []
+            for k, v in txn.cursor(db=self._reservations):
+                record = json.loads(v)
+                if is_stale(record):
+                    stale.append((k, record))
+            for k, record in stale:
+                self._unreserve(txn, record)
+                txn.delete(k, db=self._reservations)
+            return len(stale)
+
+        return self._env.write(apply)
+
+    def reservations(self) -> list[dict]:
+        return self._env.read(
+            lambda txn: [json.loads(v) for _, v in txn.cursor(db=self._reservations)]
+        )
+
+    def reset(self, level: Level, month: str) -> Counter:
+        """Zero a level's usage and request count for the month (reservations in flight stay)."""
+        k = _counter_key(month, level)
+
+        def apply(txn: lmdb.Transaction) -> Counter:
+            before = Counter.unpack(txn.get(k, db=self._usage))
+            txn.put(k, Counter(0, before.reserved_nusd, 0, _now_ms()).pack(), db=self._usage)
+            return before
+
+        return self._env.write(apply)
+
+    def log_entries(self, since_ns: int = 0) -> list[dict]:
+        start = f"{since_ns:020d}".encode()
+
+        def collect(txn: lmdb.Transaction) -> list[dict]:
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(start):
+                return []
+            return [json.loads(v) for _, v in cursor]
+
+        return self._env.read(collect)
+
+    def grace_used(self, day: str, who: str) -> tuple[int, int]:
+        raw = self._env.read(lambda txn: txn.get(_enc(f"{day}|{who}"), db=self._grace))
+        return _GRACE.unpack(raw) if raw else (0, 0)
+
+    def grace_charge(self, day: str, who: str, cost_nusd: int, record: dict) -> tuple[int, int]:
+        """Add a fail-open request to the day's grace total and keep it for reconciliation."""
+        k = _enc(f"{day}|{who}")
+
+        def apply(txn: lmdb.Transaction) -> tuple[int, int]:
+            raw = txn.get(k, db=self._grace)
+            used, count = _GRACE.unpack(raw) if raw else (0, 0)
+            after = (used + cost_nusd, count + 1)
+            txn.put(k, _GRACE.pack(*after), db=self._grace)
+            entry = _enc(f"grace|{time.time_ns():020d}|{os.urandom(4).hex()}")
+            txn.put(entry, json.dumps(record).encode(), db=self._log)
+            return after
+
+        return self._env.write(apply)
+
+    def grace_log(self) -> list[dict]:
+        def collect(txn: lmdb.Transaction) -> list[dict]:
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(b"grace|"):
+                return []
+            out = []
+            for k, v in cursor:
+                if not k.startswith(b"grace|"):
+                    break
+                out.append(json.loads(v))
+            return out
+
+        return self._env.read(collect)
+
+    def meta(self, name: str) -> Any:
+        raw = self._env.read(lambda txn: txn.get(_enc(name), db=self._meta))
+        return None if raw is None else json.loads(raw)
+
+    def set_meta(self, name: str, value: Any) -> None:
+        data = json.dumps(value).encode()
+        self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
+
+
+class Store:
+    """The data directory: configuration records plus the usage ledger."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        hash_algorithm: str = "blake3",
+        map_size: int = 4 * GIB,
+    ) -> None:
+        self.path = Path(path)
+        self.hash_algorithm = hash_algorithm
+        hash_key("", hash_algorithm)  # rejects an unknown algorithm early
+        try:
+            config_env = _Env(self.path / "config", ("records", "meta"), map_size=map_size,
+                              sync=True)
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"cannot open store at {self.path}: {exc}") from exc
+        try:
+            ledger_env = _Env(
+                self.path / "ledger",
+                ("usage", "reservations", "requests", "grace", "meta"),
+                map_size=map_size,
+                sync=False,
+            )
+        except lmdb.Error as exc:
+            config_env.close()
+            raise StoreUnavailable(f"cannot open store at {self.path}: {exc}") from exc
+        self._envs = (config_env, ledger_env)
+        self.records = Records(config_env)
+        self.ledger = Ledger(ledger_env)
+        self._closed = False
+
+    def hash(self, raw_key: str) -> str:
+        return hash_key(raw_key, self.hash_algorithm)
+
+    def node_id(self) -> str:
+        """This store's node id, created once."""
+        node = self.ledger.meta("node_id")
+        if node is None:
+            node = "node_" + os.urandom(6).hex()
+            self.ledger.set_meta("node_id", node)
+        return node
+
+    def flush(self) -> None:
+        """fsync the ledger: bounds what an OS crash or power loss can drop."""
+        for env in self._envs:
+            env.env.sync(True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for env in self._envs:
+            env.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Flusher:
+    """A daemon thread that syncs the store every `interval` seconds, off the event loop."""
+
+    def __init__(self, store: Store, interval: float) -> None:
+        self._store = store
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aigw-flush", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._store.flush()
+            except Exception:
+                log.exception("ledger sync failed; retrying in %.1fs", self._interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def iter_levels(key: ApiKey, user_id: str, org_id: str | None) -> Iterator[Level]:
+    yield ("key", key.key_id)
+    yield ("user", user_id)
+    if org_id:
+        yield ("org", org_id)
