@@ -90,7 +90,7 @@ class _Env:
                 self.dbs[name] = self.env.open_db(name.encode(), txn=txn)
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        for attempt in range(3):
+        for _attempt in range(3):
             try:
                 with self.env.begin(buffers=False) as txn:
                     return fn(txn)
@@ -101,7 +101,7 @@ class _Env:
         raise StoreUnavailable("store map kept resizing")
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        for attempt in range(6):
+        for _attempt in range(6):
             try:
                 with self.env.begin(write=True) as txn:
                     return fn(txn)
@@ -158,7 +158,7 @@ def _counter_key(month: str, level: Level) -> bytes:
 
 
 class Records:
-    """The configuration records: KV keys to their JSON values, as the Workers gateway lays them out."""
+    """Configuration records: KV keys to JSON values, as the Workers gateway lays them out."""
 
     def __init__(self, env: _Env) -> None:
         self._env = env
