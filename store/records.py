@@ -191,6 +191,12 @@ class QuotaRecord:
             request_count=int(data.get("request_count") or 0),
         )
 
+    def usage_in(self, month: str) -> tuple[int, int]:
+        """(nano-dollars, requests) this record contributes to `month`: zero for an older month."""
+        if self.current_month != month:
+            return 0, 0
+        return round(self.month_usage_usd * 1_000_000_000), self.request_count
+
 
 def validate_record(key: str, raw: bytes | str) -> None:
     """Raise RecordError when a value under a known key pattern cannot be read by the gateway."""
