@@ -67,7 +67,7 @@ class Section:
             if name not in allowed:
                 raise self.error(str(name), f"unknown key (expected one of {sorted(allowed)})")
 
-    def str(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+    def text(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
         value = self.data.get(name, default)
         if not isinstance(value, str) or not value:
             raise self.error(name, f"must be a non-empty string, not {value!r}")
@@ -75,10 +75,10 @@ class Section:
             raise self.error(name, f"must be one of {', '.join(choices)}, not {value!r}")
         return value
 
-    def optional_str(self, name: str) -> str | None:
+    def optional_text(self, name: str) -> str | None:
         if self.data.get(name) is None:
             return None
-        return self.str(name)
+        return self.text(name)
 
     def number(self, name: str, default: float | None = None, *, minimum: float = 0) -> float:
         value = self.data.get(name, default)
@@ -103,6 +103,6 @@ def store_settings(config: dict[str, Any], source: str, override_path: str | Non
     """The `store:` section; a relative path is taken from the working directory."""
     section = Section(source, "store", config.get("store"))
     section.check_keys({"path", "hash"})
-    path = override_path or section.str("path", DEFAULT_STORE_PATH)
-    algorithm = section.str("hash", "blake3", HASH_ALGORITHMS)
+    path = override_path or section.text("path", DEFAULT_STORE_PATH)
+    algorithm = section.text("hash", "blake3", HASH_ALGORITHMS)
     return StoreSettings(Path(os.path.expanduser(path)), algorithm)

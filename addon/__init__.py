@@ -1,0 +1,1 @@
+"""aigw's mitmproxy addon: `mitmdump -s addon/gateway.py`."""

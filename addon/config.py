@@ -1,0 +1,173 @@
+"""mitm.yaml, parsed and validated once (in the addon's `configure`) into typed settings."""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from addon.pricing import Price, PriceTable
+from addon.providers import ADAPTERS, Adapter
+from store.records import FAILURE_MODES, normalize_failure_mode
+from store.settings import Section, StoreSettings, load_yaml, store_settings
+
+UNKNOWN_CREDENTIALS = ("block", "passthrough")
+FALLBACK_PRICE_USD_PER_1M = 1.0  # the Workers gateway's $0.001 per 1K tokens
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str
+    adapter: Adapter
+    hosts: tuple[re.Pattern, ...]
+    api_key_env: str | None
+
+    def matches(self, host: str) -> bool:
+        return any(p.search(host) for p in self.hosts)
+
+    def default_credential(self) -> str | None:
+        """The gateway host's own key for this provider (environment), if any."""
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+
+
+@dataclass(frozen=True)
+class Policy:
+    unknown_credentials: str = "block"
+    default_failure_mode: str = "fail_closed"
+    default_max_output_tokens: int = 4096
+    reservation_timeout_s: int = 3600
+    flush_interval_s: float = 1.0
+    fail_closed_retry_after_s: int = 30
+    fallback_daily_limit_usd: float = 10.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    store: StoreSettings
+    policy: Policy
+    providers: tuple[Provider, ...]
+    pricing: PriceTable
+
+    def provider_for(self, host: str) -> Provider | None:
+        for provider in self.providers:
+            if provider.matches(host):
+                return provider
+        return None
+
+    def allow_hosts(self) -> list[str]:
+        """mitmproxy `allow_hosts` patterns (matched against `host:port`) for the providers."""
+        return [host_port_pattern(p.pattern) for pr in self.providers for p in pr.hosts]
+
+
+def host_port_pattern(host_pattern: str) -> str:
+    """A host regex made to match `host:port`: an end anchor comes before the port."""
+    return re.sub(r"(?<!\\)\$", r"(?=:\\d+$)", host_pattern)
+
+
+def load_config(path: str | Path, store_override: str | None = None) -> GatewayConfig:
+    """Read and validate mitm.yaml; raises ConfigError naming the file, key and reason."""
+    source = str(path)
+    data = load_yaml(path)
+    root = Section(source, "", data)
+    root.check_keys({"store", "policy", "providers", "pricing", "sync"})
+    return GatewayConfig(
+        source=source,
+        store=store_settings(data, source, store_override),
+        policy=parse_policy(root.section("policy")),
+        providers=parse_providers(root.section("providers")),
+        pricing=parse_pricing(root.section("pricing")),
+    )
+
+
+def parse_policy(section: Section) -> Policy:
+    section.check_keys(set(Policy.__dataclass_fields__) | {"max_staleness_s"})
+    defaults = Policy()
+    try:
+        failure_mode = normalize_failure_mode(
+            section.data.get("default_failure_mode", defaults.default_failure_mode)
+        )
+    except ValueError:
+        raise section.error(
+            "default_failure_mode", f"must be one of {', '.join(FAILURE_MODES)}"
+        ) from None
+    return Policy(
+        unknown_credentials=section.text(
+            "unknown_credentials", defaults.unknown_credentials, UNKNOWN_CREDENTIALS
+        ),
+        default_failure_mode=failure_mode,
+        default_max_output_tokens=section.integer(
+            "default_max_output_tokens", defaults.default_max_output_tokens, minimum=1
+        ),
+        reservation_timeout_s=section.integer(
+            "reservation_timeout_s", defaults.reservation_timeout_s, minimum=1
+        ),
+        flush_interval_s=section.number("flush_interval_s", defaults.flush_interval_s),
+        fail_closed_retry_after_s=section.integer(
+            "fail_closed_retry_after_s", defaults.fail_closed_retry_after_s, minimum=1
+        ),
+        fallback_daily_limit_usd=section.number(
+            "fallback_daily_limit_usd", defaults.fallback_daily_limit_usd
+        ),
+    )
+
+
+def parse_providers(section: Section) -> tuple[Provider, ...]:
+    providers = []
+    for name in section.data:
+        entry = section.section(str(name))
+        entry.check_keys({"kind", "hosts", "api_key_env"})
+        kind = entry.text("kind", None, tuple(ADAPTERS))
+        hosts = entry.data.get("hosts")
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        if not isinstance(hosts, list) or not hosts:
+            raise entry.error("hosts", "must be a non-empty list of host regular expressions")
+        patterns = []
+        for i, host in enumerate(hosts):
+            if not isinstance(host, str) or not host:
+                raise entry.error(f"hosts[{i}]", f"must be a regular expression, not {host!r}")
+            try:
+                patterns.append(re.compile(host, re.IGNORECASE))
+            except re.error as exc:
+                raise entry.error(f"hosts[{i}]", f"invalid regular expression: {exc}") from None
+        providers.append(
+            Provider(
+                name=str(name),
+                kind=kind,
+                adapter=ADAPTERS[kind](),
+                hosts=tuple(patterns),
+                api_key_env=entry.optional_text("api_key_env"),
+            )
+        )
+    return tuple(providers)
+
+
+def _price(section: Section) -> Price:
+    section.check_keys(
+        {"input_per_1m", "output_per_1m", "cached_input_per_1m", "cache_write_per_1m"}
+    )
+
+    def optional(name: str) -> float | None:
+        return None if section.data.get(name) is None else section.number(name)
+
+    return Price.from_usd_per_1m(
+        section.number("input_per_1m"),
+        section.number("output_per_1m"),
+        optional("cached_input_per_1m"),
+        optional("cache_write_per_1m"),
+    )
+
+
+def parse_pricing(section: Section) -> PriceTable:
+    section.check_keys({"fallback", "models"})
+    if section.data.get("fallback") is None:
+        fallback = Price.from_usd_per_1m(FALLBACK_PRICE_USD_PER_1M, FALLBACK_PRICE_USD_PER_1M)
+    else:
+        fallback = _price(section.section("fallback"))
+    models_section = section.section("models")
+    models: dict[str, Any] = {
+        str(name): _price(models_section.section(str(name))) for name in models_section.data
+    }
+    return PriceTable(models, fallback)

@@ -1,0 +1,556 @@
+"""aigw: an AI egress gateway as a mitmproxy addon (`mitmdump -s addon/gateway.py`).
+
+One request, top to bottom: detect the provider -> extract the credential -> look up the key,
+user and org -> decide -> reserve the request's maximum cost -> forward with the org's real
+credential -> meter the provider's usage -> settle the reservation to the real cost.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, exceptions, http
+
+from addon.config import GatewayConfig, Provider, load_config
+from addon.metering import StreamTap, estimate_tokens, parse_json, usage_from_body
+from addon.policy import (
+    BudgetDecision,
+    LevelUsage,
+    check_identity,
+    decide_budgets,
+    level_usages,
+    unauthorized,
+)
+from addon.providers import Denial, Usage
+from store import Store, StoreUnavailable
+from store.db import Flusher, Identity, Level
+from store.hashing import hash_key, looks_like_gateway_key
+from store.money import (
+    day_of,
+    from_usd,
+    month_of,
+    seconds_to_day_end,
+    to_usd,
+    utc_now,
+)
+from store.records import FAIL_OPEN, Org
+from store.settings import ConfigError
+
+log = logging.getLogger("aigw")
+
+LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
+MAINTENANCE_INTERVAL_S = 30
+
+
+@dataclass
+class Flight:
+    """A forwarded request the gateway must settle when its response ends or fails."""
+
+    provider: Provider
+    mode: str  # "metered" | "grace"
+    model: str | None
+    month: str
+    levels: list[Level]
+    estimate_nusd: int
+    input_tokens_estimate: int
+    key_id: str | None = None
+    user_id: str | None = None
+    org_id: str | None = None
+    grace_who: str | None = None
+    decision: BudgetDecision | None = None
+    tap: StreamTap | None = None
+    started: float = field(default_factory=time.time)
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.config: GatewayConfig | None = None
+        self.store: Store | None = None
+        self._flusher: Flusher | None = None
+        self._flights: dict[str, Flight] = {}
+        self._unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
+        self._grace_memory: dict[tuple[str, str], int] = {}  # when even the ledger is down
+        self._derived_allow_hosts: list[str] | None = None
+        self._maintenance: asyncio.Task | None = None
+        self._owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "aigw_config", str, "./mitm.yaml", "Path to aigw's configuration (mitm.yaml)."
+        )
+        loader.add_option(
+            "aigw_store", str, "", "LMDB data directory; overrides store.path of mitm.yaml."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "aigw_config" in updated or "aigw_store" in updated:
+            try:
+                config = load_config(ctx.options.aigw_config, ctx.options.aigw_store or None)
+            except ConfigError as exc:
+                raise exceptions.OptionsError(str(exc)) from None
+            self._close_store()
+            self.config = config
+            self._open_store()
+        if self.config is not None and (
+            not ctx.options.allow_hosts and not ctx.options.ignore_hosts
+            or ctx.options.allow_hosts == self._derived_allow_hosts
+        ):
+            derived = self.config.allow_hosts()
+            if ctx.options.allow_hosts != derived:
+                self._derived_allow_hosts = derived
+                ctx.options.update(allow_hosts=derived)
+
+    def _open_store(self) -> None:
+        assert self.config is not None
+        settings = self.config.store
+        try:
+            self.store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
+        except StoreUnavailable as exc:
+            self.store = None  # every request takes its failure mode until the store opens
+            log.error("aigw store unavailable (%s); applying failure modes", exc)
+            return
+        self._flusher = Flusher(self.store, self.config.policy.flush_interval_s)
+        self._flusher.start()
+        released = self._release_stale()
+        log.info(
+            "aigw ready: store %s, %d providers%s",
+            settings.path,
+            len(self.config.providers),
+            f", released {released} stale reservations" if released else "",
+        )
+
+    def _close_store(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def running(self) -> None:
+        if self._maintenance is None:
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    def done(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            self._maintenance = None
+        self._retry_unsettled()
+        self._close_store()
+
+    # --- the request path --------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.config is None:
+            return
+        provider = self.config.provider_for(flow.request.host)
+        if provider is None:
+            return
+        try:
+            await self._admit(flow, provider)
+        except Exception as exc:  # never let mitmproxy forward a flow we failed to decide
+            log.exception("aigw: request decision failed")
+            self._unavailable(flow, provider, None, f"internal error: {type(exc).__name__}")
+
+    async def _admit(self, flow: http.HTTPFlow, provider: Provider) -> None:
+        request, adapter = flow.request, provider.adapter
+        credential = adapter.credential(request)
+        if credential is None:
+            return self._deny(flow, provider, unauthorized("No API key provided."))
+        raw = request.raw_content or b""
+        body = await asyncio.to_thread(parse_json, raw) if len(raw) > LARGE_BODY else parse_json(
+            raw
+        )
+        model = adapter.model(request, body)
+        if self.store is None:
+            return self._unavailable(flow, provider, None, "store unavailable", credential)
+        try:
+            identity = self.store.records.resolve(self.store.hash(credential))
+        except StoreUnavailable as exc:
+            return self._unavailable(flow, provider, None, str(exc), credential)
+        if identity.key is None and not looks_like_gateway_key(credential):
+            if self.config.policy.unknown_credentials == "passthrough":
+                flow.metadata["aigw"] = {"decision": "passthrough"}
+                return None
+        denial = check_identity(identity, model)
+        if denial is not None:
+            return self._deny(flow, provider, denial)
+        if identity.org is None:
+            return self._unavailable(flow, provider, None, "organization record missing")
+
+        now = utc_now()
+        month = month_of(now)
+        input_tokens = estimate_tokens(len(raw))
+        max_output = adapter.max_output_tokens(request, body)
+        price = self.config.pricing.price(model)
+        estimate = price.cost_nusd(
+            Usage(
+                input_tokens=input_tokens,
+                output_tokens=max_output or self.config.policy.default_max_output_tokens,
+            )
+        )
+        levels, limits = _levels(identity)
+
+        def admit(counters) -> BudgetDecision:
+            return decide_budgets(level_usages(identity, counters, month, limits), now, month)
+
+        try:
+            decision = self.store.ledger.reserve(
+                flow.id, levels, month, estimate, admit, owner=self._owner
+            )
+        except StoreUnavailable as exc:
+            return self._unavailable(flow, provider, identity.org, str(exc), credential)
+        if not decision.allowed:
+            assert decision.denial is not None
+            return self._deny(flow, provider, decision.denial, decision)
+
+        secret = credential if identity.key.passthrough else _provider_secret(
+            provider, identity.org
+        )
+        if secret is None:
+            self.store.ledger.release(flow.id)
+            return self._deny(flow, provider, _no_credential(provider))
+        adapter.set_credential(request, secret)
+        self._flights[flow.id] = Flight(
+            provider=provider,
+            mode="metered",
+            model=model,
+            month=month,
+            levels=levels,
+            estimate_nusd=estimate,
+            input_tokens_estimate=input_tokens,
+            key_id=identity.key.key_id,
+            user_id=identity.key.user_id,
+            org_id=identity.org.org_id,
+            decision=decision,
+        )
+        flow.metadata["aigw"] = {
+            "decision": "allowed",
+            "key_id": identity.key.key_id,
+            "user_id": identity.key.user_id,
+            "org_id": identity.org.org_id,
+            "model": model,
+            "reserved_usd": to_usd(estimate),
+        }
+        return None
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        flight = self._flights.get(flow.id)
+        if flight is None or flow.response is None:
+            return
+        try:
+            adapter = flight.provider.adapter
+            if adapter.is_stream(flow.request, flow.response):
+                flight.tap = StreamTap(
+                    adapter.meter(),
+                    flow.response.headers.get("content-encoding"),
+                    adapter.stream_framing(flow.request, flow.response),
+                )
+                flow.response.stream = flight.tap
+                if flight.decision is not None:
+                    _usage_headers(flow.response, flight.decision.binding(), None)
+        except Exception:
+            log.exception("aigw: could not tap the stream; it will be charged an estimate")
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        flight = self._flights.pop(flow.id, None)
+        if flight is None:
+            return
+        try:
+            await self._settle(flow, flight)
+        except Exception:
+            log.exception("aigw: settling failed; charging the reserved estimate")
+            self._record(flight, flight.estimate_nusd, estimated=True, usage=None, flow=flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self.response(flow)
+
+    # --- settling ---------------------------------------------------------------------------
+
+    async def _settle(self, flow: http.HTTPFlow, flight: Flight) -> None:
+        adapter = flight.provider.adapter
+        response = flow.response
+        usage: Usage | None = None
+        if flight.tap is not None:
+            usage = flight.tap.usage()
+        elif response is not None and response.raw_content is not None:
+            if len(response.raw_content) > LARGE_BODY:
+                usage = await asyncio.to_thread(usage_from_body, adapter, response)
+            else:
+                usage = usage_from_body(adapter, response)
+        estimated = usage is None
+        if usage is None:
+            usage = self._estimate_usage(flow, flight)
+        price = self.config.pricing.price(usage.model or flight.model) if self.config else None
+        cost = price.cost_nusd(usage) if price is not None else flight.estimate_nusd
+        after = self._record(flight, cost, estimated=estimated, usage=usage, flow=flow)
+        if response is not None and flight.tap is None and after is not None:
+            _usage_headers(response, after, cost)
+
+    def _estimate_usage(self, flow: http.HTTPFlow, flight: Flight) -> Usage:
+        """No usage reported: nothing if the provider never answered or refused the request,
+        else input from the request and output from what was delivered."""
+        response = flow.response
+        if response is None and not flow.server_conn.timestamp_tcp_setup:
+            return Usage(model=flight.model)  # never reached the provider
+        if response is not None and response.status_code >= 400:
+            return Usage(model=flight.model)  # providers do not bill refused requests
+        delivered = 0
+        if flight.tap is not None:
+            delivered = flight.tap.decoded_bytes
+        elif response is not None and response.raw_content:
+            delivered = len(response.raw_content)
+        return Usage(
+            input_tokens=flight.input_tokens_estimate,
+            output_tokens=estimate_tokens(delivered),
+            model=flight.model,
+        )
+
+    def _record(
+        self, flight: Flight, cost: int, *, estimated: bool, usage: Usage | None, flow
+    ) -> LevelUsage | None:
+        """Write the request's cost to the ledger (or the grace ledger); never raises."""
+        entry = {
+            "at": round(flight.started, 3),
+            "provider": flight.provider.name,
+            "model": (usage.model if usage and usage.model else flight.model),
+            "key_id": flight.key_id,
+            "user_id": flight.user_id,
+            "org_id": flight.org_id,
+            "mode": flight.mode,
+            "status": flow.response.status_code if flow.response else None,
+            "error": str(flow.error) if flow.error else None,
+            "cost_nusd": cost,
+            "estimated": estimated,
+            "usage": None if usage is None else {
+                "input": usage.input_tokens,
+                "cached_input": usage.cached_input_tokens,
+                "cache_write": usage.cache_write_tokens,
+                "output": usage.output_tokens,
+                "reasoning": usage.reasoning_tokens,
+            },
+        }
+        flow.metadata.setdefault("aigw", {}).update(
+            {"cost_usd": to_usd(cost), "estimated": estimated}
+        )
+        if flight.mode == "grace":
+            self._grace_charge(flight, cost, entry)
+            return None
+        try:
+            assert self.store is not None
+            counters = self.store.ledger.settle(flow.id, flight.levels, flight.month, cost, entry)
+        except Exception as exc:
+            log.error("aigw: ledger write failed (%s); will retry: %s", exc, entry)
+            self._unsettled.append((flow.id, flight.levels, flight.month, cost, entry))
+            return None
+        if flight.decision is None:
+            return None
+        updated = [lv.updated(c) for lv, c in zip(flight.decision.levels, counters, strict=True)]
+        return BudgetDecision(True, tuple(updated)).binding()
+
+    # --- denials and failure modes --------------------------------------------------------
+
+    def _deny(
+        self,
+        flow: http.HTTPFlow,
+        provider: Provider,
+        denial: Denial,
+        decision: BudgetDecision | None = None,
+    ) -> None:
+        flow.response = provider.adapter.deny(denial)
+        if decision is not None:
+            _usage_headers(flow.response, decision.binding(), None)
+        flow.metadata["aigw"] = {"decision": "denied", "status": denial.status,
+                                 "error": denial.error_type}
+        log.info("aigw: denied %s %s: %s", flow.request.host, denial.status, denial.error_type)
+
+    def _unavailable(
+        self,
+        flow: http.HTTPFlow,
+        provider: Provider,
+        org: Org | None,
+        reason: str,
+        credential: str | None = None,
+    ) -> None:
+        """Quota data is unavailable: the org's failure mode decides (the default when the org
+        itself is unknown)."""
+        assert self.config is not None
+        policy = self.config.policy
+        mode = org.failure_mode if org is not None else policy.default_failure_mode
+        log.warning("aigw: quota data unavailable (%s); %s", reason, mode)
+        if mode != FAIL_OPEN or credential is None:
+            retry = policy.fail_closed_retry_after_s
+            return self._deny(
+                flow,
+                provider,
+                Denial(
+                    503,
+                    "quota_unavailable",
+                    "The gateway cannot check quotas right now; the request was not forwarded.",
+                    headers=(("retry-after", str(retry)),),
+                ),
+            )
+        limit = from_usd(
+            org.fallback_daily_limit_usd if org is not None else policy.fallback_daily_limit_usd
+        )
+        now = utc_now()
+        who = f"key:{hash_key(credential)[:16]}"
+        used = self._grace_used(day_of(now), who)
+        if used >= limit:
+            return self._deny(
+                flow,
+                provider,
+                Denial(
+                    429,
+                    "fallback_daily_limit_exceeded",
+                    f"The gateway is in fail-open mode and the daily fallback limit of "
+                    f"${to_usd(limit):.2f} is used up.",
+                    headers=(("retry-after", str(seconds_to_day_end(now))),
+                             ("x-should-retry", "false")),
+                ),
+            )
+        secret = _provider_secret(provider, org) if looks_like_gateway_key(credential) else (
+            credential
+        )
+        if secret is None:
+            return self._deny(flow, provider, _no_credential(provider))
+        provider.adapter.set_credential(flow.request, secret)
+        body = parse_json(flow.request.raw_content)
+        model = provider.adapter.model(flow.request, body)
+        self._flights[flow.id] = Flight(
+            provider=provider,
+            mode="grace",
+            model=model,
+            month=month_of(now),
+            levels=[],
+            estimate_nusd=0,
+            input_tokens_estimate=estimate_tokens(len(flow.request.raw_content or b"")),
+            org_id=org.org_id if org else None,
+            grace_who=who,
+        )
+        flow.metadata["aigw"] = {"decision": "grace", "reason": reason}
+        return None
+
+    def _grace_used(self, day: str, who: str) -> int:
+        try:
+            assert self.store is not None
+            used = self.store.ledger.grace_used(day, who)[0]
+        except Exception:
+            used = 0
+        return max(used, self._grace_memory.get((day, who), 0))
+
+    def _grace_charge(self, flight: Flight, cost: int, entry: dict) -> None:
+        day = day_of(utc_now())
+        who = flight.grace_who or "unknown"
+        self._grace_memory[(day, who)] = self._grace_memory.get((day, who), 0) + cost
+        entry = {**entry, "grace_who": who, "day": day}
+        try:
+            assert self.store is not None
+            self.store.ledger.grace_charge(day, who, cost, entry)
+        except Exception:
+            # The log line is the reconciliation record when the ledger itself is down.
+            log.error("aigw: grace ledger unavailable; unrecorded grace request: %s", entry)
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            try:
+                if self.store is None and self.config is not None:
+                    self._open_store()
+                self._retry_unsettled()
+                await asyncio.to_thread(self._release_stale)
+            except Exception:
+                log.exception("aigw: maintenance failed")
+
+    def _retry_unsettled(self) -> None:
+        pending, self._unsettled = self._unsettled, []
+        for reservation_id, levels, month, cost, entry in pending:
+            try:
+                assert self.store is not None
+                self.store.ledger.settle(reservation_id, levels, month, cost, entry)
+            except Exception:
+                self._unsettled.append((reservation_id, levels, month, cost, entry))
+
+    def _release_stale(self) -> int:
+        if self.store is None or self.config is None:
+            return 0
+        timeout_ms = self.config.policy.reservation_timeout_s * 1000
+        now_ms = int(time.time() * 1000)
+        host = self._owner["host"]
+
+        def is_stale(record: dict) -> bool:
+            if now_ms - int(record.get("created_ms", 0)) > timeout_ms:
+                return True
+            if record.get("host") == host and record.get("pid") == os.getpid():
+                return False  # ours: settled by our own hooks
+            return record.get("host") == host and not _pid_alive(record.get("pid"))
+
+        return self.store.ledger.release_stale(is_stale)
+
+
+def _levels(identity: Identity) -> tuple[list[Level], list[int | None]]:
+    assert identity.key is not None and identity.user is not None
+    levels: list[Level] = [("key", identity.key.key_id), ("user", identity.user.user_id)]
+    limits = [identity.key.monthly_limit_usd, identity.user.monthly_limit_usd]
+    if identity.org is not None:
+        levels.append(("org", identity.org.org_id))
+        limits.append(identity.org.monthly_budget_usd)
+    return levels, [None if v is None else from_usd(v) for v in limits]
+
+
+def _provider_secret(provider: Provider, org: Org | None) -> str | None:
+    """The org's own credential for this provider, else the gateway host's."""
+    if org is not None:
+        ref = org.provider_keys.get(provider.name) or org.provider_keys.get(provider.kind)
+        if ref:
+            if ref.startswith("env:"):
+                return os.environ.get(ref[4:]) or None
+            return ref
+    return provider.default_credential()
+
+
+def _no_credential(provider: Provider) -> Denial:
+    return Denial(
+        502,
+        "provider_credential_missing",
+        f"The gateway has no credential for provider {provider.name!r}.",
+        headers=(("x-should-retry", "false"),),
+    )
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _usage_headers(response: http.Response, level: LevelUsage | None, cost: int | None) -> None:
+    if level is None:
+        return
+    month = month_of(utc_now())
+    headers = response.headers
+    headers["x-gateway-usage-usd"] = f"{to_usd(level.used_nusd):.6f}"
+    if level.limit_nusd is not None:
+        headers["x-gateway-limit-usd"] = f"{to_usd(level.limit_nusd):.6f}"
+        headers["x-gateway-remaining-usd"] = f"{to_usd(level.remaining_nusd or 0):.6f}"
+    headers["x-gateway-limit-level"] = level.level
+    headers["x-gateway-request-count"] = str(level.requests)
+    headers["x-gateway-current-month"] = month
+    if cost is not None:
+        headers["x-gateway-cost-usd"] = f"{to_usd(cost):.6f}"
+
+
+addons = [Gateway()]

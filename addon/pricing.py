@@ -1,0 +1,85 @@
+"""The price table: USD per 1M tokens per model, to integer nano-dollars per request."""
+
+import logging
+from dataclasses import dataclass
+
+from addon.providers.base import Usage
+
+log = logging.getLogger("aigw.pricing")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-dollars per 1M tokens (integers, so a request's cost sums exactly)."""
+
+    input: int
+    output: int
+    cached_input: int
+    cache_write: int
+
+    @classmethod
+    def from_usd_per_1m(
+        cls,
+        input_per_1m: float,
+        output_per_1m: float,
+        cached_input_per_1m: float | None = None,
+        cache_write_per_1m: float | None = None,
+    ) -> "Price":
+        def micro(v: float) -> int:
+            return round(v * 1_000_000)
+
+        return cls(
+            input=micro(input_per_1m),
+            output=micro(output_per_1m),
+            cached_input=micro(
+                input_per_1m if cached_input_per_1m is None else cached_input_per_1m
+            ),
+            # Anthropic's 5-minute cache writes cost 1.25x input where no price is given.
+            cache_write=micro(
+                input_per_1m * 1.25 if cache_write_per_1m is None else cache_write_per_1m
+            ),
+        )
+
+    def cost_nusd(self, usage: Usage) -> int:
+        """Nano-dollars for `usage`, rounded once at the end."""
+        micro_total = (
+            usage.input_tokens * self.input
+            + usage.cached_input_tokens * self.cached_input
+            + usage.cache_write_tokens * self.cache_write
+            + usage.output_tokens * self.output
+        )
+        return (micro_total + 500) // 1000
+
+
+class PriceTable:
+    def __init__(self, models: dict[str, Price], fallback: Price) -> None:
+        self._models = models
+        self._by_length = sorted(models, key=len, reverse=True)
+        self.fallback = fallback
+        self._warned: set[str] = set()
+        self._resolved: dict[str, Price | None] = {}
+
+    def lookup(self, model: str | None) -> Price | None:
+        """The model's price: exact name, else the longest listed name that prefixes it
+        (dated snapshots), ignoring a `models/` prefix; None if unknown."""
+        if not model:
+            return None
+        if model in self._resolved:
+            return self._resolved[model]
+        name = model.removeprefix("models/")
+        price = self._models.get(name)
+        if price is None:
+            price = next((self._models[m] for m in self._by_length if name.startswith(m)), None)
+        if len(self._resolved) < 10_000:
+            self._resolved[model] = price
+        return price
+
+    def price(self, model: str | None) -> Price:
+        """The model's price, or the fallback with a warning (once per model): never $0."""
+        price = self.lookup(model)
+        if price is not None:
+            return price
+        if model not in self._warned and len(self._warned) < 10_000:
+            self._warned.add(model or "")
+            log.warning("no price for model %r: charging the fallback price", model)
+        return self.fallback

@@ -1,0 +1,87 @@
+"""Anthropic Messages: `x-api-key`; input counts exclude cache reads and writes."""
+
+from typing import Any
+
+from mitmproxy import http
+
+from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, bearer
+
+ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    503: "api_error",
+}
+
+
+class AnthropicMeter(UsageMeter):
+    """Input and cache counts from `message_start` (or a whole message); output from the latest
+    `message_delta`, whose counts are cumulative: the latest wins, nothing is summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts: dict[str, int] = {}
+
+    def feed(self, event: str | None, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        kind = data.get("type")
+        message = data.get("message") if kind == "message_start" else data
+        if not isinstance(message, dict):
+            return
+        if isinstance(message.get("model"), str):
+            self.model = message["model"]
+        usage = message.get("usage")
+        if not isinstance(usage, dict):
+            return
+        for name in (
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ):
+            if usage.get(name) is not None:
+                self._counts[name] = as_int(usage[name])
+
+    def usage(self) -> Usage | None:
+        if not self._counts:
+            return None
+        c = self._counts
+        return Usage(
+            input_tokens=c.get("input_tokens", 0),
+            cached_input_tokens=c.get("cache_read_input_tokens", 0),
+            cache_write_tokens=c.get("cache_creation_input_tokens", 0),
+            output_tokens=c.get("output_tokens", 0),
+            model=self.model,
+        )
+
+
+class AnthropicAdapter(Adapter):
+    kind = "anthropic"
+    credential_headers = ("x-api-key", "authorization")
+
+    def credential(self, request: http.Request) -> str | None:
+        return request.headers.get("x-api-key") or bearer(request)
+
+    def set_credential(self, request: http.Request, secret: str) -> None:
+        for name in self.credential_headers:
+            request.headers.pop(name, None)
+        request.headers["x-api-key"] = secret
+
+    def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
+        value = body.get("max_tokens") if isinstance(body, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return None
+
+    def meter(self) -> UsageMeter:
+        return AnthropicMeter()
+
+    def error_body(self, denial: Denial) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "type": ANTHROPIC_ERROR_TYPES.get(denial.status, "api_error"),
+            "message": denial.message,
+        }
+        if denial.details:
+            error["details"] = denial.details
+        return {"type": "error", "error": error}

@@ -1,0 +1,115 @@
+"""What every provider adapter answers: where the credential is, what the model is, how usage is
+read (whole body or stream events), and what a native error looks like."""
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from mitmproxy import http
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Billable token counts, normalised across providers."""
+
+    input_tokens: int = 0  # uncached input, billed at the input price
+    cached_input_tokens: int = 0  # cached prompt tokens / cache reads
+    cache_write_tokens: int = 0  # Anthropic cache writes
+    output_tokens: int = 0  # reasoning/thinking tokens included
+    reasoning_tokens: int = 0  # informational: already inside output_tokens
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A gateway answer in place of the provider's: status, a machine type, a human message."""
+
+    status: int
+    error_type: str  # seed types: invalid_api_key, key_quota_exceeded, ...
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+    details: dict[str, Any] | None = None
+
+
+class UsageMeter:
+    """Accumulates usage from a response: `feed` each parsed JSON body or stream event."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+
+    def feed(self, event: str | None, data: Any) -> None:
+        raise NotImplementedError
+
+    def usage(self) -> Usage | None:
+        """The usage seen so far, or None if the response carried none."""
+        raise NotImplementedError
+
+
+def as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(0, value)
+    if isinstance(value, float) and value == value:
+        return max(0, int(value))
+    return 0
+
+
+def dig(data: Any, *path: str) -> Any:
+    for name in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(name)
+    return data
+
+
+class Adapter:
+    """One API kind. Subclasses set `kind` and implement the hooks below."""
+
+    kind: ClassVar[str]
+    # Header names that may carry a credential for this API kind (all are stripped on forward).
+    credential_headers: ClassVar[tuple[str, ...]] = ()
+
+    def credential(self, request: http.Request) -> str | None:
+        """The credential the client presented, or None."""
+        raise NotImplementedError
+
+    def set_credential(self, request: http.Request, secret: str) -> None:
+        """Remove every credential the client sent and put `secret` where the provider wants it."""
+        raise NotImplementedError
+
+    def model(self, request: http.Request, body: Any) -> str | None:
+        value = body.get("model") if isinstance(body, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
+        raise NotImplementedError
+
+    def is_stream(self, request: http.Request, response: http.Response) -> bool:
+        """Whether the response is a stream to meter event by event (never buffered)."""
+        content_type = response.headers.get("content-type", "")
+        return content_type.startswith("text/event-stream")
+
+    def stream_framing(self, request: http.Request, response: http.Response) -> str:
+        """`sse` or `json_array`."""
+        return "sse"
+
+    def meter(self) -> UsageMeter:
+        raise NotImplementedError
+
+    def error_body(self, denial: Denial) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def deny(self, denial: Denial) -> http.Response:
+        """The denial as this provider would have answered it."""
+        body = json.dumps(self.error_body(denial)).encode()
+        headers = {"content-type": "application/json", **dict(denial.headers)}
+        return http.Response.make(denial.status, body, headers)
+
+
+def bearer(request: http.Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None

@@ -1,0 +1,107 @@
+"""Google Gemini (generativelanguage): key in `x-goog-api-key` or `?key=`, model in the path."""
+
+import re
+from typing import Any
+
+from mitmproxy import http
+
+from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, dig
+
+_MODEL = re.compile(r"/models/([^/:]+):")
+
+GEMINI_STATUS = {
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+
+
+class GeminiMeter(UsageMeter):
+    """`usageMetadata` of the last chunk that has one; thoughts are billed as output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._usage: dict | None = None
+
+    def feed(self, event: str | None, data: Any) -> None:
+        if isinstance(data, list):  # a whole streamed array read at once
+            for item in data:
+                self.feed(event, item)
+            return
+        if not isinstance(data, dict):
+            return
+        if isinstance(data.get("modelVersion"), str):
+            self.model = data["modelVersion"]
+        usage = data.get("usageMetadata")
+        if isinstance(usage, dict):
+            self._usage = usage
+
+    def usage(self) -> Usage | None:
+        u = self._usage
+        if u is None:
+            return None
+        prompt = as_int(u.get("promptTokenCount")) + as_int(u.get("toolUsePromptTokenCount"))
+        cached = min(prompt, as_int(u.get("cachedContentTokenCount")))
+        thoughts = as_int(u.get("thoughtsTokenCount"))
+        return Usage(
+            input_tokens=prompt - cached,
+            cached_input_tokens=cached,
+            output_tokens=as_int(u.get("candidatesTokenCount")) + thoughts,
+            reasoning_tokens=thoughts,
+            model=self.model,
+        )
+
+
+class GeminiAdapter(Adapter):
+    kind = "gemini"
+    credential_headers = ("x-goog-api-key", "authorization")
+
+    def credential(self, request: http.Request) -> str | None:
+        return request.headers.get("x-goog-api-key") or request.query.get("key") or None
+
+    def set_credential(self, request: http.Request, secret: str) -> None:
+        for name in self.credential_headers:
+            request.headers.pop(name, None)
+        if "key" in request.query:
+            del request.query["key"]
+        request.headers["x-goog-api-key"] = secret
+
+    def model(self, request: http.Request, body: Any) -> str | None:
+        match = _MODEL.search(request.path)
+        return match.group(1) if match else None
+
+    def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
+        config = dig(body, "generationConfig") or dig(body, "generation_config")
+        value = None
+        if isinstance(config, dict):
+            value = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return None
+
+    def is_stream(self, request: http.Request, response: http.Response) -> bool:
+        return super().is_stream(request, response) or ":streamGenerateContent" in request.path
+
+    def stream_framing(self, request: http.Request, response: http.Response) -> str:
+        content_type = response.headers.get("content-type", "")
+        return "sse" if content_type.startswith("text/event-stream") else "json_array"
+
+    def meter(self) -> UsageMeter:
+        return GeminiMeter()
+
+    def error_body(self, denial: Denial) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "code": denial.status,
+            "message": denial.message,
+            "status": GEMINI_STATUS.get(denial.status, "UNKNOWN"),
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": denial.error_type.upper(),
+                    "domain": "aigw",
+                    "metadata": {k: str(v) for k, v in (denial.details or {}).items()},
+                }
+            ],
+        }
+        return {"error": error}

@@ -1,0 +1,90 @@
+"""OpenAI (Chat Completions, Responses, embeddings) and every OpenAI-compatible host."""
+
+from typing import Any
+
+from mitmproxy import http
+
+from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, bearer, dig
+
+OPENAI_ERROR_CODES = {401: "invalid_api_key", 429: "insufficient_quota"}
+
+
+class OpenAIMeter(UsageMeter):
+    """Chat Completions (`usage.prompt_tokens`) and Responses (`usage.input_tokens`, in the
+    `response` of response.completed / incomplete / failed events)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._usage: dict | None = None
+
+    def feed(self, event: str | None, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        response = data.get("response")
+        if isinstance(response, dict) and data.get("type", "").startswith("response."):
+            data = response
+        if isinstance(data.get("model"), str):
+            self.model = data["model"]
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+
+    def usage(self) -> Usage | None:
+        u = self._usage
+        if u is None:
+            return None
+        if "prompt_tokens" in u or "completion_tokens" in u:
+            prompt = as_int(u.get("prompt_tokens"))
+            cached = min(prompt, as_int(dig(u, "prompt_tokens_details", "cached_tokens")))
+            return Usage(
+                input_tokens=prompt - cached,
+                cached_input_tokens=cached,
+                output_tokens=as_int(u.get("completion_tokens")),
+                reasoning_tokens=as_int(dig(u, "completion_tokens_details", "reasoning_tokens")),
+                model=self.model,
+            )
+        prompt = as_int(u.get("input_tokens"))
+        cached = min(prompt, as_int(dig(u, "input_tokens_details", "cached_tokens")))
+        return Usage(
+            input_tokens=prompt - cached,
+            cached_input_tokens=cached,
+            output_tokens=as_int(u.get("output_tokens")),
+            reasoning_tokens=as_int(dig(u, "output_tokens_details", "reasoning_tokens")),
+            model=self.model,
+        )
+
+
+class OpenAIAdapter(Adapter):
+    kind = "openai"
+    credential_headers = ("authorization",)
+
+    def credential(self, request: http.Request) -> str | None:
+        return bearer(request)
+
+    def set_credential(self, request: http.Request, secret: str) -> None:
+        for name in self.credential_headers:
+            request.headers.pop(name, None)
+        request.headers["authorization"] = f"Bearer {secret}"
+
+    def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
+        if not isinstance(body, dict):
+            return None
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def meter(self) -> UsageMeter:
+        return OpenAIMeter()
+
+    def error_body(self, denial: Denial) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": denial.message,
+            "type": "invalid_request_error" if denial.status == 401 else denial.error_type,
+            "param": None,
+            "code": OPENAI_ERROR_CODES.get(denial.status, denial.error_type),
+        }
+        if denial.details:
+            error["details"] = denial.details
+        return {"error": error}

@@ -1,0 +1,183 @@
+"""Incremental readers for response streams: content decoding, server-sent events and streamed
+JSON arrays. Fed arbitrary chunks (an event, a UTF-8 character or a compressed block can be split
+anywhere); memory is bounded by the largest single event, never by the stream's length."""
+
+import json
+import zlib
+from collections.abc import Iterator
+
+import brotli
+
+try:
+    from compression import zstd  # Python >= 3.14
+except ImportError:  # pragma: no cover - depends on the interpreter
+    from backports import zstd
+
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # an event larger than this is skipped, not buffered
+
+
+class Decoder:
+    """Incremental Content-Encoding decoder: identity, gzip, deflate, br, zstd (and chains)."""
+
+    def __init__(self, content_encoding: str | None) -> None:
+        names = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
+        # Encodings are listed in the order they were applied: undo them in reverse.
+        self._stages = [self._stage(name) for name in reversed(names) if name != "identity"]
+
+    @staticmethod
+    def _stage(name: str):
+        if name in ("gzip", "x-gzip"):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+        if name == "deflate":
+            return _Deflate().decompress
+        if name == "br":
+            return brotli.Decompressor().process
+        if name == "zstd":
+            return zstd.ZstdDecompressor().decompress
+        raise ValueError(f"unsupported content-encoding {name!r}")
+
+    def decode(self, data: bytes) -> bytes:
+        for stage in self._stages:
+            if not data:
+                break
+            data = stage(data)
+        return data
+
+
+class _Deflate:
+    """`deflate` is zlib-wrapped by the standard, raw in practice: accept both."""
+
+    def __init__(self) -> None:
+        self._obj: zlib._Decompress | None = None
+        self._head = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._obj is None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            wrapped = (self._head[0] & 0x0F) == 8 and int.from_bytes(self._head[:2]) % 31 == 0
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            data, self._head = self._head, b""
+        return self._obj.decompress(data)
+
+
+class SSEParser:
+    """Server-sent events (WHATWG framing): yields (event name or None, data) per event."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+        self._size = 0
+        self._oversized = False
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[str | None, str]]:
+        self._buffer += chunk
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                if len(self._buffer) > MAX_EVENT_BYTES:
+                    self._buffer = b""
+                    self._oversized = True
+                return
+            end, after = cut
+            line = self._buffer[:end]
+            self._buffer = self._buffer[after:]
+            if not line:
+                if self._data and not self._oversized:
+                    yield self._event, "\n".join(self._data)
+                self._event, self._data, self._size, self._oversized = None, [], 0, False
+                continue
+            if self._oversized or line.startswith(b":"):
+                continue
+            field, _, value = line.partition(b":")
+            if value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                self._size += len(value)
+                if self._size > MAX_EVENT_BYTES:
+                    self._oversized, self._data = True, []
+                else:
+                    self._data.append(value.decode("utf-8", "replace"))
+            elif field == b"event":
+                self._event = value.decode("utf-8", "replace")
+
+    def close(self) -> Iterator[tuple[str | None, str]]:
+        """End of stream: an event not terminated by a blank line is still dispatched."""
+        if self._buffer:
+            yield from self.feed(b"\n")
+        if self._data and not self._oversized:
+            yield self._event, "\n".join(self._data)
+        self._event, self._data = None, []
+
+
+def _line_end(buffer: bytes) -> tuple[int, int] | None:
+    """(end of the first line, start of the next) for CRLF, LF or CR line ends, None if
+    incomplete. A trailing CR may be the first half of a CRLF: wait for the next byte."""
+    lf = buffer.find(b"\n")
+    cr = buffer.find(b"\r")
+    if cr == -1 or (lf != -1 and lf < cr):
+        return None if lf == -1 else (lf, lf + 1)
+    if cr + 1 == len(buffer):
+        return None
+    return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
+
+
+class JSONArrayParser:
+    """A JSON array streamed element by element (Gemini without `alt=sse`): yields each
+    top-level element once complete, parsed."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._element = bytearray()
+        self._oversized = False
+
+    def feed(self, chunk: bytes) -> Iterator[object]:
+        for byte in chunk:
+            if self._depth == 0:
+                if byte == 0x5B:  # [
+                    self._depth = 1
+                continue
+            if self._depth == 1 and not self._in_string and byte in b" \t\r\n,]":
+                if byte == 0x5D:  # ]
+                    self._depth = 0
+                continue
+            self._add(byte)
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif byte == 0x5C:  # backslash
+                    self._escaped = True
+                elif byte == 0x22:  # "
+                    self._in_string = False
+                continue
+            if byte == 0x22:
+                self._in_string = True
+            elif byte in b"{[":
+                self._depth += 1
+            elif byte in b"}]":
+                self._depth -= 1
+                if self._depth == 1:
+                    yield from self._complete()
+
+    def _add(self, byte: int) -> None:
+        if self._oversized:
+            return
+        self._element.append(byte)
+        if len(self._element) > MAX_EVENT_BYTES:
+            self._oversized = True
+            self._element.clear()
+
+    def _complete(self) -> Iterator[object]:
+        element, oversized = bytes(self._element), self._oversized
+        self._element.clear()
+        self._oversized = False
+        if oversized:
+            return
+        try:
+            yield json.loads(element)
+        except ValueError:
+            return
