@@ -1,0 +1,286 @@
+"""`aigw`: the admin command line over the store.
+
+Each command prints one JSON object on stdout (`export` alone prints the wrangler bulk array).
+Errors print one line, `aigw: error: <reason>`, on stderr: exit 2 for usage errors, 1 otherwise.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from store import admin
+from store.db import Store, StoreError
+from store.records import FAILURE_MODES, RecordError
+from store.settings import DEFAULT_CONFIG, ConfigError, StoreSettings, load_yaml, store_settings
+
+PROG = "aigw"
+FAILURE_MODE_CHOICES = (*FAILURE_MODES, *(m.replace("_", "-") for m in FAILURE_MODES))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {_one_line(message)}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def usd(text: str) -> float:
+    """argparse type: a non-negative finite USD amount."""
+    try:
+        return admin.check_usd(text)
+    except admin.AdminError:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-negative number of USD, not {text!r}"
+        ) from None
+
+
+def _failure_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in FAILURE_MODE_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"must be fail_open or fail_closed (or fail-open, fail-closed), not {text!r}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = _Parser(
+        prog=PROG,
+        description="aigw admin: orgs, users, keys, usage and the store. Every command prints "
+        "one JSON object on stdout, except `export`, which prints the wrangler bulk JSON array.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"mitm.yaml to read (default ./{DEFAULT_CONFIG}, used only if it exists)",
+    )
+    parser.add_argument("--store", metavar="DIR", help="store directory (overrides store.path)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    org = commands.add_parser("org", help="organizations").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = org.add_parser("create", help="create an org")
+    p.add_argument("--name", required=True)
+    p.add_argument("--budget", type=usd, required=True, metavar="USD",
+                   help="monthly budget in USD")
+    p.add_argument("--failure-mode", type=_failure_mode, default="fail_closed",
+                   metavar="fail_open|fail_closed")
+    p.add_argument("--fallback-daily-limit", type=usd, metavar="USD",
+                   help="daily limit while quota data is unavailable (fail_open; default 10)")
+    p.set_defaults(run=_org_create)
+    p = org.add_parser("update", help="change an org")
+    p.add_argument("org_id", metavar="ORG_ID")
+    p.add_argument("--name")
+    p.add_argument("--budget", type=usd, metavar="USD")
+    p.add_argument("--failure-mode", type=_failure_mode, metavar="fail_open|fail_closed")
+    p.add_argument("--fallback-daily-limit", type=usd, metavar="USD")
+    p.set_defaults(run=_org_update)
+    p = org.add_parser("show", help="show an org")
+    p.add_argument("org_id", metavar="ORG_ID")
+    p.set_defaults(run=lambda store, a: admin.show_org(store, a.org_id))
+
+    user = commands.add_parser("user", help="users").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = user.add_parser("create", help="create a user in an org")
+    p.add_argument("--org", required=True, metavar="ORG_ID")
+    p.add_argument("--email", required=True)
+    p.add_argument("--limit", type=usd, required=True, metavar="USD", help="monthly limit")
+    p.set_defaults(run=lambda store, a: admin.create_user(store, a.org, a.email, a.limit))
+    p = user.add_parser("update", help="change a user's limit or status")
+    p.add_argument("user_id", metavar="USER_ID")
+    p.add_argument("--limit", type=usd, metavar="USD")
+    p.add_argument("--status", choices=admin.USER_STATUSES)
+    p.set_defaults(run=_user_update)
+    p = user.add_parser("show", help="show a user")
+    p.add_argument("user_id", metavar="USER_ID")
+    p.set_defaults(run=lambda store, a: admin.show_user(store, a.user_id))
+
+    key = commands.add_parser("key", help="API keys").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = key.add_parser("create", help="issue a gateway key (printed once, never stored)")
+    p.add_argument("--user", required=True, metavar="USER_ID")
+    p.add_argument("--name", default=admin.DEFAULT_KEY_NAME)
+    p.add_argument("--limit", type=usd, metavar="USD", help="monthly limit of this key")
+    p.set_defaults(run=lambda store, a: admin.create_key(store, a.user, a.name, a.limit))
+    p = key.add_parser(
+        "register",
+        help="register a developer's own provider key (metered, forwarded unchanged)",
+    )
+    p.add_argument("--user", required=True, metavar="USER_ID")
+    p.add_argument("--name", required=True)
+    p.add_argument("--from-env", required=True, metavar="VAR",
+                   help="environment variable holding the provider key")
+    p.add_argument("--limit", type=usd, metavar="USD", help="monthly limit of this key")
+    p.set_defaults(
+        run=lambda store, a: admin.register_key(store, a.user, a.name, a.from_env, a.limit)
+    )
+    p = key.add_parser("revoke", help="revoke a key")
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.set_defaults(run=lambda store, a: admin.revoke_key(store, a.key_id))
+    p = key.add_parser("list", help="list a user's keys")
+    p.add_argument("--user", required=True, metavar="USER_ID")
+    p.set_defaults(run=lambda store, a: admin.list_keys(store, a.user))
+
+    p = commands.add_parser("usage", help="current month's usage of a user, org or key")
+    p.add_argument("level", choices=admin.LEVELS)
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(run=lambda store, a: admin.level_usage(store, a.level, a.id))
+
+    quota = commands.add_parser("quota", help="quotas").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = quota.add_parser("reset", help="zero the current month's usage (audited)")
+    p.add_argument("level", choices=admin.LEVELS)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--reason", required=True, metavar="TEXT")
+    p.set_defaults(run=lambda store, a: admin.reset_quota(store, a.level, a.id, a.reason))
+
+    import_help = (
+        "import a wrangler bulk JSON file ([{\"key\": ..., \"value\": ...}, ...]): every item "
+        "is validated first, then all are written in one transaction, or none"
+    )
+    p = commands.add_parser("import", help=import_help, description=import_help)
+    p.add_argument("file", metavar="FILE", help="bulk JSON file, or - for stdin")
+    p.set_defaults(run=_import)
+
+    export_help = (
+        "print every record as a wrangler bulk JSON array (the one command whose output is an "
+        "array, not an object): `aigw import` and `wrangler kv bulk put` accept it"
+    )
+    p = commands.add_parser("export", help=export_help, description=export_help)
+    p.set_defaults(run=lambda store, a: admin.export_bulk(store))
+
+    p = commands.add_parser("health", help="check that the store opens and answers")
+    p.set_defaults(run=lambda store, a: admin.health(store))
+
+    p = commands.add_parser("demo", help="create a demo org, user and key once")
+    p.set_defaults(run=lambda store, a: admin.ensure_demo(store))
+    return parser
+
+
+def _org_create(store: Store, args: argparse.Namespace) -> dict:
+    return admin.create_org(
+        store, args.name, args.budget, args.failure_mode, args.fallback_daily_limit
+    )
+
+
+def _org_update(store: Store, args: argparse.Namespace) -> dict:
+    return admin.update_org(
+        store,
+        args.org_id,
+        name=args.name,
+        budget_usd=args.budget,
+        failure_mode=args.failure_mode,
+        fallback_daily_limit_usd=args.fallback_daily_limit,
+    )
+
+
+def _user_update(store: Store, args: argparse.Namespace) -> dict:
+    return admin.update_user(store, args.user_id, limit_usd=args.limit, status=args.status)
+
+
+def _import(store: Store, args: argparse.Namespace) -> dict:
+    name = "stdin" if args.file == "-" else args.file
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise admin.AdminError(f"{name}: cannot read: {reason}") from None
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise admin.AdminError(f"{name}: not valid JSON: {exc}") from None
+    try:
+        return admin.import_bulk(store, items)
+    except admin.AdminError as exc:
+        raise admin.AdminError(f"{name}: {exc}") from None
+
+
+_UPDATE_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("org", "update"): ("name", "budget", "failure_mode", "fallback_daily_limit"),
+    ("user", "update"): ("limit", "status"),
+}
+
+
+def settings_from(args: argparse.Namespace) -> StoreSettings:
+    """The store path and hash algorithm from --config/--store (ConfigError if invalid)."""
+    if args.config is None:
+        path = Path(DEFAULT_CONFIG)
+        config = load_yaml(path) if path.exists() else {}
+        source = DEFAULT_CONFIG
+    else:
+        config = load_yaml(args.config)
+        source = args.config
+    return store_settings(config, source, args.store)
+
+
+def _print(value: Any) -> int:
+    try:
+        print(json.dumps(value, indent=2), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+def _fail(message: object, code: int = 1) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _health_failure(settings: StoreSettings, exc: object) -> int:
+    _print({
+        "ok": False,
+        "store": str(settings.path),
+        "hash": settings.hash_algorithm,
+        "error": _one_line(exc),
+    })
+    return _fail(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fields = _UPDATE_FIELDS.get((args.command, getattr(args, "action", None)), ())
+    if fields and all(getattr(args, name) is None for name in fields):
+        flags = ", ".join("--" + name.replace("_", "-") for name in fields)
+        parser.error(f"{args.command} {args.action}: nothing to change (give one of {flags})")
+    run: Callable[[Store, argparse.Namespace], Any] = args.run
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        return _fail(exc)
+    try:
+        store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
+    except (StoreError, OSError, ValueError) as exc:
+        reason: object = exc
+        if isinstance(exc, OSError):
+            reason = f"cannot open store at {settings.path}: {exc.strerror or exc}"
+        if args.command == "health":
+            return _health_failure(settings, reason)
+        return _fail(reason)
+    try:
+        with store:
+            result = run(store, args)
+    except (StoreError, RecordError, OSError) as exc:
+        if args.command == "health":
+            return _health_failure(settings, exc)
+        return _fail(exc)
+    except Exception as exc:  # one line for the operator, whatever went wrong
+        return _fail(f"internal error: {type(exc).__name__}: {exc}")
+    return _print(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

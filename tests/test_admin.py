@@ -1,0 +1,312 @@
+import hashlib
+import json
+
+import pytest
+
+from store import admin
+from store.db import Store
+from store.hashing import hash_key
+from store.money import USD, month_of, utc_now
+from store.records import (
+    ApiKey,
+    apikey_key,
+    org_config_key,
+    org_quota_key,
+    user_config_key,
+    user_key_listing_key,
+    user_quota_key,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "store") as s:
+        yield s
+
+
+@pytest.fixture
+def org(store):
+    return admin.create_org(store, "Acme", 100)
+
+
+@pytest.fixture
+def user(store, org):
+    return admin.create_user(store, org["org_id"], "dev@example.com", 20)
+
+
+def month() -> str:
+    return month_of(utc_now())
+
+
+def test_org_create_update_show(store):
+    org = admin.create_org(store, "Acme", 100, "fail-open", 3)
+    assert org["org_id"].startswith("org_") and len(org["org_id"]) == 16
+    assert org["failure_mode"] == "fail_open"
+    assert org["monthly_budget_usd"] == 100.0 and org["fallback_daily_limit"] == 3.0
+    assert org["created_at"].endswith("Z")
+    assert store.records.get_json(org_config_key(org["org_id"])) == org
+
+    updated = admin.update_org(store, org["org_id"], budget_usd=50, failure_mode="fail_closed")
+    assert updated["monthly_budget_usd"] == 50.0 and updated["failure_mode"] == "fail_closed"
+    assert updated["name"] == "Acme"
+    assert admin.show_org(store, org["org_id"]) == updated
+
+
+def test_org_defaults_and_validation(store):
+    org = admin.create_org(store, "Acme", 0)
+    assert org["failure_mode"] == "fail_closed" and org["fallback_daily_limit"] == 10.0
+    with pytest.raises(admin.AdminError):
+        admin.create_org(store, "Acme", -1)
+    with pytest.raises(admin.AdminError):
+        admin.create_org(store, "Acme", float("inf"))
+    with pytest.raises(admin.AdminError):
+        admin.create_org(store, "Acme", 1, "sometimes")
+    with pytest.raises(admin.AdminError, match="unknown org"):
+        admin.show_org(store, "org_missing")
+
+
+def test_show_org_redacts_provider_keys(store):
+    record = {"org_id": "o1", "name": "Old", "monthly_budget_usd": 5, "failure_mode": "fail-open",
+              "provider_keys": {"openai": "sk-secret"}}
+    store.records.write({org_config_key("o1"): json.dumps(record).encode()})
+    assert admin.show_org(store, "o1")["provider_keys"] == {"openai": "<redacted>"}
+
+
+def test_user_create_update_show(store, org):
+    user = admin.create_user(store, org["org_id"], "dev@example.com", 20)
+    assert user["user_id"].startswith("user_")
+    assert user["status"] == "active" and user["org_id"] == org["org_id"]
+    assert user["monthly_limit_usd"] == 20.0
+    updated = admin.update_user(store, user["user_id"], limit_usd=30, status="suspended")
+    assert updated["monthly_limit_usd"] == 30.0 and updated["status"] == "suspended"
+    assert admin.show_user(store, user["user_id"]) == updated
+    with pytest.raises(admin.AdminError, match="unknown org"):
+        admin.create_user(store, "org_missing", "x@example.com", 1)
+    with pytest.raises(admin.AdminError):
+        admin.create_user(store, org["org_id"], "not-an-email", 1)
+    with pytest.raises(admin.AdminError):
+        admin.update_user(store, user["user_id"], status="deleted")
+
+
+def test_key_create_stores_only_the_hash(store, user):
+    key = admin.create_key(store, user["user_id"], "laptop", 5)
+    raw = key["api_key"]
+    assert raw.startswith("gw_live_") and len(raw) == len("gw_live_") + 32
+    assert key["key_id"].startswith("key_") and key["org_id"] == user["org_id"]
+    key_hash = hash_key(raw, "blake3")
+    record = store.records.get_json(apikey_key(key_hash))
+    assert record["key_id"] == key["key_id"] and record["key_hash"] == key_hash
+    assert record["passthrough"] is False and record["monthly_limit_usd"] == 5.0
+    listing = store.records.get_json(user_key_listing_key(user["user_id"], key["key_id"]))
+    assert listing == {"key_id": key["key_id"], "key_hash": key_hash, "name": "laptop",
+                       "created_at": key["created_at"], "status": "active",
+                       "revoked_at": None, "last_used_at": None}
+    dump = json.dumps(admin.export_bulk(store))
+    assert raw not in dump
+    assert store.records.resolve(key_hash).key.active
+    no_limit = admin.create_key(store, user["user_id"])
+    assert no_limit["monthly_limit_usd"] is None and no_limit["name"] == "default"
+
+
+def test_key_create_uses_the_store_hash(tmp_path):
+    with Store(tmp_path / "sha", hash_algorithm="sha256") as store:
+        org = admin.create_org(store, "Acme", 1)
+        u = admin.create_user(store, org["org_id"], "a@example.com", 1)
+        key = admin.create_key(store, u["user_id"])
+        digest = hashlib.sha256(key["api_key"].encode()).hexdigest()
+        assert store.records.get(apikey_key(digest)) is not None
+
+
+def test_register_reads_env_and_marks_passthrough(store, user, monkeypatch):
+    monkeypatch.setenv("MY_OPENAI_KEY", "sk-proj-abc123")
+    result = admin.register_key(store, user["user_id"], "own", "MY_OPENAI_KEY", 7)
+    assert "api_key" not in result and result["name"] == "own"
+    assert "sk-proj-abc123" not in json.dumps(result)
+    record = store.records.get_json(apikey_key(hash_key("sk-proj-abc123")))
+    assert record["passthrough"] is True and record["monthly_limit_usd"] == 7.0
+    assert ApiKey.parse("h", record).passthrough
+    with pytest.raises(admin.AdminError, match="already registered"):
+        admin.register_key(store, user["user_id"], "again", "MY_OPENAI_KEY")
+    monkeypatch.delenv("MY_OPENAI_KEY")
+    with pytest.raises(admin.AdminError, match="MY_OPENAI_KEY is not set"):
+        admin.register_key(store, user["user_id"], "own", "MY_OPENAI_KEY")
+    monkeypatch.setenv("EMPTY_KEY", "")
+    with pytest.raises(admin.AdminError):
+        admin.register_key(store, user["user_id"], "own", "EMPTY_KEY")
+
+
+def test_revoke_and_list(store, user):
+    key = admin.create_key(store, user["user_id"], "k")
+    result = admin.revoke_key(store, key["key_id"])
+    assert result["status"] == "revoked" and result["revoked_at"]
+    key_hash = hash_key(key["api_key"])
+    assert store.records.get_json(apikey_key(key_hash))["status"] == "revoked"
+    assert not store.records.resolve(key_hash).key.active
+    listed = admin.list_keys(store, user["user_id"])
+    assert listed["user_id"] == user["user_id"]
+    assert [(k["key_id"], k["status"]) for k in listed["keys"]] == [(key["key_id"], "revoked")]
+    assert admin.revoke_key(store, key["key_id"]) == result
+    with pytest.raises(admin.AdminError, match="unknown key"):
+        admin.revoke_key(store, "key_missing")
+
+
+def test_revoke_workers_listing_without_key_hash(store):
+    key_hash = hashlib.sha256(b"gw_live_" + b"0" * 32).hexdigest()
+    store.records.write({
+        apikey_key(key_hash): json.dumps({"user_id": "u1", "key_id": "k1", "name": "old",
+                                          "status": "active"}).encode(),
+        user_key_listing_key("u1", "k1"): json.dumps({"name": "old", "status": "active",
+                                                      "revoked_at": None}).encode(),
+    })
+    admin.revoke_key(store, "k1")
+    assert store.records.get_json(apikey_key(key_hash))["status"] == "revoked"
+    listing = store.records.get_json(user_key_listing_key("u1", "k1"))
+    assert listing["status"] == "revoked" and listing["revoked_at"]
+
+
+def test_usage_adds_ledger_and_current_month_quota(store, org, user):
+    uid, oid = user["user_id"], org["org_id"]
+    key = admin.create_key(store, uid, limit_usd=5)
+    this_month = month()
+    levels = [("key", key["key_id"]), ("user", uid), ("org", oid)]
+    store.ledger.settle(None, levels, this_month, 2 * USD)
+    store.ledger.settle(None, levels, "2001-01", 50 * USD)
+    store.records.write({
+        user_quota_key(uid): json.dumps({"month_usage_usd": 1.5, "current_month": this_month,
+                                         "request_count": 3}).encode(),
+        org_quota_key(oid): json.dumps({"month_usage_usd": 40, "current_month": "2001-01",
+                                        "request_count": 9}).encode(),
+    })
+    u = admin.level_usage(store, "user", uid, this_month)
+    assert u == {"level": "user", "id": uid, "current_usage_usd": 3.5, "request_count": 4,
+                 "monthly_limit_usd": 20.0, "remaining_usd": 16.5, "reserved_usd": 0.0,
+                 "current_month": this_month}
+    o = admin.level_usage(store, "org", oid)
+    assert o["current_usage_usd"] == 2.0 and o["request_count"] == 1
+    assert o["monthly_budget_usd"] == 100.0 and "monthly_limit_usd" not in o
+    k = admin.level_usage(store, "key", key["key_id"])
+    assert k["current_usage_usd"] == 2.0 and k["remaining_usd"] == 3.0
+    old = admin.level_usage(store, "user", uid, "2001-01")
+    assert old["current_usage_usd"] == 50.0 and old["remaining_usd"] == 0.0
+
+
+def test_usage_reports_reservations_and_no_limit(store, user):
+    key = admin.create_key(store, user["user_id"])
+    store.ledger.reserve("r1", [("key", key["key_id"])], month(), USD // 4,
+                         lambda counters: type("D", (), {"allowed": True})())
+    k = admin.level_usage(store, "key", key["key_id"])
+    assert k["reserved_usd"] == 0.25 and k["remaining_usd"] is None
+    assert k["monthly_limit_usd"] is None
+
+
+def test_usage_unknown_ids(store):
+    for level in admin.LEVELS:
+        with pytest.raises(admin.AdminError, match="unknown"):
+            admin.level_usage(store, level, "missing")
+    with pytest.raises(admin.AdminError):
+        admin.level_usage(store, "team", "x")
+
+
+def test_reset_zeroes_ledger_and_quota_and_audits(store, user):
+    uid = user["user_id"]
+    this_month = month()
+    store.ledger.settle(None, [("user", uid)], this_month, 3 * USD)
+    store.records.write({user_quota_key(uid): json.dumps({
+        "month_usage_usd": 1, "current_month": this_month, "request_count": 2,
+        "last_update": 1}).encode()})
+    result = admin.reset_quota(store, "user", uid, "new project")
+    assert result == {"level": "user", "id": uid, "reset": True, "previous_usage_usd": 4.0,
+                      "reason": "new project", "current_month": this_month}
+    after = admin.level_usage(store, "user", uid)
+    assert after["current_usage_usd"] == 0.0 and after["request_count"] == 0
+    quota = store.records.get_json(user_quota_key(uid))
+    assert quota["month_usage_usd"] == 0 and quota["request_count"] == 0
+    audit = store.records.meta("quota_resets")
+    assert len(audit) == 1 and audit[0]["reason"] == "new project"
+    assert audit[0]["previous_usage_usd"] == 4.0 and audit[0]["level"] == "user"
+    admin.reset_quota(store, "user", uid, "again")
+    assert len(store.records.meta("quota_resets")) == 2
+    with pytest.raises(admin.AdminError):
+        admin.reset_quota(store, "user", uid, " ")
+
+
+def test_reset_key_level(store, user):
+    key = admin.create_key(store, user["user_id"], limit_usd=1)
+    store.ledger.settle(None, [("key", key["key_id"])], month(), USD)
+    result = admin.reset_quota(store, "key", key["key_id"], "limit raised")
+    assert result["previous_usage_usd"] == 1.0
+    assert admin.level_usage(store, "key", key["key_id"])["remaining_usd"] == 1.0
+    with pytest.raises(admin.AdminError, match="unknown key"):
+        admin.reset_quota(store, "key", "key_missing", "x")
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        ({"key": "x"}, "array"),
+        ([{"key": "ok", "value": "1"}, "nope"], "item 1"),
+        ([{"key": "", "value": "1"}], "item 0"),
+        ([{"key": "k"}], "no value"),
+        ([{"key": "k", "value": 5}], "item 0"),
+        ([{"key": "x" * 512, "value": "1"}], "511"),
+        ([{"key": "ok", "value": "{}"}, {"key": "org:o:config", "value": "{bad"}],
+         "item 1 \\(key 'org:o:config'\\)"),
+        ([{"key": "org:o:config", "value": {"failure_mode": "maybe"}}], "failure_mode"),
+        ([{"key": "user:u:config", "value": {"monthly_limit_usd": "lots"}}], "monthly_limit"),
+        ([{"key": "apikey:abc", "value": {"name": "no user"}}], "no user_id"),
+        ([{"key": "user:u:quota", "value": "[]"}], "object"),
+    ],
+)
+def test_import_rejects_bad_items_and_writes_nothing(store, items, match):
+    with pytest.raises(admin.AdminError, match=match):
+        admin.import_bulk(store, items)
+    assert store.records.scan("") == []
+
+
+def test_import_accepts_objects_and_strings(store):
+    items = [
+        {"key": "org:o1:config", "value": {"name": "Old", "monthly_budget_usd": 10,
+                                           "failure_mode": "fail-open"}},
+        {"key": "user:u1:config", "value": json.dumps({"email": "a@b.c", "org_id": "o1",
+                                                       "monthly_limit_usd": 1})},
+        {"key": "misc", "value": "plain text", "expiration_ttl": 60},
+    ]
+    assert admin.import_bulk(store, items) == {"imported": 3}
+    assert store.records.get_json("org:o1:config")["failure_mode"] == "fail-open"
+    assert store.records.get("misc") == b"plain text"
+    assert admin.show_user(store, "u1")["email"] == "a@b.c"
+
+
+def test_export_import_round_trip(tmp_path, store, user):
+    admin.create_key(store, user["user_id"], "k", 1)
+    store.records.write({user_quota_key(user["user_id"]): b'{"month_usage_usd": 0.5}'})
+    dump = admin.export_bulk(store)
+    assert all(set(item) == {"key", "value"} and isinstance(item["value"], str) for item in dump)
+    text = json.dumps(dump)
+    with Store(tmp_path / "other") as other:
+        assert admin.import_bulk(other, json.loads(text)) == {"imported": len(dump)}
+        assert other.records.scan("") == store.records.scan("")
+        assert admin.export_bulk(other) == dump
+
+
+def test_health(store):
+    result = admin.health(store)
+    assert result["ok"] is True and result["hash"] == "blake3"
+    assert result["records"]["orgs"] == 0 and result["reservations_in_flight"] == 0
+    assert result["node_id"].startswith("node_") and result["last_sync"] is None
+
+
+def test_demo_is_idempotent(store):
+    first = admin.ensure_demo(store)
+    assert first["created"] is True and first["api_key"].startswith("gw_live_")
+    identity = store.records.resolve(store.hash(first["api_key"]))
+    assert identity.org.name == "Demo Org" and identity.org.monthly_budget_usd == 100
+    assert identity.org.failure_mode == "fail_closed"
+    assert identity.user.email == "demo@example.com" and identity.user.monthly_limit_usd == 20
+    assert identity.key.name == "demo" and identity.key.monthly_limit_usd == 5
+    second = admin.ensure_demo(store)
+    assert second == {"created": False, "org_id": first["org_id"],
+                      "user_id": first["user_id"], "key_id": first["key_id"]}
+    assert store.records.count()["orgs"] == 1
+    store.records.write({}, [user_config_key(first["user_id"])])
+    assert admin.ensure_demo(store)["created"] is True

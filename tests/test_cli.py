@@ -1,0 +1,158 @@
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+AIGW = shutil.which("aigw", path=str(Path(sys.executable).parent)) or shutil.which("aigw")
+
+
+@pytest.fixture
+def aigw(tmp_path):
+    store = tmp_path / "store"
+
+    def run(*args: str, env: dict | None = None, stdin: str | None = None,
+            store_args: bool = True) -> subprocess.CompletedProcess:
+        prefix = ["--store", str(store)] if store_args else []
+        return subprocess.run(
+            [AIGW, *prefix, *args], cwd=tmp_path, capture_output=True, text=True,
+            env=env, input=stdin, timeout=30,
+        )
+
+    return run
+
+
+def ok(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return json.loads(result.stdout)
+
+
+def one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    assert result.returncode == code
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aigw: error: "), result.stderr
+    return lines[0]
+
+
+def test_console_script_is_installed():
+    assert AIGW is not None
+
+
+def test_org_user_key_usage_flow(aigw):
+    org = ok(aigw("org", "create", "--name", "Acme", "--budget", "100",
+                  "--failure-mode", "fail-open"))
+    assert org["org_id"].startswith("org_") and org["failure_mode"] == "fail_open"
+    user = ok(aigw("user", "create", "--org", org["org_id"], "--email", "dev@example.com",
+                   "--limit", "20"))
+    assert user["status"] == "active"
+    key = ok(aigw("key", "create", "--user", user["user_id"], "--name", "laptop",
+                  "--limit", "5"))
+    assert key["api_key"].startswith("gw_live_") and key["status"] == "active"
+    usage = ok(aigw("usage", "user", user["user_id"]))
+    assert usage["current_usage_usd"] == 0.0 and usage["remaining_usd"] == 20.0
+    assert ok(aigw("usage", "org", org["org_id"]))["monthly_budget_usd"] == 100.0
+    assert ok(aigw("usage", "key", key["key_id"]))["monthly_limit_usd"] == 5.0
+    listed = ok(aigw("key", "list", "--user", user["user_id"]))
+    assert key["api_key"] not in json.dumps(listed)
+    revoked = ok(aigw("key", "revoke", key["key_id"]))
+    assert revoked["status"] == "revoked"
+    health = ok(aigw("health"))
+    assert health["ok"] is True and health["records"]["apikeys"] == 1
+
+
+def test_register_from_env(aigw):
+    org = ok(aigw("org", "create", "--name", "A", "--budget", "1"))
+    user = ok(aigw("user", "create", "--org", org["org_id"], "--email", "a@b.c",
+                   "--limit", "1"))
+    env = {"PATH": "/usr/bin:/bin", "MY_KEY": "sk-secret-value"}
+    result = aigw("key", "register", "--user", user["user_id"], "--name", "own",
+                  "--from-env", "MY_KEY", env=env)
+    assert "sk-secret-value" not in result.stdout + result.stderr
+    registered = ok(result)
+    assert "api_key" not in registered and registered["passthrough"] is True
+    missing = aigw("key", "register", "--user", user["user_id"], "--name", "own",
+                   "--from-env", "UNSET_VAR", env={"PATH": "/usr/bin:/bin"})
+    assert "UNSET_VAR" in one_error_line(missing, 1)
+
+
+def test_unknown_id_is_one_line_exit_1(aigw):
+    line = one_error_line(aigw("usage", "user", "user_nope"), 1)
+    assert "user_nope" in line
+    one_error_line(aigw("key", "revoke", "key_nope"), 1)
+
+
+def test_bad_budget_is_exit_2(aigw):
+    for value in ("-5", "abc", "nan", "inf"):
+        line = one_error_line(aigw("org", "create", "--name", "A", "--budget", value), 2)
+        assert "--budget" in line
+    one_error_line(aigw(), 2)
+    one_error_line(aigw("org", "update", "org_x"), 2)
+
+
+def test_bad_config_names_file_and_key(aigw, tmp_path):
+    (tmp_path / "mitm.yaml").write_text("store:\n  hash: md5\n")
+    line = one_error_line(aigw("health", store_args=False), 1)
+    assert "mitm.yaml" in line and "store.hash" in line
+    other = tmp_path / "other.yaml"
+    other.write_text("store: {hash: md5}\n")
+    line = one_error_line(aigw("--config", str(other), "org", "show", "org_x"), 1)
+    assert "other.yaml" in line and "store.hash" in line
+    missing = aigw("--config", str(tmp_path / "absent.yaml"), "health")
+    assert missing.returncode == 1 and "absent.yaml" in missing.stderr
+
+
+def test_health_reports_unopenable_store(aigw, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = aigw("--store", str(tmp_path / "file"), "health", store_args=False)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["ok"] is False
+
+
+def test_import_sha256_wrangler_dump(aigw, tmp_path):
+    raw = "gw_live_" + "ab" * 16
+    digest = hashlib.sha256(raw.encode()).hexdigest()
+    dump = [
+        {"key": "org:org_old:config", "value": json.dumps({
+            "org_id": "org_old", "name": "Old", "monthly_budget_usd": 50,
+            "failure_mode": "fail-closed"})},
+        {"key": "user:user_old:config", "value": json.dumps({
+            "user_id": "user_old", "email": "old@example.com", "monthly_limit_usd": 10,
+            "org_id": "org_old", "status": "active"})},
+        {"key": f"apikey:{digest}", "value": json.dumps({
+            "user_id": "user_old", "key_id": "key_old", "name": "k", "status": "active"})},
+        {"key": "user:user_old:keys:key_old", "value": json.dumps({
+            "name": "k", "status": "active", "revoked_at": None})},
+    ]
+    (tmp_path / "dump.json").write_text(json.dumps(dump))
+    (tmp_path / "mitm.yaml").write_text(f"store:\n  path: {tmp_path / 'sha'}\n  hash: sha256\n")
+    assert ok(aigw("import", "dump.json", store_args=False)) == {"imported": 4}
+    health = ok(aigw("health", store_args=False))
+    assert health["hash"] == "sha256" and health["records"]["apikeys"] == 1
+    assert ok(aigw("usage", "key", "key_old", store_args=False))["level"] == "key"
+    exported = aigw("export", store_args=False)
+    assert exported.returncode == 0
+    assert sorted(json.loads(exported.stdout), key=lambda i: i["key"]) == sorted(
+        dump, key=lambda i: i["key"])
+    revoked = ok(aigw("key", "revoke", "key_old", store_args=False))
+    assert revoked["status"] == "revoked"
+
+
+def test_import_invalid_item_writes_nothing(aigw):
+    bad = json.dumps([{"key": "misc", "value": "1"},
+                      {"key": "user:u:config", "value": "{not json"}])
+    line = one_error_line(aigw("import", "-", stdin=bad), 1)
+    assert "item 1" in line and "user:u:config" in line
+    assert ok(aigw("export")) == []
+
+
+def test_demo_once(aigw):
+    first = ok(aigw("demo"))
+    assert first["created"] is True and first["api_key"].startswith("gw_live_")
+    second = ok(aigw("demo"))
+    assert second["created"] is False and "api_key" not in second
+    assert second["key_id"] == first["key_id"]
