@@ -1,0 +1,451 @@
+"""The addon's hooks with mitmproxy's taddons/tflow: decisions, injection, metering, failures."""
+
+import asyncio
+import gzip
+import json
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from addon.gateway import Gateway
+from store import USD, Store, StoreUnavailable
+from store.money import month_of, utc_now
+from tests.support.seed import seed
+
+PROVIDER_KEY = "sk-provider-fake-0000"
+CONFIG = """
+store: {path: %(store)s}
+policy: {unknown_credentials: %(unknown)s}
+providers:
+  openai: {kind: openai, hosts: ['^api\\.openai\\.com$'], api_key_env: AIGW_TEST_OPENAI_KEY}
+  anthropic: {kind: anthropic, hosts: ['^api\\.anthropic\\.com$'], api_key_env: AIGW_TEST_ANTHROPIC_KEY}
+  gemini: {kind: gemini, hosts: ['^generativelanguage\\.googleapis\\.com$'], api_key_env: AIGW_TEST_GEMINI_KEY}
+pricing:
+  fallback: {input_per_1m: 1.0, output_per_1m: 2.0}
+  models:
+    gpt-4o: {input_per_1m: 2.5, cached_input_per_1m: 1.25, output_per_1m: 10.0}
+    claude-sonnet-4-5: {input_per_1m: 3.0, cached_input_per_1m: 0.3, cache_write_per_1m: 3.75, output_per_1m: 15.0}
+"""
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def gateway(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGW_TEST_OPENAI_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("AIGW_TEST_ANTHROPIC_KEY", "sk-ant-provider-fake")
+    monkeypatch.setenv("AIGW_TEST_GEMINI_KEY", "gemini-provider-fake")
+
+    def make(unknown: str = "block") -> Gateway:
+        config = tmp_path / "mitm.yaml"
+        config.write_text(CONFIG % {"store": tmp_path / "store", "unknown": unknown})
+        gw = Gateway()
+        tctx = taddons.context(gw)
+        tctx.configure(gw, aigw_config=str(config))
+        made.append(gw)
+        return gw
+
+    made: list[Gateway] = []
+    yield make
+    for gw in made:
+        gw.done()
+
+
+def chat_flow(key: str | None, body: dict | bytes | None = None, host="api.openai.com",
+              path="/v1/chat/completions", headers: dict | None = None) -> http.HTTPFlow:
+    if body is None:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 100}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    if key is not None and "authorization" not in hdrs and host == "api.openai.com":
+        hdrs["authorization"] = f"Bearer {key}"
+    req = tutils.treq(
+        host=host, port=443, scheme=b"https", method=b"POST", path=path.encode(),
+        headers=http.Headers(**{k.replace("-", "_"): v for k, v in hdrs.items()}),
+        content=content,
+    )
+    return tflow.tflow(req=req)
+
+
+def openai_response(prompt=1000, completion=200, cached=0, encoding=None) -> http.Response:
+    body = json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion,
+                  "prompt_tokens_details": {"cached_tokens": cached}},
+    }).encode()
+    headers = {"content-type": "application/json"}
+    if encoding == "gzip":
+        body = gzip.compress(body)
+        headers["content-encoding"] = "gzip"
+    return tutils.tresp(status_code=200, headers=http.Headers(**{
+        k.replace("-", "_"): v for k, v in headers.items()}), content=body)
+
+
+def forward(gw: Gateway, flow: http.HTTPFlow, response: http.Response | None) -> None:
+    """What mitmproxy does after an allowed request: the response arrives, hooks run."""
+    if response is not None:
+        flow.response = response
+        gw.responseheaders(flow)
+        run(gw.response(flow))
+
+
+def usage(gw: Gateway, level: str, level_id: str):
+    return gw.store.ledger.counters([(level, level_id)], month_of(utc_now()))[0]
+
+
+def test_allowed_request_swaps_the_key_and_meters_the_usage(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response is None
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert s.api_key not in str(flow.request.headers)
+    assert len(gw.store.ledger.reservations()) == 1
+    assert usage(gw, "user", s.user_id).reserved_nusd > 0
+
+    forward(gw, flow, openai_response(prompt=1000, completion=200, cached=400))
+    # 600 uncached x $2.5 + 400 cached x $1.25 + 200 x $10 per 1M tokens
+    expected = (600 * 2.5 + 400 * 1.25 + 200 * 10.0) * USD // 1_000_000
+    for level, level_id in (("key", s.key_id), ("user", s.user_id), ("org", s.org_id)):
+        counter = usage(gw, level, level_id)
+        assert counter.used_nusd == expected
+        assert counter.reserved_nusd == 0
+        assert counter.requests == 1
+    assert gw.store.ledger.reservations() == []
+    headers = flow.response.headers
+    assert float(headers["x-gateway-cost-usd"]) == pytest.approx(expected / USD)
+    assert float(headers["x-gateway-usage-usd"]) == pytest.approx(expected / USD)
+    assert headers["x-gateway-limit-level"] == "user"
+    assert float(headers["x-gateway-limit-usd"]) == 20.0
+    assert headers["x-gateway-request-count"] == "1"
+    assert headers["x-gateway-current-month"] == month_of(utc_now())
+    assert PROVIDER_KEY not in str(headers)
+
+
+def test_gzip_response_is_metered(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    forward(gw, flow, openai_response(prompt=100, completion=10, encoding="gzip"))
+    assert usage(gw, "key", s.key_id).used_nusd == (100 * 2.5 + 10 * 10) * 1000
+    assert not flow.metadata["aigw"]["estimated"]
+
+
+@pytest.mark.parametrize("key_status,user_status", [("revoked", "active"), ("active", "suspended")])
+def test_revoked_key_or_suspended_user_is_401(gateway, key_status, user_status):
+    gw = gateway()
+    s = seed(gw.store, key_status=key_status, user_status=user_status)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response.status_code == 401
+    error = json.loads(flow.response.content)["error"]
+    assert error["code"] == "invalid_api_key"
+    assert gw.store.ledger.reservations() == []
+
+
+def test_unknown_gateway_key_is_401_in_the_providers_shape(gateway):
+    gw = gateway()
+    seed(gw.store)
+    flow = chat_flow("gw_live_" + "f" * 32)
+    run(gw.request(flow))
+    assert flow.response.status_code == 401
+    assert json.loads(flow.response.content)["error"]["type"] == "invalid_request_error"
+
+    anthropic = chat_flow(None, {"model": "claude-sonnet-4-5", "max_tokens": 10},
+                          host="api.anthropic.com", path="/v1/messages",
+                          headers={"x-api-key": "gw_live_" + "e" * 32})
+    run(gw.request(anthropic))
+    body = json.loads(anthropic.response.content)
+    assert anthropic.response.status_code == 401
+    assert body == {"type": "error", "error": {"type": "authentication_error",
+                                               "message": body["error"]["message"]}}
+
+
+def test_missing_credential_is_401(gateway):
+    gw = gateway()
+    flow = chat_flow(None)
+    run(gw.request(flow))
+    assert flow.response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "limits,level,error_type",
+    [
+        ({"key_limit": 0.001}, "key", "key_quota_exceeded"),
+        ({"user_limit": 0.001}, "user", "user_quota_exceeded"),
+        ({"org_budget": 0.001}, "org", "organization_quota_exceeded"),
+    ],
+)
+def test_exhausted_budget_is_429_naming_the_level(gateway, limits, level, error_type):
+    gw = gateway()
+    s = seed(gw.store, **limits)
+    first = chat_flow(s.api_key)
+    run(gw.request(first))
+    assert first.response is None  # usage has not reached the limit yet
+    forward(gw, first, openai_response(prompt=1000, completion=200))
+    second = chat_flow(s.api_key)
+    run(gw.request(second))
+    assert second.response.status_code == 429
+    error = json.loads(second.response.content)["error"]
+    assert error["type"] == error_type
+    assert error["code"] == "insufficient_quota"
+    assert error["details"]["level"] == level
+    assert error["details"]["limit_usd"] == 0.001
+    assert error_type in error["message"]
+    assert second.response.headers["x-should-retry"] == "false"
+    assert int(second.response.headers["retry-after"]) > 0
+
+
+def test_in_flight_reservations_count_against_the_budget(gateway):
+    gw = gateway()
+    # max_tokens 100 at $10/1M output reserves about $0.001: the limit admits one in flight.
+    s = seed(gw.store, key_limit=0.0005)
+    first, second = chat_flow(s.api_key), chat_flow(s.api_key)
+    run(gw.request(first))
+    run(gw.request(second))
+    assert first.response is None
+    assert second.response.status_code == 429
+    assert "reserved" in json.loads(second.response.content)["error"]["message"]
+
+
+def test_model_not_allowed_is_403(gateway):
+    gw = gateway()
+    s = seed(gw.store, allowed_models=["gpt-4o-mini"])
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response.status_code == 403
+    assert json.loads(flow.response.content)["error"]["code"] == "model_not_allowed"
+
+
+def test_missing_org_fails_closed_with_503(gateway):
+    gw = gateway()
+    s = seed(gw.store, with_org=False)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response.status_code == 503
+    assert "retry-after" in flow.response.headers
+
+
+def test_store_fault_takes_the_orgs_failure_mode(gateway, monkeypatch):
+    gw = gateway()
+    closed = seed(gw.store, suffix="c", failure_mode="fail_closed")
+    opened = seed(gw.store, suffix="o", failure_mode="fail-open", fallback_daily_limit=1.0)
+
+    def broken(*args, **kwargs):
+        raise StoreUnavailable("ledger write failed: disk full")
+
+    monkeypatch.setattr(gw.store.ledger, "reserve", broken)
+    flow = chat_flow(closed.api_key)
+    run(gw.request(flow))
+    assert flow.response.status_code == 503
+
+    flow = chat_flow(opened.api_key)
+    run(gw.request(flow))
+    assert flow.response is None
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert flow.metadata["aigw"]["decision"] == "grace"
+    forward(gw, flow, openai_response(prompt=1000, completion=200))
+    grace = gw.store.ledger.grace_log()
+    assert len(grace) == 1 and grace[0]["cost_nusd"] > 0
+
+
+def test_fail_open_caps_the_day_at_the_fallback_limit(gateway, monkeypatch):
+    gw = gateway()
+    s = seed(gw.store, failure_mode="fail_open", fallback_daily_limit=0.001)
+    monkeypatch.setattr(gw.store.ledger, "reserve", lambda *a, **k: (_ for _ in ()).throw(
+        StoreUnavailable("down")))
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    forward(gw, flow, openai_response(prompt=1000, completion=200))  # $0.0045 > $0.001
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response.status_code == 429
+    assert json.loads(flow.response.content)["error"]["type"] == "fallback_daily_limit_exceeded"
+
+
+def test_unexpected_exception_never_forwards_silently(gateway, monkeypatch):
+    gw = gateway()
+    s = seed(gw.store)
+    monkeypatch.setattr(gw.store.records, "resolve", lambda h: 1 / 0)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response is not None and flow.response.status_code == 503
+
+
+def test_unknown_credentials_blocked_or_passed_through(gateway):
+    blocking = gateway()
+    flow = chat_flow("sk-someones-own-key")
+    run(blocking.request(flow))
+    assert flow.response.status_code == 401
+    blocking.done()
+
+    passing = gateway(unknown="passthrough")
+    flow = chat_flow("sk-someones-own-key")
+    run(passing.request(flow))
+    assert flow.response is None
+    assert flow.request.headers["authorization"] == "Bearer sk-someones-own-key"
+    assert flow.metadata["aigw"]["decision"] == "passthrough"
+
+
+def test_registered_provider_key_is_metered_and_forwarded_unchanged(gateway):
+    gw = gateway()
+    s = seed(gw.store, passthrough_key="sk-dev-own-key-fake")
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response is None
+    assert flow.request.headers["authorization"] == "Bearer sk-dev-own-key-fake"
+    forward(gw, flow, openai_response(prompt=100, completion=10))
+    assert usage(gw, "user", s.user_id).requests == 1
+
+
+def test_org_provider_key_wins_over_the_environment(gateway):
+    gw = gateway()
+    s = seed(gw.store, provider_keys={"openai": "sk-org-own-fake"})
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.request.headers["authorization"] == "Bearer sk-org-own-fake"
+
+
+def test_gemini_query_key_is_moved_to_the_header(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(None, {"contents": []}, host="generativelanguage.googleapis.com",
+                     path=f"/v1beta/models/gemini-2.5-flash:generateContent?key={s.api_key}")
+    run(gw.request(flow))
+    assert flow.response is None
+    assert "key" not in flow.request.query
+    assert flow.request.headers["x-goog-api-key"] == "gemini-provider-fake"
+    assert flow.metadata["aigw"]["model"] == "gemini-2.5-flash"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", json.dumps({"messages": []}).encode()])
+def test_bad_request_bodies_are_forwarded_for_the_provider_to_judge(gateway, body):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key, body)
+    run(gw.request(flow))
+    assert flow.response is None
+    error = tutils.tresp(status_code=400, content=b'{"error": {"message": "bad"}}')
+    forward(gw, flow, error)
+    counter = usage(gw, "key", s.key_id)
+    assert counter.requests == 1 and counter.used_nusd == 0 and counter.reserved_nusd == 0
+
+
+def test_streamed_response_passes_through_and_is_metered(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key, {"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": True},
+                     host="api.anthropic.com", path="/v1/messages",
+                     headers={"x-api-key": s.api_key})
+    run(gw.request(flow))
+    assert flow.request.headers["x-api-key"] == "sk-ant-provider-fake"
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"),
+                                 content=None)
+    gw.responseheaders(flow)
+    assert callable(flow.response.stream)
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":'
+        b'"claude-sonnet-4-5","usage":{"input_tokens":100,"cache_read_input_tokens":1000,'
+        b'"cache_creation_input_tokens":50,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
+        b'{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":7}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":20}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    out = b"".join(flow.response.stream(events[i:i + 7]) for i in range(0, len(events), 7))
+    out += flow.response.stream(b"")
+    assert out == events
+    run(gw.response(flow))
+    expected = (100 * 3.0 + 1000 * 0.3 + 50 * 3.75 + 20 * 15.0) * 1000
+    assert usage(gw, "key", s.key_id).used_nusd == expected
+
+
+def test_broken_upstream_charges_an_estimate(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    flow.server_conn.timestamp_tcp_setup = 1.0
+    flow.error = tflow.terr()
+    run(gw.error(flow))
+    counter = usage(gw, "key", s.key_id)
+    assert counter.used_nusd > 0 and counter.reserved_nusd == 0
+    assert flow.metadata["aigw"]["estimated"] is True
+
+
+def test_unreachable_upstream_charges_nothing(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    flow.server_conn.timestamp_tcp_setup = None
+    flow.error = tflow.terr()
+    run(gw.error(flow))
+    counter = usage(gw, "key", s.key_id)
+    assert counter.used_nusd == 0 and counter.reserved_nusd == 0 and counter.requests == 1
+
+
+def test_other_hosts_are_not_touched(gateway):
+    gw = gateway()
+    flow = chat_flow("whatever", host="example.com")
+    run(gw.request(flow))
+    assert flow.response is None and "aigw" not in flow.metadata
+
+
+def test_allow_hosts_is_derived_from_the_providers(gateway):
+    gw = gateway()
+    from mitmproxy import ctx
+
+    assert any("openai" in p for p in ctx.options.allow_hosts)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("providers: {x: {kind: nope, hosts: [a]}}", "providers.x.kind"),
+        ("providers: {x: {kind: openai, hosts: ['(']}}", "providers.x.hosts[0]"),
+        ("pricing: {models: {m: {input_per_1m: x, output_per_1m: 1}}}",
+         "pricing.models.m.input_per_1m"),
+        ("store: {hash: md5}", "store.hash"),
+        ("bogus: 1", "bogus"),
+        ("policy: {unknown_credentials: maybe}", "policy.unknown_credentials"),
+        ("[1, 2", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_file_and_key(tmp_path, text, needle):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    gw = Gateway()
+    with taddons.context(gw) as tctx:
+        with pytest.raises(exceptions.OptionsError) as raised:
+            tctx.configure(gw, aigw_config=str(config))
+    assert str(config) in str(raised.value) and needle in str(raised.value)
+
+
+def test_crash_left_reservations_are_released(tmp_path):
+    with Store(tmp_path / "s") as store:
+        def admit(counters):
+            class Allowed:
+                allowed = True
+            return Allowed()
+
+        store.ledger.reserve("r1", [("user", "u")], "2026-11", 5 * USD, admit,
+                             owner={"pid": 2**22 + 12345, "host": __import__("socket").gethostname()})
+    gw = Gateway()
+    config = tmp_path / "mitm.yaml"
+    config.write_text(f"store: {{path: {tmp_path / 's'}}}\n")
+    with taddons.context(gw) as tctx:
+        tctx.configure(gw, aigw_config=str(config))
+        assert gw.store.ledger.reservations() == []
+        assert gw.store.ledger.counters([("user", "u")], "2026-11")[0].reserved_nusd == 0
+        gw.done()
