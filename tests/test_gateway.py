@@ -403,7 +403,7 @@ def test_other_hosts_are_not_touched(gateway):
 
 
 def test_allow_hosts_is_derived_from_the_providers(gateway):
-    gw = gateway()
+    gateway()
     from mitmproxy import ctx
 
     assert any("openai" in p for p in ctx.options.allow_hosts)
