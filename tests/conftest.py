@@ -1,0 +1,80 @@
+"""Shared pytest fixtures (nothing gateway-specific here).
+
+Fixtures:
+  fake_provider_server  session-scoped FakeProvider (one port for the whole run; use it from
+                        module-scoped mitmdump fixtures, e.g. `upstream=fake_provider_server.address`)
+  fake_provider         the same server, reset (requests, usage, scenario) before each test
+  proxy_factory         start_mitmdump(...) bound to the test's tmp_path; stops every proxy it
+                        started at teardown and prints their logs if the test failed
+
+Marker: `e2e` for tests that start mitmdump / a fake provider (deselect with -m "not e2e").
+
+Import the helpers as `tests.support.*` (this file puts the repository root on sys.path, since
+tests/ has no __init__.py and the `pytest` script does not add the working directory).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.support.fake_provider import FakeProvider  # noqa: E402
+from tests.support.proxy import Proxy, start_mitmdump  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: end-to-end test that starts mitmdump and/or a fake provider"
+    )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    # Keep each phase's report on the item, so fixtures can tell whether the test failed.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    rep = getattr(request.node, "rep_call", None)
+    setup = getattr(request.node, "rep_setup", None)
+    return bool((rep is not None and rep.failed) or (setup is not None and setup.failed))
+
+
+@pytest.fixture(scope="session")
+def fake_provider_server() -> Iterator[FakeProvider]:
+    with FakeProvider() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_provider(fake_provider_server: FakeProvider) -> Iterator[FakeProvider]:
+    fake_provider_server.reset()
+    yield fake_provider_server
+    fake_provider_server.reset()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path, request: pytest.FixtureRequest):
+    started: list[Proxy] = []
+
+    def start(**kwargs) -> Proxy:
+        sub = tmp_path / f"proxy{len(started)}"
+        proxy = start_mitmdump(sub, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+    if _failed(request):
+        for proxy in started:
+            sys.stderr.write(f"\n----- {proxy.log_path} -----\n{proxy.log_text()}\n")
