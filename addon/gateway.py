@@ -34,6 +34,7 @@ from store.money import (
     month_of,
     seconds_to_day_end,
     to_usd,
+    usd_text,
     utc_now,
 )
 from store.records import FAIL_OPEN, Org
@@ -542,15 +543,15 @@ def _usage_headers(response: http.Response, level: LevelUsage | None, cost: int 
         return
     month = month_of(utc_now())
     headers = response.headers
-    headers["x-gateway-usage-usd"] = f"{to_usd(level.used_nusd):.6f}"
+    headers["x-gateway-usage-usd"] = usd_text(level.used_nusd)
     if level.limit_nusd is not None:
-        headers["x-gateway-limit-usd"] = f"{to_usd(level.limit_nusd):.6f}"
-        headers["x-gateway-remaining-usd"] = f"{to_usd(level.remaining_nusd or 0):.6f}"
+        headers["x-gateway-limit-usd"] = usd_text(level.limit_nusd)
+        headers["x-gateway-remaining-usd"] = usd_text(level.remaining_nusd or 0)
     headers["x-gateway-limit-level"] = level.level
     headers["x-gateway-request-count"] = str(level.requests)
     headers["x-gateway-current-month"] = month
     if cost is not None:
-        headers["x-gateway-cost-usd"] = f"{to_usd(cost):.6f}"
+        headers["x-gateway-cost-usd"] = usd_text(cost)
 
 
 addons = [Gateway()]

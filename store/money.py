@@ -20,6 +20,13 @@ def to_usd(nusd: int) -> float:
     return round(nusd / USD, 9)
 
 
+def usd_text(nusd: int) -> str:
+    """Dollars as exact decimal text, e.g. `0.000005625`, `12.5`, `0`."""
+    sign = "-" if nusd < 0 else ""
+    whole, frac = divmod(abs(nusd), USD)
+    return f"{sign}{whole}.{frac:09d}".rstrip("0").rstrip(".")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
