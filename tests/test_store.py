@@ -1,0 +1,144 @@
+"""The LMDB store: atomic reservations across processes, map growth, months, record parsing."""
+
+import json
+import multiprocessing
+from dataclasses import dataclass
+
+import pytest
+
+from store import USD, Store
+from store.money import month_of, seconds_to_month_end, usd_text
+from store.records import ApiKey, Org, RecordError, normalize_failure_mode
+
+
+@dataclass
+class Admit:
+    allowed: bool
+
+
+def always(counters):
+    return Admit(True)
+
+
+def _spend(path: str, worker: int, rounds: int, limit: int, cost: int, results) -> None:
+    admitted = 0
+    with Store(path) as store:
+        for i in range(rounds):
+            rid = f"w{worker}-{i}"
+
+            def admit(counters):
+                c = counters[0]
+                return Admit(c.used_nusd + c.reserved_nusd < limit)
+
+            if store.ledger.reserve(rid, [("org", "o")], "2026-11", cost, admit).allowed:
+                admitted += 1
+                store.ledger.settle(rid, [("org", "o")], "2026-11", cost)
+    results.put(admitted)
+
+
+def test_reservations_hold_a_budget_across_processes(tmp_path):
+    """Four processes race for a budget with room for ten requests: exactly ten get in, and the
+    ledger equals the sum of what was settled (no lost update)."""
+    Store(tmp_path / "s").close()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    cost = USD // 100
+    workers = [
+        ctx.Process(target=_spend, args=(str(tmp_path / "s"), w, 50, 10 * cost, cost, results))
+        for w in range(4)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    admitted = sum(results.get(timeout=5) for _ in workers)
+    with Store(tmp_path / "s") as store:
+        counter = store.ledger.counters([("org", "o")], "2026-11")[0]
+    assert admitted == 10
+    assert counter.used_nusd == 10 * cost and counter.requests == 10
+    assert counter.reserved_nusd == 0
+
+
+def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
+    with Store(tmp_path / "s") as store:
+        levels = [("key", "k"), ("user", "u"), ("org", "o")]
+        store.ledger.reserve("r", levels, "2026-11", 500, always)
+        assert [c.reserved_nusd for c in store.ledger.counters(levels, "2026-11")] == [500] * 3
+        after = store.ledger.settle("r", levels, "2026-11", 123, {"note": "x"})
+        assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [(123, 0, 1)] * 3
+        # Settling twice (a retried write) never releases more than was reserved.
+        store.ledger.settle("r", levels, "2026-11", 0)
+        assert store.ledger.counters(levels, "2026-11")[0].reserved_nusd == 0
+        assert store.ledger.log_entries()[0]["note"] == "x"
+
+
+def test_months_are_separate_periods(tmp_path):
+    with Store(tmp_path / "s") as store:
+        store.ledger.settle(None, [("user", "u")], "2026-10", 999)
+        assert store.ledger.counters([("user", "u")], "2026-11")[0].used_nusd == 0
+        assert store.ledger.counters([("user", "u")], "2026-10")[0].used_nusd == 999
+
+
+def test_a_full_map_grows_instead_of_failing(tmp_path):
+    with Store(tmp_path / "s", map_size=256 * 1024) as store:
+        big = b"x" * 2000
+        for batch in range(10):
+            store.records.write({f"org:{batch}-{i}:config": big for i in range(100)})
+        assert store.records.count()["orgs"] == 1000
+
+
+def test_a_map_grown_by_another_process_is_picked_up(tmp_path):
+    with Store(tmp_path / "s", map_size=256 * 1024) as reader:
+        ctx = multiprocessing.get_context("spawn")
+        writer = ctx.Process(target=_fill, args=(str(tmp_path / "s"),))
+        writer.start()
+        writer.join(60)
+        assert writer.exitcode == 0
+        assert reader.records.count()["orgs"] == 1000
+        reader.records.write({"org:last:config": b"{}"})
+
+
+def _fill(path: str) -> None:
+    with Store(path, map_size=256 * 1024) as store:
+        store.records.write({f"org:{i}:config": b"y" * 2000 for i in range(1000)})
+
+
+def test_keys_over_lmdb_limit_are_refused_cleanly(tmp_path):
+    with Store(tmp_path / "s") as store:
+        with pytest.raises(Exception, match="511"):
+            store.records.write({"apikey:" + "a" * 600: b"{}"})
+        assert store.records.count()["apikeys"] == 0
+
+
+def test_records_of_both_workers_gateway_versions_parse():
+    old = ApiKey.parse("h", json.dumps({"user_id": "u1", "key_id": "k1", "name": "n",
+                                        "status": "active", "created_at": "x"}))
+    assert (old.user_id, old.org_id, old.monthly_limit_usd) == ("u1", None, None)
+    new = ApiKey.parse("h", {"key_id": "k2", "key_hash": "h", "org_id": "o", "user": "u2",
+                             "monthly_limit_usd": 5, "status": "revoked"})
+    assert (new.user_id, new.org_id, new.active) == ("u2", "o", False)
+    org = Org.parse("o", {"name": "Acme", "monthly_budget_usd": "100", "failure_mode": "fail-open"})
+    assert org.failure_mode == "fail_open" and org.fallback_daily_limit_usd == 10.0
+    assert normalize_failure_mode("FAIL-CLOSED") == "fail_closed"
+    with pytest.raises(RecordError):
+        Org.parse("o", {"monthly_budget_usd": -1})
+    with pytest.raises(RecordError):
+        Org.parse("o", b"not json")
+
+
+def test_money_text_and_month_helpers():
+    from datetime import UTC, datetime
+
+    assert usd_text(5625) == "0.000005625" and usd_text(12 * USD + USD // 2) == "12.5"
+    assert usd_text(0) == "0"
+    now = datetime(2026, 12, 31, 23, 59, 0, tzinfo=UTC)
+    assert month_of(now) == "2026-12" and seconds_to_month_end(now) == 60
+
+
+def test_the_store_layer_never_imports_mitmproxy():
+    import subprocess
+    import sys
+
+    code = ("import sys, store, store.admin, store.cli; "
+            "sys.exit(any(m.split('.')[0] == 'mitmproxy' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
