@@ -62,6 +62,7 @@ class Flight:
     org_id: str | None = None
     grace_who: str | None = None
     decision: BudgetDecision | None = None
+    injected_usage: bool = False  # the gateway asked for stream usage the client did not
     tap: StreamTap | None = None
     started: float = field(default_factory=time.time)
 
@@ -163,7 +164,7 @@ class Gateway:
         credential = adapter.credential(request)
         if credential is None:
             return self._deny(flow, provider, unauthorized("No API key provided."))
-        raw = request.raw_content or b""
+        raw = _request_body(request)
         body = await asyncio.to_thread(parse_json, raw) if len(raw) > LARGE_BODY else parse_json(
             raw
         )
@@ -217,6 +218,9 @@ class Gateway:
             self.store.ledger.release(flow.id)
             return self._deny(flow, provider, _no_credential(provider))
         adapter.set_credential(request, secret)
+        injected = adapter.request_stream_usage(request, body)
+        if injected:
+            request.headers["accept-encoding"] = "identity"  # the gateway rewrites this stream
         self._flights[flow.id] = Flight(
             provider=provider,
             mode="metered",
@@ -229,6 +233,7 @@ class Gateway:
             user_id=identity.key.user_id,
             org_id=identity.org.org_id,
             decision=decision,
+            injected_usage=injected,
         )
         flow.metadata["aigw"] = {
             "decision": "allowed",
@@ -242,19 +247,29 @@ class Gateway:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self._flights.get(flow.id)
-        if flight is None or flow.response is None:
+        response = flow.response
+        if flight is None or response is None:
             return
         try:
             adapter = flight.provider.adapter
-            if adapter.is_stream(flow.request, flow.response):
-                flight.tap = StreamTap(
-                    adapter.meter(),
-                    flow.response.headers.get("content-encoding"),
-                    adapter.stream_framing(flow.request, flow.response),
-                )
-                flow.response.stream = flight.tap
-                if flight.decision is not None:
-                    _usage_headers(flow.response, flight.decision.binding(), None)
+            # Streams are metered as they pass; so is any body mitmproxy was already told to
+            # stream (stream_large_bodies), which would otherwise never be seen whole.
+            if adapter.is_stream(flow.request, response):
+                framing = adapter.stream_framing(flow.request, response)
+            elif response.stream:
+                framing = "json_body"
+            else:
+                return
+            drop = adapter.is_usage_only_event if flight.injected_usage else None
+            tap = StreamTap(adapter.meter(), response.headers.get("content-encoding"), framing,
+                            drop if framing == "sse" else None)
+            if tap.decodes_output:
+                response.headers.pop("content-encoding", None)
+                response.headers.pop("content-length", None)
+            flight.tap = tap
+            response.stream = tap
+            if flight.decision is not None:
+                _usage_headers(response, flight.decision.binding(), None)
         except Exception:
             log.exception("aigw: could not tap the stream; it will be charged an estimate")
 
@@ -301,15 +316,14 @@ class Gateway:
             return Usage(model=flight.model)  # never reached the provider
         if response is not None and response.status_code >= 400:
             return Usage(model=flight.model)  # providers do not bill refused requests
-        delivered = 0
         if flight.tap is not None:
-            delivered = flight.tap.decoded_bytes
+            output = estimate_tokens(flight.tap.text_chars)
         elif response is not None and response.raw_content:
-            delivered = len(response.raw_content)
+            output = estimate_tokens(len(response.raw_content))
+        else:
+            output = 0
         return Usage(
-            input_tokens=flight.input_tokens_estimate,
-            output_tokens=estimate_tokens(delivered),
-            model=flight.model,
+            input_tokens=flight.input_tokens_estimate, output_tokens=output, model=flight.model
         )
 
     def _record(
@@ -421,8 +435,7 @@ class Gateway:
         if secret is None:
             return self._deny(flow, provider, _no_credential(provider))
         provider.adapter.set_credential(flow.request, secret)
-        body = parse_json(flow.request.raw_content)
-        model = provider.adapter.model(flow.request, body)
+        model = provider.adapter.model(flow.request, parse_json(_request_body(flow.request)))
         self._flights[flow.id] = Flight(
             provider=provider,
             mode="grace",
@@ -494,6 +507,14 @@ class Gateway:
             return record.get("host") == host and not _pid_alive(record.get("pid"))
 
         return self.store.ledger.release_stale(is_stale)
+
+
+def _request_body(request: http.Request) -> bytes:
+    """The request body, decoded if the client compressed it."""
+    try:
+        return request.get_content(strict=False) or b""
+    except ValueError:
+        return request.raw_content or b""
 
 
 def _levels(identity: Identity) -> tuple[list[Level], list[int | None]]:

@@ -2,12 +2,14 @@
 
 import json
 import logging
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mitmproxy import http
 
 from addon.providers.base import Adapter, Usage, UsageMeter
-from addon.streams import Decoder, JSONArrayParser, SSEParser
+from addon.streams import MAX_EVENT_BYTES, Decoder, JSONArrayParser, SSEEventSplitter, SSEParser
 
 log = logging.getLogger("aigw.metering")
 
@@ -55,19 +57,39 @@ def _feed_all(meter: UsageMeter, raw: bytes) -> None:
 
 
 class StreamTap:
-    """mitmproxy's `response.stream` callable: returns every chunk unchanged and at once, while
-    decoding and parsing a copy to meter usage. A fault in metering never touches the stream."""
+    """mitmproxy's `response.stream` callable: meters usage from a copy of each chunk and returns
+    the chunk unchanged and at once. A fault in metering never touches the stream.
 
-    def __init__(self, meter: UsageMeter, content_encoding: str | None, framing: str) -> None:
+    With `drop_usage_only`, the gateway itself asked for a usage event the client did not ask
+    for: the stream is cut into whole events (decoded, if encoded) and that event is dropped,
+    so the client receives exactly what the provider would have sent it."""
+
+    def __init__(
+        self,
+        meter: UsageMeter,
+        content_encoding: str | None,
+        framing: str,
+        drop_usage_only: Callable[[Any], bool] | None = None,
+    ) -> None:
         self.meter = meter
-        self.decoded_bytes = 0
+        self.text_chars = 0  # text delivered to the client, for an estimate if usage never comes
         self.finished = False
         self.failed = False
         self._decoder = Decoder(content_encoding)
         self._sse = SSEParser() if framing == "sse" else None
-        self._array = JSONArrayParser() if framing != "sse" else None
+        self._array = JSONArrayParser() if framing == "json_array" else None
+        self._body = bytearray() if framing == "json_body" else None
+        self._drop = drop_usage_only
+        self._splitter = SSEEventSplitter() if drop_usage_only else None
+
+    @property
+    def decodes_output(self) -> bool:
+        """True when what the client receives is the decoded stream."""
+        return self._splitter is not None
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self._splitter is not None:
+            return self._filter(chunk)
         if not self.failed:
             try:
                 self._observe(chunk)
@@ -81,24 +103,68 @@ class StreamTap:
             self.finished = True
             if self._sse is not None:
                 self._events(self._sse.close())
+            elif self._body is not None:
+                self.meter.feed(None, parse_json(bytes(self._body)))
             return
         data = self._decoder.decode(chunk)
-        self.decoded_bytes += len(data)
         if self._sse is not None:
             self._events(self._sse.feed(data))
-        else:
-            assert self._array is not None
+        elif self._array is not None:
             for item in self._array.feed(data):
+                self.text_chars += _text_chars(json.dumps(item))
                 self.meter.feed(None, item)
+        elif self._body is not None and len(self._body) + len(data) <= MAX_EVENT_BYTES:
+            self._body += data
 
-    def _events(self, events) -> None:
+    def _events(self, events: Iterable[tuple[str | None, str]]) -> bool:
+        """Meter events; True if one of them is the usage-only event to drop."""
+        drop = False
         for event, data in events:
+            self.text_chars += _text_chars(data)
             # Only usage-bearing events are parsed: every API names the field *usage*/*Usage*.
             if "sage" in data:
-                self.meter.feed(event, parse_json(data.encode()))
+                parsed = parse_json(data.encode())
+                self.meter.feed(event, parsed)
+                drop = drop or bool(self._drop and self._drop(parsed))
+        return drop
+
+    def _filter(self, chunk: bytes) -> bytes:
+        assert self._splitter is not None
+        try:
+            data = self._decoder.decode(chunk) if chunk else b""
+        except Exception:
+            self.failed = True
+            log.exception("could not decode the stream; passing it on as received")
+            self._splitter = None
+            return chunk
+        blocks = list(self._splitter.feed(data))
+        if not chunk:
+            self.finished = True
+            blocks.append(self._splitter.close())
+        out = []
+        for block in blocks:
+            try:
+                parser = SSEParser()
+                if self._events([*parser.feed(block), *parser.close()]):
+                    continue
+            except Exception:
+                self.failed = True
+                log.exception("stream metering failed; the request will be charged an estimate")
+            out.append(block)
+        return b"".join(out)
 
     def usage(self) -> Usage | None:
         return None if self.failed else self.meter.usage()
+
+
+_TEXT = re.compile(
+    r'"(?:content|text|delta|partial_json|arguments|thinking)":\s*"((?:[^"\\]|\\.)*)"'
+)
+
+
+def _text_chars(data: str) -> int:
+    """Characters of generated text in an event, for estimates (no JSON parsing)."""
+    return sum(len(m) for m in _TEXT.findall(data))
 
 
 def estimate_tokens(num_bytes: int) -> int:

@@ -1,11 +1,13 @@
 """The price table: USD per 1M tokens per model, to integer nano-dollars per request."""
 
 import logging
+import re
 from dataclasses import dataclass
 
 from addon.providers.base import Usage
 
 log = logging.getLogger("aigw.pricing")
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +56,15 @@ class Price:
 class PriceTable:
     def __init__(self, models: dict[str, Price], fallback: Price) -> None:
         self._models = models
-        self._by_length = sorted(models, key=len, reverse=True)
         self.fallback = fallback
         self._warned: set[str] = set()
         self._resolved: dict[str, Price | None] = {}
 
     def lookup(self, model: str | None) -> Price | None:
-        """The model's price: exact name, else the longest listed name that prefixes it
-        (dated snapshots), ignoring a `models/` prefix; None if unknown."""
+        """The model's price: its exact name, or a listed name plus a snapshot date
+        (gpt-4o-2024-08-06, claude-sonnet-4-5-20250929, gpt-4-0613), ignoring a `models/`
+        prefix; None if unknown. A bare prefix is not enough: claude-opus-4-6 is not
+        claude-opus-4, and guessing would misprice it."""
         if not model:
             return None
         if model in self._resolved:
@@ -69,7 +72,8 @@ class PriceTable:
         name = model.removeprefix("models/")
         price = self._models.get(name)
         if price is None:
-            price = next((self._models[m] for m in self._by_length if name.startswith(m)), None)
+            base = _SNAPSHOT.sub("", name)
+            price = self._models.get(base) if base != name else None
         if len(self._resolved) < 10_000:
             self._resolved[model] = price
         return price

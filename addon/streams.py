@@ -73,17 +73,19 @@ class SSEParser:
         self._oversized = False
 
     def feed(self, chunk: bytes) -> Iterator[tuple[str | None, str]]:
-        self._buffer += chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
+        start = 0
         while True:
-            cut = _line_end(self._buffer)
+            cut = _line_end(buffer, start)
             if cut is None:
+                self._buffer = buffer[start:]
                 if len(self._buffer) > MAX_EVENT_BYTES:
                     self._buffer = b""
                     self._oversized = True
                 return
             end, after = cut
-            line = self._buffer[:end]
-            self._buffer = self._buffer[after:]
+            line = buffer[start:end]
+            start = after
             if not line:
                 if self._data and not self._oversized:
                     yield self._event, "\n".join(self._data)
@@ -112,16 +114,45 @@ class SSEParser:
         self._event, self._data = None, []
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(end of the first line, start of the next) for CRLF, LF or CR line ends, None if
-    incomplete. A trailing CR may be the first half of a CRLF: wait for the next byte."""
-    lf = buffer.find(b"\n")
-    cr = buffer.find(b"\r")
-    if cr == -1 or (lf != -1 and lf < cr):
+class SSEEventSplitter:
+    """Cuts a plain SSE byte stream into whole events, each with its own bytes (terminating
+    blank line included), so a filter can drop one event and pass the others unchanged."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._scanned = 0  # bytes of the buffer known to hold no complete event
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        event_start, start = 0, self._scanned
+        while True:
+            cut = _line_end(buffer, start)
+            if cut is None:
+                self._buffer = buffer[event_start:]
+                self._scanned = start - event_start
+                return
+            end, after = cut
+            if end == start:  # a blank line: the event ends here
+                yield buffer[event_start:after]
+                event_start = after
+            start = after
+
+    def close(self) -> bytes:
+        """What is left (an unterminated event): passed on as it is."""
+        rest, self._buffer, self._scanned = self._buffer, b"", 0
+        return rest
+
+
+def _line_end(buffer: bytes, start: int = 0) -> tuple[int, int] | None:
+    """(end of the line starting at `start`, start of the next) for CRLF, LF or CR line ends;
+    None if incomplete. A trailing CR may be the first half of a CRLF: wait for the next byte."""
+    lf = buffer.find(b"\n", start)
+    cr = buffer.find(b"\r", start, lf if lf != -1 else len(buffer))
+    if cr == -1:
         return None if lf == -1 else (lf, lf + 1)
     if cr + 1 == len(buffer):
         return None
-    return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
+    return (cr, cr + 2) if buffer[cr + 1] == 0x0A else (cr, cr + 1)
 
 
 class JSONArrayParser:

@@ -78,6 +78,8 @@ def test_price_table_matches_snapshots_and_warns_on_unknown(caplog):
     assert table.lookup("gpt-4o-2024-08-06").input == 2_500_000
     assert table.lookup("gpt-4o-mini-2024-07-18").input == 150_000
     assert table.lookup("models/gpt-4o") is not None
+    assert table.lookup("gpt-4o-0613") is not None
+    assert table.lookup("gpt-4o-mini-tts") is None  # a variant is not its base model
     assert table.price("mystery-model") is table.fallback
     assert "mystery-model" in caplog.text
     assert table.price("mystery-model").cost_nusd(Usage(input_tokens=1000)) == 1_000_000

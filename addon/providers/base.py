@@ -97,6 +97,15 @@ class Adapter:
     def meter(self) -> UsageMeter:
         raise NotImplementedError
 
+    def request_stream_usage(self, request: http.Request, body: Any) -> bool:
+        """Ask the provider for usage in a stream the client did not ask it for; True if the
+        request was changed (the gateway must then drop that usage event from the stream)."""
+        return False
+
+    def is_usage_only_event(self, data: Any) -> bool:
+        """Whether a parsed stream event is the usage event `request_stream_usage` asked for."""
+        return False
+
     def error_body(self, denial: Denial) -> dict[str, Any]:
         raise NotImplementedError
 

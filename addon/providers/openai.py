@@ -1,5 +1,6 @@
 """OpenAI (Chat Completions, Responses, embeddings) and every OpenAI-compatible host."""
 
+import json
 from typing import Any
 
 from mitmproxy import http
@@ -77,6 +78,24 @@ class OpenAIAdapter(Adapter):
 
     def meter(self) -> UsageMeter:
         return OpenAIMeter()
+
+    def request_stream_usage(self, request: http.Request, body: Any) -> bool:
+        # Chat Completions only: the Responses API rejects stream_options (and always reports
+        # usage in response.completed).
+        if not (isinstance(body, dict) and body.get("stream") is True
+                and request.path.split("?")[0].endswith("/chat/completions")):
+            return False
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return False
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+        request.content = json.dumps(body).encode()
+        return True
+
+    def is_usage_only_event(self, data: Any) -> bool:
+        return (isinstance(data, dict) and data.get("choices") == []
+                and isinstance(data.get("usage"), dict))
 
     def error_body(self, denial: Denial) -> dict[str, Any]:
         error: dict[str, Any] = {
