@@ -62,6 +62,35 @@ def fake_provider(fake_provider_server: FakeProvider) -> Iterator[FakeProvider]:
     fake_provider_server.reset()
 
 
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, fake_provider_server):
+    """One gateway mitmdump per test module, with its store opened in the test process."""
+    from store import Store
+    from tests.support.gateway import start_gateway
+
+    proxy = start_gateway(tmp_path_factory.mktemp("gw"), fake_provider_server.address)
+    proxy.store = Store(proxy.store_dir)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        proxy.store.close()
+
+
+_suffixes = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def account(gateway):
+    """Seeds an org, user and key (options as tests.support.seed.seed) in the gateway's store."""
+    from tests.support.seed import seed
+
+    def make(**kwargs):
+        return seed(gateway.store, suffix=f"e{next(_suffixes)}", **kwargs)
+
+    return make
+
+
 @pytest.fixture
 def proxy_factory(tmp_path: Path, request: pytest.FixtureRequest):
     started: list[Proxy] = []

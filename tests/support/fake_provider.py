@@ -361,6 +361,8 @@ class FakeProvider:
         self._requests: list[RecordedRequest] = []
         self._queue: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
+        # Same ids and timestamps in every answer, so two answers can be compared byte for byte.
+        self.fixed_ids = False
         self.usage: dict[str, dict[str, Any]] = {}
         self.scenario = Scenario()
         self.reset()
@@ -428,6 +430,7 @@ class FakeProvider:
             self.usage = copy.deepcopy(DEFAULT_USAGE)
             self.scenario = Scenario()
             self.azure_model = "gpt-4o-2024-08-06"
+            self.fixed_ids = False
 
     def set(self, **fields: Any) -> None:
         """Change fields of the persistent scenario, e.g. fake.set(delay=0.1, encoding="gzip")."""
@@ -516,7 +519,12 @@ class FakeProvider:
             return copy.deepcopy(self.usage[api])
 
     def _next_id(self) -> str:
+        if self.fixed_ids:
+            return "fake000000"
         return f"fake{next(self._ids):06d}"
+
+    def _created(self) -> int:
+        return 1_700_000_000 if self.fixed_ids else int(time.time())
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -644,7 +652,7 @@ class FakeProvider:
         model = self.azure_model if azure else str(body.get("model", "gpt-4o-mini"))
         usage = self._usage(api, sc)
         cid = f"chatcmpl-{self._next_id()}"
-        created = int(time.time())
+        created = self._created()
         if not rec.stream:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -739,7 +747,7 @@ class FakeProvider:
         usage = self._usage("responses", sc)
         rid = f"resp_{self._next_id()}"
         mid = f"msg_{self._next_id()}"
-        created = int(time.time())
+        created = self._created()
 
         def response(status: str, output: list[Any], usage_obj: Any) -> dict[str, Any]:
             return {

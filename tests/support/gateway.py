@@ -1,0 +1,69 @@
+"""The gateway under test: a real mitmdump with addon/gateway.py (and the test redirect to the
+fake provider), its store opened alongside, and small helpers to read what it recorded."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from store import Store
+from store.money import month_of, utc_now
+from tests.support.proxy import REDIRECT_SCRIPT, REPO_ROOT, Proxy, start_mitmdump
+
+OPENAI_KEY = "sk-fake-openai-provider-key"
+ANTHROPIC_KEY = "sk-ant-fake-provider-key"
+GEMINI_KEY = "fake-gemini-provider-key"
+PROVIDER_ENV = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+                "GEMINI_API_KEY": GEMINI_KEY, "AZURE_OPENAI_API_KEY": OPENAI_KEY}
+AIGW = str(Path(sys.executable).parent / "aigw")
+GATEWAY_SCRIPT = REPO_ROOT / "addon" / "gateway.py"
+
+
+def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
+                  config_text: str | None = None, name: str = "mitmdump") -> Proxy:
+    """mitmdump with the gateway and the repository's mitm.yaml (or `config_text`)."""
+    config = tmp / "mitm.yaml"
+    if config_text is None:
+        shutil.copy(REPO_ROOT / "mitm.yaml", config)
+    else:
+        config.write_text(config_text)
+    store_dir = store_dir or tmp / "store"
+    proxy = start_mitmdump(
+        tmp,
+        scripts=[GATEWAY_SCRIPT, REDIRECT_SCRIPT],
+        sets={"aigw_config": str(config), "aigw_store": str(store_dir)},
+        env=PROVIDER_ENV,
+        upstream=upstream,
+        name=name,
+    )
+    proxy.config = config
+    proxy.store_dir = store_dir
+    return proxy
+
+
+def per_1m(tokens: int, usd_per_1m: float) -> float:
+    return tokens * usd_per_1m / 1_000_000
+
+
+def spent(store: Store, level: str, level_id: str):
+    """The ledger counter of a level for this month."""
+    return store.ledger.counters([(level, level_id)], month_of(utc_now()))[0]
+
+
+def aigw(proxy: Proxy, *args: str) -> dict:
+    """Run the admin CLI against the gateway's config and store; its JSON answer."""
+    done = subprocess.run(
+        [AIGW, "--config", str(proxy.config), "--store", str(proxy.store_dir), *args],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(
+        model=kwargs.pop("model", "gpt-4o-mini"),
+        messages=[{"role": "user", "content": "hello"}],
+        **kwargs,
+    )
