@@ -87,7 +87,7 @@ class StreamTap:
         """True when what the client receives is the decoded stream."""
         return self._splitter is not None
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         if self._splitter is not None:
             return self._filter(chunk)
         if not self.failed:
@@ -128,7 +128,9 @@ class StreamTap:
                 drop = drop or bool(self._drop and self._drop(parsed))
         return drop
 
-    def _filter(self, chunk: bytes) -> bytes:
+    def _filter(self, chunk: bytes) -> list[bytes]:
+        # A list, never b"" for a data event: mitmproxy would send an empty HTTP/1.1 chunk,
+        # which ends a chunked body early.
         assert self._splitter is not None
         try:
             data = self._decoder.decode(chunk) if chunk else b""
@@ -136,7 +138,7 @@ class StreamTap:
             self.failed = True
             log.exception("could not decode the stream; passing it on as received")
             self._splitter = None
-            return chunk
+            return [chunk] if chunk else []
         blocks = list(self._splitter.feed(data))
         if not chunk:
             self.finished = True
@@ -150,8 +152,9 @@ class StreamTap:
             except Exception:
                 self.failed = True
                 log.exception("stream metering failed; the request will be charged an estimate")
-            out.append(block)
-        return b"".join(out)
+            if block:
+                out.append(block)
+        return out
 
     def usage(self) -> Usage | None:
         return None if self.failed else self.meter.usage()

@@ -159,3 +159,21 @@ def test_decoder_chain_undoes_encodings_in_reverse():
     body = b"data: x\n\n"
     encoded = brotli.compress(gzip.compress(body))
     assert Decoder("gzip, br").decode(encoded) == body
+
+
+@settings(max_examples=150, deadline=None)
+@given(cut=cuts, encoding=encodings)
+def test_injected_usage_event_is_dropped_under_any_chunking(cut, encoding):
+    adapter = ADAPTERS["openai"]()
+    tap = StreamTap(adapter.meter(), encoding, "sse", adapter.is_usage_only_event)
+    out = []
+    for piece in split(ENCODERS[encoding](OPENAI_STREAM), cut):
+        if not piece:
+            continue
+        sent = tap(piece)
+        assert isinstance(sent, list) and b"" not in sent  # an empty chunk would end the body
+        out.extend(sent)
+    out.extend(tap(b""))
+    usage_event = OPENAI_STREAM.split(b"\n\n")[3] + b"\n\n"
+    assert b"".join(out) == OPENAI_STREAM.replace(usage_event, b"")  # decoded, minus usage
+    assert tap.usage().output_tokens == 37
