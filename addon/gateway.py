@@ -199,7 +199,9 @@ class Gateway:
         levels, limits = _levels(identity)
 
         def admit(counters) -> BudgetDecision:
-            return decide_budgets(level_usages(identity, counters, month, limits), now, month)
+            return decide_budgets(
+                level_usages(identity, counters, month, limits), now, month, estimate
+            )
 
         try:
             decision = self.store.ledger.reserve(

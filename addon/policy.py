@@ -13,6 +13,7 @@ QUOTA_ERROR_TYPES = {
     "org": "organization_quota_exceeded",
 }
 LEVEL_NAMES = {"key": "key", "user": "user", "org": "organization"}
+BUSY_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,41 +88,71 @@ def check_identity(identity: Identity, model: str | None) -> Denial | None:
 
 
 def decide_budgets(
-    levels: list[LevelUsage], now: datetime, month: str
+    levels: list[LevelUsage], now: datetime, month: str, estimate_nusd: int
 ) -> BudgetDecision:
-    """Deny at the first level (key, user, org) whose usage plus in-flight reservations has
-    reached its monthly limit."""
+    """Admit a request at every level (key, user, org) unless:
+    - the level's usage has reached its monthly limit (final until the month ends), or
+    - other requests are in flight there and this one's maximum cost (`estimate_nusd`) does not
+      fit beside their reservations (transient: it may fit once they settle).
+    A request alone at a level is admitted while usage is below the limit, as the Workers gateway
+    did; in a burst only what fits gets in, so concurrency never multiplies the overshoot."""
     for lv in levels:
-        if lv.limit_nusd is not None and lv.used_nusd + lv.reserved_nusd >= lv.limit_nusd:
+        if lv.limit_nusd is not None and lv.used_nusd >= lv.limit_nusd:
             return BudgetDecision(False, tuple(levels), quota_denial(lv, now, month))
+    for lv in levels:
+        if (
+            lv.limit_nusd is not None
+            and lv.reserved_nusd > 0
+            and lv.used_nusd + lv.reserved_nusd + estimate_nusd > lv.limit_nusd
+        ):
+            return BudgetDecision(False, tuple(levels), busy_denial(lv, month, estimate_nusd))
     return BudgetDecision(True, tuple(levels))
 
 
 def quota_denial(lv: LevelUsage, now: datetime, month: str) -> Denial:
     used, limit = to_usd(lv.used_nusd), to_usd(lv.limit_nusd or 0)
-    reserved = to_usd(lv.reserved_nusd)
-    in_flight = f" (plus ${reserved:.6f} reserved by requests in flight)" if reserved else ""
     error_type = QUOTA_ERROR_TYPES[lv.level]
     message = (
-        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has used ${used:.6f}{in_flight} "
+        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has used ${used:.6f} "
         f"of its ${limit:.2f} monthly limit for {month}."
     )
-    retry_after = seconds_to_month_end(now)
     return Denial(
         429,
         error_type,
         message,
-        headers=(("retry-after", str(retry_after)), ("x-should-retry", "false")),
-        details={
-            "level": lv.level,
-            "id": lv.id,
-            "usage_usd": used,
-            "reserved_usd": reserved,
-            "limit_usd": limit,
-            "remaining_usd": to_usd(lv.remaining_nusd or 0),
-            "current_month": month,
-        },
+        headers=(("retry-after", str(seconds_to_month_end(now))), ("x-should-retry", "false")),
+        details=_details(lv, month),
     )
+
+
+def busy_denial(lv: LevelUsage, month: str, estimate_nusd: int) -> Denial:
+    error_type = QUOTA_ERROR_TYPES[lv.level]
+    left = to_usd(lv.remaining_nusd or 0)
+    message = (
+        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has ${left:.6f} left of its "
+        f"${to_usd(lv.limit_nusd or 0):.2f} monthly limit once the requests in flight "
+        f"(${to_usd(lv.reserved_nusd):.6f} reserved) settle, and this request may cost up to "
+        f"${to_usd(estimate_nusd):.6f}. Retry when they finish."
+    )
+    return Denial(
+        429,
+        error_type,
+        message,
+        headers=(("retry-after", str(BUSY_RETRY_AFTER_S)), ("x-should-retry", "true")),
+        details=_details(lv, month),
+    )
+
+
+def _details(lv: LevelUsage, month: str) -> dict:
+    return {
+        "level": lv.level,
+        "id": lv.id,
+        "usage_usd": to_usd(lv.used_nusd),
+        "reserved_usd": to_usd(lv.reserved_nusd),
+        "limit_usd": to_usd(lv.limit_nusd or 0),
+        "remaining_usd": to_usd(lv.remaining_nusd or 0),
+        "current_month": month,
+    }
 
 
 def level_usages(

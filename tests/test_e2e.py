@@ -14,6 +14,7 @@ from tests.support.gateway import (
     aigw,
     chat,
     per_1m,
+    settled,
     spent,
     start_gateway,
 )
@@ -62,7 +63,7 @@ def test_streamed_completion_passes_through_and_is_metered(gateway, fake_provide
     assert text == fake_provider.scenario.text
     assert chunks[-1].usage.completion_tokens == 7
     cost = per_1m(8, 2.50) + per_1m(3, 1.25) + per_1m(7, 10.0)
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == round(cost * USD)
+    assert settled(gateway.store, acct.key_id).used_nusd == round(cost * USD)
 
 
 def test_unknown_key_is_401_for_the_sdk(gateway, fake_provider):
@@ -128,7 +129,7 @@ def test_anthropic_messages_streamed_and_not(gateway, fake_provider, account):
            + per_1m(u.get("cache_read_input_tokens") or 0, 0.30)
            + per_1m(u.get("cache_creation_input_tokens") or 0, 3.75))
     assert final.usage.output_tokens == u["output_tokens"]
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == pytest.approx(2 * one * USD, abs=2)
+    assert settled(gateway.store, acct.key_id, 2).used_nusd == pytest.approx(2 * one * USD, abs=2)
 
 
 def test_anthropic_denial_is_native(gateway, fake_provider):
@@ -149,7 +150,7 @@ def test_gemini_generate_content(gateway, fake_provider, account):
     cached = u.get("cachedContentTokenCount") or 0
     cost = (per_1m(u["promptTokenCount"] - cached, 0.30) + per_1m(cached, 0.03)
             + per_1m(u["candidatesTokenCount"] + (u.get("thoughtsTokenCount") or 0), 2.50))
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == round(cost * USD)
+    assert settled(gateway.store, acct.key_id).used_nusd == round(cost * USD)
 
 
 def test_kill_9_loses_no_committed_usage(tmp_path, fake_provider):

@@ -7,8 +7,7 @@ import httpx
 import pytest
 
 from store import USD
-from store.money import month_of, utc_now
-from tests.support.gateway import chat, per_1m, spent
+from tests.support.gateway import chat, per_1m, settled
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +45,7 @@ def test_openai_stream_without_include_usage_is_metered_and_unchanged(gateway, f
     assert len(usage_events) == 1
     assert through == provider.replace(usage_events[0] + b"\n\n", b"")
     u = fake_provider.expected_usage("openai")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
 
 
 def test_openai_sdk_stream_sees_no_usage_it_did_not_ask_for(gateway, fake_provider, account):
@@ -54,7 +53,7 @@ def test_openai_sdk_stream_sees_no_usage_it_did_not_ask_for(gateway, fake_provid
     chunks = list(chat(gateway.openai_client(acct.api_key), model="gpt-4o", stream=True))
     assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
     u = fake_provider.expected_usage("openai")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", None])
@@ -72,7 +71,7 @@ def test_stream_with_usage_asked_is_byte_identical(gateway, fake_provider, accou
         provider = direct.post(f"{fake_provider.url}/v1/chat/completions", json=body).content
     assert through == provider
     u = fake_provider.expected_usage("openai")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O_MINI))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O_MINI))
 
 
 def test_injected_usage_is_dropped_from_a_compressed_stream(gateway, fake_provider, account):
@@ -82,7 +81,7 @@ def test_injected_usage_is_dropped_from_a_compressed_stream(gateway, fake_provid
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == fake_provider.scenario.text
     assert all(c.usage is None for c in chunks)
     u = fake_provider.expected_usage("openai")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -100,7 +99,7 @@ def test_responses_api(gateway, fake_provider, account, stream):
     cost = (per_1m(u["input_tokens"] - cached, GPT_4O["input"])
             + per_1m(cached, GPT_4O["cached"]) + per_1m(u["output_tokens"], GPT_4O["output"]))
     assert final.usage.output_tokens == u["output_tokens"]
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(cost)
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(cost)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -113,7 +112,7 @@ def test_azure_is_priced_by_the_model_behind_the_deployment(gateway, fake_provid
         list(result)
     assert fake_provider.last.credentials.get("api-key") == "sk-fake-openai-provider-key"
     u = fake_provider.expected_usage("azure")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(openai_cost(u, GPT_4O))
 
 
 def anthropic_cost(u: dict) -> float:
@@ -134,7 +133,7 @@ def test_anthropic_stream_takes_the_latest_cumulative_output(gateway, fake_provi
         final = stream.get_final_message()
     u = fake_provider.expected_usage("anthropic")
     assert final.usage.output_tokens == u["output_tokens"]
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(anthropic_cost(u))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(anthropic_cost(u))
 
 
 def gemini_cost(u: dict) -> float:
@@ -152,7 +151,7 @@ def test_gemini_sdk_stream(gateway, fake_provider, account):
     assert text == fake_provider.scenario.text
     assert "alt=sse" in fake_provider.last.query_string
     u = fake_provider.expected_usage("gemini")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(gemini_cost(u))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(gemini_cost(u))
 
 
 def test_gemini_streamed_json_array(gateway, fake_provider, account):
@@ -166,7 +165,7 @@ def test_gemini_streamed_json_array(gateway, fake_provider, account):
         )
     assert response.status_code == 200 and response.json()[-1]["usageMetadata"]
     u = fake_provider.expected_usage("gemini")
-    assert spent(gateway.store, "key", acct.key_id).used_nusd == nusd(gemini_cost(u))
+    assert settled(gateway.store, acct.key_id).used_nusd == nusd(gemini_cost(u))
 
 
 def test_upstream_breaking_a_stream_is_charged_what_was_seen(gateway, fake_provider, account):
@@ -180,7 +179,7 @@ def test_upstream_breaking_a_stream_is_charged_what_was_seen(gateway, fake_provi
     # message_start (input and cache counts) arrived before the break: charged those.
     u = fake_provider.expected_usage("anthropic")
     seen = {**u, "output_tokens": 1}
-    counter = _wait_settled(gateway, acct.key_id)
+    counter = settled(gateway.store, acct.key_id)
     assert counter.used_nusd == nusd(anthropic_cost(seen))
     assert counter.reserved_nusd == 0
 
@@ -194,21 +193,8 @@ def test_client_disconnect_mid_stream_is_charged_an_estimate(gateway, fake_provi
         if i == 3:
             stream.close()
             break
-    counter = _wait_settled(gateway, acct.key_id)
+    counter = settled(gateway.store, acct.key_id)
     entry = [e for e in gateway.store.ledger.log_entries() if e["key_id"] == acct.key_id][-1]
     assert entry["estimated"] is True
     assert entry["usage"]["output"] >= 1 and entry["usage"]["input"] >= 1
     assert counter.used_nusd == entry["cost_nusd"] > 0
-
-
-def _wait_settled(gateway, key_id, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        counter = gateway.store.ledger.counters([("key", key_id)], month_of(utc_now()))[0]
-        if counter.requests >= 1 and counter.reserved_nusd == 0:
-            return counter
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not settled: {counter}")
-        time.sleep(0.05)

@@ -207,14 +207,21 @@ def test_exhausted_budget_is_429_naming_the_level(gateway, limits, level, error_
 
 def test_in_flight_reservations_count_against_the_budget(gateway):
     gw = gateway()
-    # max_tokens 100 at $10/1M output reserves about $0.001: the limit admits one in flight.
-    s = seed(gw.store, key_limit=0.0005)
+    # max_tokens 100 at $10/1M output reserves about $0.001: a request alone is admitted while
+    # usage is below the limit; beside one in flight, only what fits.
+    s = seed(gw.store, key_limit=0.0015)
     first, second = chat_flow(s.api_key), chat_flow(s.api_key)
     run(gw.request(first))
     run(gw.request(second))
     assert first.response is None
     assert second.response.status_code == 429
-    assert "reserved" in json.loads(second.response.content)["error"]["message"]
+    error = json.loads(second.response.content)["error"]
+    assert error["type"] == "key_quota_exceeded" and "in flight" in error["message"]
+    assert second.response.headers["x-should-retry"] == "true"  # transient
+    forward(gw, first, openai_response(prompt=10, completion=10))
+    third = chat_flow(s.api_key)
+    run(gw.request(third))
+    assert third.response is None  # the first settled far below its reservation
 
 
 def test_model_not_allowed_is_403(gateway):

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from store import Store
@@ -49,6 +50,19 @@ def per_1m(tokens: int, usd_per_1m: float) -> float:
 def spent(store: Store, level: str, level_id: str):
     """The ledger counter of a level for this month."""
     return store.ledger.counters([(level, level_id)], month_of(utc_now()))[0]
+
+
+def settled(store: Store, key_id: str, requests: int = 1, timeout: float = 10.0):
+    """The key's counter once `requests` requests are settled and nothing is reserved: an SDK
+    may finish reading a stream (at `[DONE]`) a moment before the gateway settles it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counter = spent(store, "key", key_id)
+        if counter.requests >= requests and counter.reserved_nusd == 0:
+            return counter
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not settled within {timeout}s: {counter}")
+        time.sleep(0.02)
 
 
 def aigw(proxy: Proxy, *args: str) -> dict:
