@@ -24,6 +24,7 @@ GATEWAY_SCRIPT = REPO_ROOT / "addon" / "gateway.py"
 def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
                   config_text: str | None = None, name: str = "mitmdump") -> Proxy:
     """mitmdump with the gateway and the repository's mitm.yaml (or `config_text`)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "mitm.yaml"
     if config_text is None:
         shutil.copy(REPO_ROOT / "mitm.yaml", config)
