@@ -146,7 +146,8 @@ def parse_providers(section: Section) -> tuple[Provider, ...]:
 
 def _price(section: Section) -> Price:
     section.check_keys(
-        {"input_per_1m", "output_per_1m", "cached_input_per_1m", "cache_write_per_1m"}
+        {"input_per_1m", "output_per_1m", "cached_input_per_1m", "cache_write_per_1m",
+         "cache_write_1h_per_1m"}
     )
 
     def optional(name: str) -> float | None:
@@ -157,6 +158,7 @@ def _price(section: Section) -> Price:
         section.number("output_per_1m"),
         optional("cached_input_per_1m"),
         optional("cache_write_per_1m"),
+        optional("cache_write_1h_per_1m"),
     )
 
 

@@ -348,6 +348,7 @@ class Gateway:
                 "input": usage.input_tokens,
                 "cached_input": usage.cached_input_tokens,
                 "cache_write": usage.cache_write_tokens,
+                "cache_write_1h": usage.cache_write_1h_tokens,
                 "output": usage.output_tokens,
                 "reasoning": usage.reasoning_tokens,
             },

@@ -18,6 +18,7 @@ class Price:
     output: int
     cached_input: int
     cache_write: int
+    cache_write_1h: int
 
     @classmethod
     def from_usd_per_1m(
@@ -26,6 +27,7 @@ class Price:
         output_per_1m: float,
         cached_input_per_1m: float | None = None,
         cache_write_per_1m: float | None = None,
+        cache_write_1h_per_1m: float | None = None,
     ) -> "Price":
         def micro(v: float) -> int:
             return round(v * 1_000_000)
@@ -36,9 +38,13 @@ class Price:
             cached_input=micro(
                 input_per_1m if cached_input_per_1m is None else cached_input_per_1m
             ),
-            # Anthropic's 5-minute cache writes cost 1.25x input where no price is given.
+            # Anthropic's cache writes cost 1.25x input (5 minutes) and 2x (1 hour) where no
+            # price is given.
             cache_write=micro(
                 input_per_1m * 1.25 if cache_write_per_1m is None else cache_write_per_1m
+            ),
+            cache_write_1h=micro(
+                input_per_1m * 2 if cache_write_1h_per_1m is None else cache_write_1h_per_1m
             ),
         )
 
@@ -48,6 +54,7 @@ class Price:
             usage.input_tokens * self.input
             + usage.cached_input_tokens * self.cached_input
             + usage.cache_write_tokens * self.cache_write
+            + usage.cache_write_1h_tokens * self.cache_write_1h
             + usage.output_tokens * self.output
         )
         return (micro_total + 500) // 1000

@@ -52,6 +52,16 @@ def test_anthropic_message_usage_excludes_cache_from_input():
                       output_tokens=80, model="claude-haiku-4-5")
 
 
+def test_anthropic_one_hour_cache_writes_are_priced_apart():
+    u = usage_of("anthropic", {"type": "message", "usage": {
+        "input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 300,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200}}})
+    assert (u.cache_write_tokens, u.cache_write_1h_tokens) == (100, 200)
+    price = Price.from_usd_per_1m(3.0, 15.0, 0.3, 3.75)
+    assert price.cost_nusd(u) == 10 * 3000 + 5 * 15000 + 100 * 3750 + 200 * 6000
+
+
 def test_gemini_usage_bills_thoughts_as_output():
     u = usage_of("gemini", {"usageMetadata": {
         "promptTokenCount": 100, "cachedContentTokenCount": 60, "candidatesTokenCount": 20,

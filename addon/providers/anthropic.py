@@ -16,7 +16,8 @@ ANTHROPIC_ERROR_TYPES = {
 
 class AnthropicMeter(UsageMeter):
     """Input and cache counts from `message_start` (or a whole message); output from the latest
-    `message_delta`, whose counts are cumulative: the latest wins, nothing is summed."""
+    `message_delta`, whose counts are cumulative: the latest wins, nothing is summed. Cache
+    writes are split by TTL (`cache_creation`), since 1-hour writes cost more."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,15 +43,21 @@ class AnthropicMeter(UsageMeter):
         ):
             if usage.get(name) is not None:
                 self._counts[name] = as_int(usage[name])
+        by_ttl = usage.get("cache_creation")
+        if isinstance(by_ttl, dict) and by_ttl.get("ephemeral_1h_input_tokens") is not None:
+            self._counts["cache_write_1h"] = as_int(by_ttl["ephemeral_1h_input_tokens"])
 
     def usage(self) -> Usage | None:
         if not self._counts:
             return None
         c = self._counts
+        writes = c.get("cache_creation_input_tokens", 0)
+        writes_1h = min(writes, c.get("cache_write_1h", 0))
         return Usage(
             input_tokens=c.get("input_tokens", 0),
             cached_input_tokens=c.get("cache_read_input_tokens", 0),
-            cache_write_tokens=c.get("cache_creation_input_tokens", 0),
+            cache_write_tokens=writes - writes_1h,
+            cache_write_1h_tokens=writes_1h,
             output_tokens=c.get("output_tokens", 0),
             model=self.model,
         )

@@ -14,7 +14,8 @@ class Usage:
 
     input_tokens: int = 0  # uncached input, billed at the input price
     cached_input_tokens: int = 0  # cached prompt tokens / cache reads
-    cache_write_tokens: int = 0  # Anthropic cache writes
+    cache_write_tokens: int = 0  # Anthropic cache writes (5-minute TTL)
+    cache_write_1h_tokens: int = 0  # Anthropic cache writes with a 1-hour TTL
     output_tokens: int = 0  # reasoning/thinking tokens included
     reasoning_tokens: int = 0  # informational: already inside output_tokens
     model: str | None = None
