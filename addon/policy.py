@@ -55,6 +55,9 @@ class BudgetDecision:
     levels: tuple[LevelUsage, ...]
     denial: Denial | None = None
 
+    def __bool__(self) -> bool:
+        return self.allowed
+
     def binding(self) -> LevelUsage | None:
         """The limited level with the least room: the one the client should hear about."""
         limited = [lv for lv in self.levels if lv.limit_nusd is not None]

@@ -10,6 +10,7 @@ nothing: the OS page cache holds the pages); `flush()` syncs, and callers run it
 what an OS crash can lose.
 """
 
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
@@ -47,6 +48,7 @@ _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 LEVELS = ("key", "user", "org")
+RESOLVE_CACHE_SIZE = 200_000
 
 
 class StoreError(Exception):
@@ -71,7 +73,9 @@ def _enc(key: str) -> bytes:
 class _Env:
     """One LMDB environment with named databases; retries MapFull (grows) and MapResized."""
 
-    def __init__(self, path: Path, dbs: Iterable[str], *, map_size: int, sync: bool) -> None:
+    def __init__(
+        self, path: Path, dbs: Iterable[str], *, map_size: int, sync: bool, writemap: bool = False
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(path),
@@ -82,6 +86,7 @@ class _Env:
             metasync=sync,
             readahead=False,
             lock=True,
+            writemap=writemap,
         )
         self.env.reader_check()  # slots left by killed processes
         self.dbs = {}
@@ -135,8 +140,9 @@ class Identity:
     org_quota: QuotaRecord | None
 
 
-@dataclass(frozen=True, slots=True)
-class Counter:
+class Counter(NamedTuple):
+    """A level's monthly totals in the ledger."""
+
     used_nusd: int = 0
     reserved_nusd: int = 0
     requests: int = 0
@@ -144,15 +150,16 @@ class Counter:
 
     @classmethod
     def unpack(cls, raw: bytes | None) -> "Counter":
-        return cls(*_COUNTER.unpack(raw)) if raw else cls()
+        return cls._make(_COUNTER.unpack(raw)) if raw else _ZERO
 
-    def pack(self) -> bytes:
-        return _COUNTER.pack(self.used_nusd, self.reserved_nusd, self.requests, self.updated_ms)
+
+_ZERO = Counter()
 
 
 Level = tuple[str, str]  # ("key" | "user" | "org", id)
 
 
+@functools.lru_cache(maxsize=100_000)
 def _counter_key(month: str, level: Level) -> bytes:
     return _enc(f"{month}|{level[0]}|{level[1]}")
 
@@ -164,6 +171,8 @@ class Records:
         self._env = env
         self._db = env.dbs["records"]
         self._meta = env.dbs["meta"]
+        self._cache: dict[str, Identity] = {}
+        self._cache_txnid = -1
 
     def get(self, key: str) -> bytes | None:
         return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
@@ -173,31 +182,49 @@ class Records:
         return None if raw is None else json.loads(raw)
 
     def resolve(self, key_hash: str) -> Identity:
-        """Look up a presented key's hash, its user and its org in one read transaction."""
+        """Look up a presented key's hash, its user and its org in one read transaction.
+
+        Answers are cached until the records change: any committed write (an admin command, a
+        sync pass) moves the environment's transaction id and empties the cache, so a
+        revocation is seen by the next request."""
 
         def lookup(txn: lmdb.Transaction) -> Identity:
+            txnid = txn.id()
+            if txnid != self._cache_txnid:
+                self._cache.clear()
+                self._cache_txnid = txnid
+            else:
+                hit = self._cache.get(key_hash)
+                if hit is not None:
+                    return hit
+
             def get(k: str) -> bytes | None:
                 return txn.get(k.encode(), db=self._db)
 
             raw_key = get(apikey_key(key_hash))
             if raw_key is None:
-                return Identity(key_hash, None, None, None, None, None)
-            key = ApiKey.parse(key_hash, raw_key)
-            raw_user = get(user_config_key(key.user_id))
-            user = User.parse(key.user_id, raw_user) if raw_user is not None else None
-            org_id = key.org_id or (user.org_id if user else None)
-            raw_org = get(org_config_key(org_id)) if org_id else None
-            org = Org.parse(org_id, raw_org) if raw_org is not None else None
-            user_quota = get(user_quota_key(key.user_id))
-            org_quota = get(org_quota_key(org_id)) if org_id else None
-            return Identity(
-                key_hash,
-                key,
-                user,
-                org,
-                QuotaRecord.parse(user_quota) if user_quota else None,
-                QuotaRecord.parse(org_quota) if org_quota else None,
-            )
+                identity = Identity(key_hash, None, None, None, None, None)
+            else:
+                key = ApiKey.parse(key_hash, raw_key)
+                raw_user = get(user_config_key(key.user_id))
+                user = User.parse(key.user_id, raw_user) if raw_user is not None else None
+                org_id = key.org_id or (user.org_id if user else None)
+                raw_org = get(org_config_key(org_id)) if org_id else None
+                org = Org.parse(org_id, raw_org) if raw_org is not None else None
+                user_quota = get(user_quota_key(key.user_id))
+                org_quota = get(org_quota_key(org_id)) if org_id else None
+                identity = Identity(
+                    key_hash,
+                    key,
+                    user,
+                    org,
+                    QuotaRecord.parse(user_quota) if user_quota else None,
+                    QuotaRecord.parse(org_quota) if org_quota else None,
+                )
+            if len(self._cache) >= RESOLVE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key_hash] = identity
+            return identity
 
         try:
             return self._env.read(lookup)
@@ -266,6 +293,31 @@ class Records:
         self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
 
 
+def _reservation(amount: int, created_ms: int, pid: int, host: str, keys: list[bytes]) -> bytes:
+    """A reservation, compact: amount, time and owner, then the counters it holds."""
+    head = f"{amount}|{created_ms}|{pid}|{host}".encode()
+    return b"\x1f".join([head, *keys])
+
+
+def _parse_reservation(raw: bytes) -> tuple[int, int, int, str, list[bytes]]:
+    head, *keys = raw.split(b"\x1f")
+    amount, created, pid, host = head.decode().split("|", 3)
+    return int(amount), int(created), int(pid), host, keys
+
+
+def _reservation_record(raw: bytes) -> dict:
+    amount, created, pid, host, keys = _parse_reservation(raw)
+    levels = [k.decode().split("|", 2) for k in keys]
+    return {
+        "amount_nusd": amount,
+        "created_ms": created,
+        "pid": pid,
+        "host": host,
+        "month": levels[0][0] if levels else None,
+        "levels": [[lv[1], lv[2]] for lv in levels],
+    }
+
+
 class Ledger:
     """Monthly usage counters per key, user and org; reservations for requests in flight; the
     per-request usage log; and the fail-open grace ledger."""
@@ -295,25 +347,23 @@ class Ledger:
         owner: dict | None = None,
     ) -> T:
         """Read the levels' counters and call `admit(counters)` inside one write transaction; if
-        it returns a truthy decision whose `allowed` is true, add `amount_nusd` to each level's
-        reserved total and record the reservation. Atomic across processes sharing the store."""
+        the decision it returns is truthy, add `amount_nusd` to each level's reserved total and
+        record the reservation. Atomic across processes sharing the store."""
         keys = [_counter_key(month, level) for level in levels]
         rid = _enc(reservation_id)
+        pid = (owner or {}).get("pid", 0)
+        host = (owner or {}).get("host", "")
 
         def apply(txn: lmdb.Transaction) -> T:
-            counters = [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
+            get, put = txn.get, txn.put
+            usage = self._usage
+            counters = [Counter.unpack(get(k, db=usage)) for k in keys]
             decision = admit(counters)
-            if getattr(decision, "allowed", False):
+            if decision:
                 now = _now_ms()
                 for k, c in zip(keys, counters, strict=True):
-                    txn.put(
-                        k,
-                        Counter(c.used_nusd, c.reserved_nusd + amount_nusd, c.requests, now).pack(),
-                        db=self._usage,
-                    )
-                record = {"levels": levels, "month": month, "amount_nusd": amount_nusd,
-                          "created_ms": now, **(owner or {})}
-                txn.put(rid, json.dumps(record).encode(), db=self._reservations)
+                    put(k, _COUNTER.pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
+                put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
             return decision
 
         return self._env.write(apply)
@@ -329,30 +379,30 @@ class Ledger:
         """Release a reservation (if still held) and add the real cost and one request to each
         level, in one transaction. Returns the levels' counters after the write."""
         keys = [_counter_key(month, level) for level in levels]
+        entry = None
+        if log_entry is not None:
+            entry = json.dumps(log_entry, separators=(",", ":")).encode()
 
         def apply(txn: lmdb.Transaction) -> list[Counter]:
+            get, put = txn.get, txn.put
+            usage = self._usage
             released = 0
             if reservation_id is not None:
                 rid = _enc(reservation_id)
-                raw = txn.get(rid, db=self._reservations)
+                raw = get(rid, db=self._reservations)
                 if raw is not None:
-                    released = int(json.loads(raw)["amount_nusd"])
+                    released = _parse_reservation(raw)[0]
                     txn.delete(rid, db=self._reservations)
             now = _now_ms()
             after = []
             for k in keys:
-                c = Counter.unpack(txn.get(k, db=self._usage))
-                new = Counter(
-                    c.used_nusd + cost_nusd,
-                    max(0, c.reserved_nusd - released),
-                    c.requests + 1,
-                    now,
-                )
-                txn.put(k, new.pack(), db=self._usage)
+                c = Counter.unpack(get(k, db=usage))
+                new = Counter(c[0] + cost_nusd, max(0, c[1] - released), c[2] + 1, now)
+                put(k, _COUNTER.pack(*new), db=usage)
                 after.append(new)
-            if log_entry is not None:
-                entry_key = _enc(f"{time.time_ns():020d}|{reservation_id or os.urandom(6).hex()}")
-                txn.put(entry_key, json.dumps(log_entry).encode(), db=self._log)
+            if entry is not None:
+                suffix = reservation_id or os.urandom(6).hex()
+                put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
             return after
 
         return self._env.write(apply)
@@ -365,43 +415,37 @@ class Ledger:
             raw = txn.get(rid, db=self._reservations)
             if raw is None:
                 return False
-            self._unreserve(txn, json.loads(raw))
+            self._unreserve(txn, raw)
             txn.delete(rid, db=self._reservations)
             return True
 
         return self._env.write(apply)
 
-    def _unreserve(self, txn: lmdb.Transaction, record: dict) -> None:
-        amount = int(record["amount_nusd"])
-        for level in record["levels"]:
-            k = _counter_key(record["month"], tuple(level))
+    def _unreserve(self, txn: lmdb.Transaction, raw: bytes) -> None:
+        amount, _, _, _, keys = _parse_reservation(raw)
+        for k in keys:
             c = Counter.unpack(txn.get(k, db=self._usage))
-            txn.put(
-                k,
-                Counter(c.used_nusd, max(0, c.reserved_nusd - amount), c.requests,
-                        c.updated_ms).pack(),
-                db=self._usage,
-            )
+            txn.put(k, _COUNTER.pack(c[0], max(0, c[1] - amount), c[2], c[3]), db=self._usage)
 
     def release_stale(self, is_stale: Callable[[dict], bool]) -> int:
         """Release every reservation for which `is_stale(record)` holds (left by a crash)."""
 
         def apply(txn: lmdb.Transaction) -> int:
-            stale = []
-            for k, v in txn.cursor(db=self._reservations):
-                record = json.loads(v)
-                if is_stale(record):
-                    stale.append((k, record))
-            for k, record in stale:
-                self._unreserve(txn, record)
+            stale = [
+                (k, v) for k, v in txn.cursor(db=self._reservations)
+                if is_stale(_reservation_record(v))
+            ]
+            for k, v in stale:
+                self._unreserve(txn, v)
                 txn.delete(k, db=self._reservations)
             return len(stale)
 
         return self._env.write(apply)
 
     def reservations(self) -> list[dict]:
+        """The reservations held by requests in flight."""
         return self._env.read(
-            lambda txn: [json.loads(v) for _, v in txn.cursor(db=self._reservations)]
+            lambda txn: [_reservation_record(v) for _, v in txn.cursor(db=self._reservations)]
         )
 
     def reset(self, level: Level, month: str) -> Counter:
@@ -410,7 +454,7 @@ class Ledger:
 
         def apply(txn: lmdb.Transaction) -> Counter:
             before = Counter.unpack(txn.get(k, db=self._usage))
-            txn.put(k, Counter(0, before.reserved_nusd, 0, _now_ms()).pack(), db=self._usage)
+            txn.put(k, _COUNTER.pack(0, before.reserved_nusd, 0, _now_ms()), db=self._usage)
             return before
 
         return self._env.write(apply)
@@ -492,6 +536,9 @@ class Store:
                 ("usage", "reservations", "requests", "grace", "meta"),
                 map_size=map_size,
                 sync=False,
+                # Writes go straight into the shared map: a small commit costs ~4 us instead
+                # of ~10 us, and a killed process still loses nothing (the pages are the OS's).
+                writemap=True,
             )
         except lmdb.Error as exc:
             config_env.close()

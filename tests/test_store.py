@@ -15,6 +15,9 @@ from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 class Admit:
     allowed: bool
 
+    def __bool__(self) -> bool:
+        return self.allowed
+
 
 def always(counters):
     return Admit(True)
@@ -56,7 +59,7 @@ def test_reservations_hold_a_budget_across_processes(tmp_path):
         counter = store.ledger.counters([("org", "o")], "2026-11")[0]
     assert admitted == 10
     assert counter.used_nusd == 10 * cost and counter.requests == 10
-    assert counter.reserved_nusd == 0
+    assert counter.reserved_nusd == 0  # denied requests reserve nothing
 
 
 def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
