@@ -1,13 +1,15 @@
 """aigw: an AI egress gateway as a mitmproxy addon (`mitmdump -s addon/gateway.py`).
 
-One request, top to bottom: detect the provider -> extract the credential -> look up the key,
-user and org -> decide -> reserve the request's maximum cost -> forward with the org's real
-credential -> meter the provider's usage -> settle the reservation to the real cost.
+One request, top to bottom (`_admit`): detect the provider -> extract the credential -> look up
+the key, user and org -> decide -> reserve the request's maximum cost -> forward with the org's
+real credential. Then (`_settle`): meter the provider's usage -> settle the reservation to the
+real cost.
 """
 
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -17,16 +19,17 @@ from mitmproxy import ctx, exceptions, http
 from addon.config import GatewayConfig, Provider, load_config
 from addon.metering import StreamTap, estimate_tokens, parse_json, usage_from_body
 from addon.policy import (
-    BudgetDecision,
+    Budget,
     LevelUsage,
+    binding_level,
+    budgets_of,
     check_identity,
     decide_budgets,
-    level_usages,
     unauthorized,
 )
 from addon.providers import Denial, Usage
 from store import Store, StoreUnavailable
-from store.db import Flusher, Identity, Level
+from store.db import Counter, Flusher, Identity, Level
 from store.hashing import hash_key, looks_like_gateway_key
 from store.money import (
     day_of,
@@ -46,7 +49,17 @@ LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
 MAINTENANCE_INTERVAL_S = 30
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Account:
+    """What the request path derives from a key's records, kept while they do not change."""
+
+    identity: Identity
+    month: str
+    budgets: tuple[Budget, ...]
+    levels: list[Level]
+
+
+@dataclass(slots=True)
 class Flight:
     """A forwarded request the gateway must settle when its response ends or fails."""
 
@@ -54,14 +67,12 @@ class Flight:
     mode: str  # "metered" | "grace"
     model: str | None
     month: str
-    levels: list[Level]
     estimate_nusd: int
     input_tokens_estimate: int
-    key_id: str | None = None
-    user_id: str | None = None
+    account: Account | None = None
+    counters: list[Counter] | None = None  # the levels' counters when the request was admitted
     org_id: str | None = None
     grace_who: str | None = None
-    decision: BudgetDecision | None = None
     injected_usage: bool = False  # the gateway asked for stream usage the client did not
     tap: StreamTap | None = None
     started: float = field(default_factory=time.time)
@@ -73,11 +84,15 @@ class Gateway:
         self.store: Store | None = None
         self._flusher: Flusher | None = None
         self._flights: dict[str, Flight] = {}
+        self._accounts: dict[str, Account] = {}
+        self._providers_by_host: dict[str, Provider | None] = {}
         self._unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
         self._grace_memory: dict[tuple[str, str], int] = {}  # when even the ledger is down
         self._derived_allow_hosts: list[str] | None = None
         self._maintenance: asyncio.Task | None = None
-        self._owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        # Reservations name their owner, so a restarted gateway can release a crashed one's.
+        self._instance = secrets.token_hex(4)
+        self._owner = {"pid": os.getpid(), "host": f"{socket.gethostname()}/{self._instance}"}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -97,7 +112,10 @@ class Gateway:
                 raise exceptions.OptionsError(str(exc)) from None
             self._close_store()
             self.config = config
+            self._providers_by_host.clear()
+            self._accounts.clear()
             self._open_store()
+        # Intercept only the providers' hosts; everything else is tunnelled untouched.
         if self.config is not None and (
             not ctx.options.allow_hosts and not ctx.options.ignore_hosts
             or ctx.options.allow_hosts == self._derived_allow_hosts
@@ -147,32 +165,62 @@ class Gateway:
 
     # --- the request path --------------------------------------------------------------------
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
+        """Synchronous for ordinary bodies; a large body is parsed off the event loop (mitmproxy
+        awaits the coroutine returned then)."""
         if flow.response or flow.error or not flow.live or self.config is None:
-            return
-        provider = self.config.provider_for(flow.request.host)
+            return None
+        provider = self._provider(flow.request.host)
         if provider is None:
-            return
+            return None
+        raw = _request_body(flow.request)
+        if len(raw) > LARGE_BODY:
+            return self._decide_large(flow, provider, raw)
+        self._decide(flow, provider, raw, parse_json(raw))
+        return None
+
+    async def _decide_large(self, flow: http.HTTPFlow, provider: Provider, raw: bytes) -> None:
+        self._decide(flow, provider, raw, await asyncio.to_thread(parse_json, raw))
+
+    def _provider(self, host: str) -> Provider | None:
         try:
-            await self._admit(flow, provider)
+            return self._providers_by_host[host]
+        except KeyError:
+            assert self.config is not None
+            provider = self.config.provider_for(host)
+            if len(self._providers_by_host) < 10_000:
+                self._providers_by_host[host] = provider
+            return provider
+
+    def _decide(self, flow: http.HTTPFlow, provider: Provider, raw: bytes, body) -> None:
+        known: dict = {}  # what _admit learnt before failing, for the failure mode
+        try:
+            self._admit(flow, provider, raw, body, known)
         except Exception as exc:  # never let mitmproxy forward a flow we failed to decide
             log.exception("aigw: request decision failed")
-            self._unavailable(flow, provider, None, f"internal error: {type(exc).__name__}")
+            self._flights.pop(flow.id, None)
+            if known.get("reserved") and self.store is not None:
+                try:
+                    self.store.ledger.release(flow.id)
+                except Exception:
+                    log.exception("aigw: could not release the reservation of a failed request")
+            flow.response = None
+            self._unavailable(flow, provider, known.get("org"), f"internal error: {exc!r}")
 
-    async def _admit(self, flow: http.HTTPFlow, provider: Provider) -> None:
+    def _admit(
+        self, flow: http.HTTPFlow, provider: Provider, raw: bytes, body, known: dict
+    ) -> None:
+        assert self.config is not None
         request, adapter = flow.request, provider.adapter
         credential = adapter.credential(request)
         if credential is None:
             return self._deny(flow, provider, unauthorized("No API key provided."))
-        raw = _request_body(request)
-        body = await asyncio.to_thread(parse_json, raw) if len(raw) > LARGE_BODY else parse_json(
-            raw
-        )
         model = adapter.model(request, body)
         if self.store is None:
             return self._unavailable(flow, provider, None, "store unavailable", credential)
+        key_hash = self.store.hash(credential)
         try:
-            identity = self.store.records.resolve(self.store.hash(credential))
+            identity = self.store.records.resolve(key_hash)
         except StoreUnavailable as exc:
             return self._unavailable(flow, provider, None, str(exc), credential)
         if identity.key is None and not looks_like_gateway_key(credential):
@@ -182,40 +230,39 @@ class Gateway:
         denial = check_identity(identity, model)
         if denial is not None:
             return self._deny(flow, provider, denial)
-        if identity.org is None:
+        org = known["org"] = identity.org
+        if org is None:
             return self._unavailable(flow, provider, None, "organization record missing")
 
         now = utc_now()
-        month = month_of(now)
+        account = self._account(key_hash, identity, month_of(now))
         input_tokens = estimate_tokens(len(raw))
         max_output = adapter.max_output_tokens(request, body)
-        price = self.config.pricing.price(model)
-        estimate = price.cost_nusd(
+        estimate = self.config.pricing.price(model).cost_nusd(
             Usage(
                 input_tokens=input_tokens,
                 output_tokens=max_output or self.config.policy.default_max_output_tokens,
             )
         )
-        levels, limits = _levels(identity)
+        seen: list[list[Counter]] = []
 
-        def admit(counters) -> BudgetDecision:
-            return decide_budgets(
-                level_usages(identity, counters, month, limits), now, month, estimate
-            )
+        def refuse(counters: list[Counter]) -> Denial | None:
+            seen.append(counters)
+            return decide_budgets(account.budgets, counters, estimate, now, account.month)
 
         try:
-            decision = self.store.ledger.reserve(
-                flow.id, levels, month, estimate, admit, owner=self._owner
+            denial = self.store.ledger.reserve(
+                flow.id, account.levels, account.month, estimate, refuse, owner=self._owner
             )
         except StoreUnavailable as exc:
-            return self._unavailable(flow, provider, identity.org, str(exc), credential)
-        if not decision.allowed:
-            assert decision.denial is not None
-            return self._deny(flow, provider, decision.denial, decision)
+            return self._unavailable(flow, provider, org, str(exc), credential)
+        if denial is not None:
+            return self._deny(flow, provider, denial, binding_level(account.budgets, seen[-1]))
+        known["reserved"] = True
 
-        secret = credential if identity.key.passthrough else _provider_secret(
-            provider, identity.org
-        )
+        key = identity.key
+        assert key is not None
+        secret = credential if key.passthrough else _provider_secret(provider, org)
         if secret is None:
             self.store.ledger.release(flow.id)
             return self._deny(flow, provider, _no_credential(provider))
@@ -227,25 +274,33 @@ class Gateway:
             provider=provider,
             mode="metered",
             model=model,
-            month=month,
-            levels=levels,
+            month=account.month,
             estimate_nusd=estimate,
             input_tokens_estimate=input_tokens,
-            key_id=identity.key.key_id,
-            user_id=identity.key.user_id,
-            org_id=identity.org.org_id,
-            decision=decision,
+            account=account,
+            counters=seen[-1],
+            org_id=org.org_id,
             injected_usage=injected,
         )
         flow.metadata["aigw"] = {
             "decision": "allowed",
-            "key_id": identity.key.key_id,
-            "user_id": identity.key.user_id,
-            "org_id": identity.org.org_id,
+            "key_id": key.key_id,
+            "user_id": key.user_id,
+            "org_id": org.org_id,
             "model": model,
             "reserved_usd": to_usd(estimate),
         }
         return None
+
+    def _account(self, key_hash: str, identity: Identity, month: str) -> Account:
+        account = self._accounts.get(key_hash)
+        if account is None or account.identity is not identity or account.month != month:
+            budgets = budgets_of(identity, month)
+            account = Account(identity, month, budgets, [b.ledger_level for b in budgets])
+            if len(self._accounts) >= 200_000:
+                self._accounts.clear()
+            self._accounts[key_hash] = account
+        return account
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self._flights.get(flow.id)
@@ -270,43 +325,57 @@ class Gateway:
                 response.headers.pop("content-length", None)
             flight.tap = tap
             response.stream = tap
-            if flight.decision is not None:
-                _usage_headers(response, flight.decision.binding(), None)
+            if flight.account is not None and flight.counters is not None:
+                _usage_headers(response, binding_level(flight.account.budgets, flight.counters))
         except Exception:
             log.exception("aigw: could not tap the stream; it will be charged an estimate")
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow):
         flight = self._flights.pop(flow.id, None)
         if flight is None:
-            return
-        try:
-            await self._settle(flow, flight)
-        except Exception:
-            log.exception("aigw: settling failed; charging the reserved estimate")
-            self._record(flight, flight.estimate_nusd, estimated=True, usage=None, flow=flow)
+            return None
+        response = flow.response
+        if flight.tap is None and response is not None and len(response.raw_content or b"") > (
+            LARGE_BODY
+        ):
+            return self._settle_large(flow, flight)
+        self._settle(flow, flight, None)
+        return None
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        await self.response(flow)
+    def error(self, flow: http.HTTPFlow):
+        return self.response(flow)
 
     # --- settling ---------------------------------------------------------------------------
 
-    async def _settle(self, flow: http.HTTPFlow, flight: Flight) -> None:
-        adapter = flight.provider.adapter
+    async def _settle_large(self, flow: http.HTTPFlow, flight: Flight) -> None:
+        assert flow.response is not None
+        try:
+            usage = await asyncio.to_thread(
+                usage_from_body, flight.provider.adapter, flow.response
+            )
+        except Exception:
+            log.exception("aigw: reading usage failed; charging an estimate")
+            usage = None
+        self._settle(flow, flight, usage or False)
+
+    def _settle(self, flow: http.HTTPFlow, flight: Flight, usage: Usage | None | bool) -> None:
+        """Meter and charge; never raises (a failure charges the reserved estimate)."""
         response = flow.response
-        usage: Usage | None = None
-        if flight.tap is not None:
-            usage = flight.tap.usage()
-        elif response is not None and response.raw_content is not None:
-            if len(response.raw_content) > LARGE_BODY:
-                usage = await asyncio.to_thread(usage_from_body, adapter, response)
-            else:
-                usage = usage_from_body(adapter, response)
-        estimated = usage is None
-        if usage is None:
-            usage = self._estimate_usage(flow, flight)
-        price = self.config.pricing.price(usage.model or flight.model) if self.config else None
-        cost = price.cost_nusd(usage) if price is not None else flight.estimate_nusd
-        after = self._record(flight, cost, estimated=estimated, usage=usage, flow=flow)
+        try:
+            if usage is None:
+                if flight.tap is not None:
+                    usage = flight.tap.usage()
+                elif response is not None and response.raw_content is not None:
+                    usage = usage_from_body(flight.provider.adapter, response)
+            estimated = not usage
+            if not usage:
+                usage = self._estimate_usage(flow, flight)
+            assert self.config is not None and isinstance(usage, Usage)
+            cost = self.config.pricing.price(usage.model or flight.model).cost_nusd(usage)
+        except Exception:
+            log.exception("aigw: metering failed; charging the reserved estimate")
+            usage, cost, estimated = None, flight.estimate_nusd, True
+        after = self._record(flow, flight, cost, estimated, usage)
         if response is not None and flight.tap is None and after is not None:
             _usage_headers(response, after, cost)
 
@@ -329,15 +398,17 @@ class Gateway:
         )
 
     def _record(
-        self, flight: Flight, cost: int, *, estimated: bool, usage: Usage | None, flow
+        self, flow: http.HTTPFlow, flight: Flight, cost: int, estimated: bool, usage: Usage | None
     ) -> LevelUsage | None:
-        """Write the request's cost to the ledger (or the grace ledger); never raises."""
+        """Write the request's cost to the ledger (or the grace ledger); never raises. Returns
+        the binding level after the write, for the response headers."""
+        key = flight.account.identity.key if flight.account else None
         entry = {
             "at": round(flight.started, 3),
             "provider": flight.provider.name,
             "model": (usage.model if usage and usage.model else flight.model),
-            "key_id": flight.key_id,
-            "user_id": flight.user_id,
+            "key_id": key.key_id if key else None,
+            "user_id": key.user_id if key else None,
             "org_id": flight.org_id,
             "mode": flight.mode,
             "status": flow.response.status_code if flow.response else None,
@@ -356,20 +427,18 @@ class Gateway:
         flow.metadata.setdefault("aigw", {}).update(
             {"cost_usd": to_usd(cost), "estimated": estimated}
         )
-        if flight.mode == "grace":
+        if flight.mode == "grace" or flight.account is None:
             self._grace_charge(flight, cost, entry)
             return None
+        levels = flight.account.levels
         try:
             assert self.store is not None
-            counters = self.store.ledger.settle(flow.id, flight.levels, flight.month, cost, entry)
+            counters = self.store.ledger.settle(flow.id, levels, flight.month, cost, entry)
         except Exception as exc:
             log.error("aigw: ledger write failed (%s); will retry: %s", exc, entry)
-            self._unsettled.append((flow.id, flight.levels, flight.month, cost, entry))
+            self._unsettled.append((flow.id, levels, flight.month, cost, entry))
             return None
-        if flight.decision is None:
-            return None
-        updated = [lv.updated(c) for lv, c in zip(flight.decision.levels, counters, strict=True)]
-        return BudgetDecision(True, tuple(updated)).binding()
+        return binding_level(flight.account.budgets, counters)
 
     # --- denials and failure modes --------------------------------------------------------
 
@@ -378,11 +447,10 @@ class Gateway:
         flow: http.HTTPFlow,
         provider: Provider,
         denial: Denial,
-        decision: BudgetDecision | None = None,
+        level: LevelUsage | None = None,
     ) -> None:
         flow.response = provider.adapter.deny(denial)
-        if decision is not None:
-            _usage_headers(flow.response, decision.binding(), None)
+        _usage_headers(flow.response, level)
         flow.metadata["aigw"] = {"decision": "denied", "status": denial.status,
                                  "error": denial.error_type}
         log.info("aigw: denied %s %s: %s", flow.request.host, denial.status, denial.error_type)
@@ -418,8 +486,7 @@ class Gateway:
         )
         now = utc_now()
         who = f"key:{hash_key(credential)[:16]}"
-        used = self._grace_used(day_of(now), who)
-        if used >= limit:
+        if self._grace_used(day_of(now), who) >= limit:
             return self._deny(
                 flow,
                 provider,
@@ -438,15 +505,14 @@ class Gateway:
         if secret is None:
             return self._deny(flow, provider, _no_credential(provider))
         provider.adapter.set_credential(flow.request, secret)
-        model = provider.adapter.model(flow.request, parse_json(_request_body(flow.request)))
+        body = _request_body(flow.request)
         self._flights[flow.id] = Flight(
             provider=provider,
             mode="grace",
-            model=model,
+            model=provider.adapter.model(flow.request, parse_json(body)),
             month=month_of(now),
-            levels=[],
             estimate_nusd=0,
-            input_tokens_estimate=estimate_tokens(len(flow.request.raw_content or b"")),
+            input_tokens_estimate=estimate_tokens(len(body)),
             org_id=org.org_id if org else None,
             grace_who=who,
         )
@@ -496,38 +562,35 @@ class Gateway:
                 self._unsettled.append((reservation_id, levels, month, cost, entry))
 
     def _release_stale(self) -> int:
+        """Release reservations left by crashed gateways on this host (at once) and any older
+        than the configured timeout."""
         if self.store is None or self.config is None:
             return 0
         timeout_ms = self.config.policy.reservation_timeout_s * 1000
         now_ms = int(time.time() * 1000)
-        host = self._owner["host"]
+        mine = self._owner["host"]
+        hostname = mine.split("/")[0]
 
         def is_stale(record: dict) -> bool:
             if now_ms - int(record.get("created_ms", 0)) > timeout_ms:
                 return True
-            if record.get("host") == host and record.get("pid") == os.getpid():
-                return False  # ours: settled by our own hooks
-            return record.get("host") == host and not _pid_alive(record.get("pid"))
+            owner = str(record.get("host", ""))
+            if owner == mine or owner.split("/")[0] != hostname:
+                return False  # ours (settled by our hooks), or another host's: wait for timeout
+            pid = record.get("pid")
+            return pid == os.getpid() or not _pid_alive(pid)  # a reused pid is a restart
 
         return self.store.ledger.release_stale(is_stale)
 
 
 def _request_body(request: http.Request) -> bytes:
     """The request body, decoded if the client compressed it."""
+    if not request.headers.get("content-encoding"):
+        return request.raw_content or b""
     try:
         return request.get_content(strict=False) or b""
     except ValueError:
         return request.raw_content or b""
-
-
-def _levels(identity: Identity) -> tuple[list[Level], list[int | None]]:
-    assert identity.key is not None and identity.user is not None
-    levels: list[Level] = [("key", identity.key.key_id), ("user", identity.user.user_id)]
-    limits = [identity.key.monthly_limit_usd, identity.user.monthly_limit_usd]
-    if identity.org is not None:
-        levels.append(("org", identity.org.org_id))
-        limits.append(identity.org.monthly_budget_usd)
-    return levels, [None if v is None else from_usd(v) for v in limits]
 
 
 def _provider_secret(provider: Provider, org: Org | None) -> str | None:
@@ -562,20 +625,27 @@ def _pid_alive(pid) -> bool:
     return True
 
 
-def _usage_headers(response: http.Response, level: LevelUsage | None, cost: int | None) -> None:
+def _usage_headers(
+    response: http.Response, level: LevelUsage | None, cost: int | None = None
+) -> None:
+    """The Workers gateway's x-gateway-* headers, for the level with the least room left."""
     if level is None:
         return
-    month = month_of(utc_now())
-    headers = response.headers
-    headers["x-gateway-usage-usd"] = usd_text(level.used_nusd)
+    fields = [
+        (b"x-gateway-usage-usd", usd_text(level.used_nusd)),
+        (b"x-gateway-limit-level", level.level),
+        (b"x-gateway-request-count", str(level.requests)),
+        (b"x-gateway-current-month", month_of(utc_now())),
+    ]
     if level.limit_nusd is not None:
-        headers["x-gateway-limit-usd"] = usd_text(level.limit_nusd)
-        headers["x-gateway-remaining-usd"] = usd_text(level.remaining_nusd or 0)
-    headers["x-gateway-limit-level"] = level.level
-    headers["x-gateway-request-count"] = str(level.requests)
-    headers["x-gateway-current-month"] = month
+        fields.append((b"x-gateway-limit-usd", usd_text(level.limit_nusd)))
+        fields.append((b"x-gateway-remaining-usd", usd_text(level.remaining_nusd or 0)))
     if cost is not None:
-        headers["x-gateway-cost-usd"] = usd_text(cost)
+        fields.append((b"x-gateway-cost-usd", usd_text(cost)))
+    # One assignment: mitmproxy rebuilds the header list on every single set.
+    response.headers.fields = response.headers.fields + tuple(
+        (name, value.encode()) for name, value in fields
+    )
 
 
 addons = [Gateway()]

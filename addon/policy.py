@@ -1,11 +1,12 @@
 """The decision, pure: records and usage in, allow or a denial out. No I/O, no mitmproxy."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from addon.providers.base import Denial
-from store.db import Counter, Identity
-from store.money import seconds_to_month_end, to_usd
+from store.db import Counter, Identity, Level
+from store.money import from_usd, seconds_to_month_end, to_usd
 
 QUOTA_ERROR_TYPES = {
     "key": "key_quota_exceeded",
@@ -17,30 +18,41 @@ BUSY_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True, slots=True)
-class LevelUsage:
-    """One budget level for this month: its limit and what is spent and reserved against it."""
+class Budget:
+    """A level a request is charged to (key, user, org): its monthly limit, and what the Workers
+    gateway itself already counted there this month (its replicated quota record)."""
 
-    level: str  # key | user | org
+    level: str
     id: str
     limit_nusd: int | None  # None: no limit at this level
-    used_nusd: int
-    reserved_nusd: int
-    requests: int
-    external_nusd: int = 0  # part of used_nusd: the Workers gateway's own totals
+    external_nusd: int = 0
     external_requests: int = 0
 
-    def updated(self, counter: Counter) -> "LevelUsage":
-        """This level after a ledger write that left `counter`."""
+    @property
+    def ledger_level(self) -> Level:
+        return (self.level, self.id)
+
+    def usage(self, counter: Counter) -> "LevelUsage":
         return LevelUsage(
             self.level,
             self.id,
             self.limit_nusd,
-            counter.used_nusd + self.external_nusd,
-            counter.reserved_nusd,
-            counter.requests + self.external_requests,
-            self.external_nusd,
-            self.external_requests,
+            counter[0] + self.external_nusd,
+            counter[1],
+            counter[2] + self.external_requests,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LevelUsage:
+    """One level for this month, for messages and headers: limit, spent, reserved."""
+
+    level: str
+    id: str
+    limit_nusd: int | None
+    used_nusd: int
+    reserved_nusd: int
+    requests: int
 
     @property
     def remaining_nusd(self) -> int | None:
@@ -49,19 +61,23 @@ class LevelUsage:
         return max(0, self.limit_nusd - self.used_nusd - self.reserved_nusd)
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetDecision:
-    allowed: bool
-    levels: tuple[LevelUsage, ...]
-    denial: Denial | None = None
+def budgets_of(identity: Identity, month: str) -> tuple[Budget, ...]:
+    """The levels of an authenticated request, key first."""
+    key, user, org = identity.key, identity.user, identity.org
+    assert key is not None and user is not None
+    user_ext = identity.user_quota.usage_in(month) if identity.user_quota else (0, 0)
+    budgets = [
+        Budget("key", key.key_id, _nusd(key.monthly_limit_usd)),
+        Budget("user", user.user_id, _nusd(user.monthly_limit_usd), *user_ext),
+    ]
+    if org is not None:
+        org_ext = identity.org_quota.usage_in(month) if identity.org_quota else (0, 0)
+        budgets.append(Budget("org", org.org_id, _nusd(org.monthly_budget_usd), *org_ext))
+    return tuple(budgets)
 
-    def __bool__(self) -> bool:
-        return self.allowed
 
-    def binding(self) -> LevelUsage | None:
-        """The limited level with the least room: the one the client should hear about."""
-        limited = [lv for lv in self.levels if lv.limit_nusd is not None]
-        return min(limited, key=lambda lv: lv.remaining_nusd, default=None)
+def _nusd(usd: float | None) -> int | None:
+    return None if usd is None else from_usd(usd)
 
 
 def unauthorized(message: str) -> Denial:
@@ -91,25 +107,43 @@ def check_identity(identity: Identity, model: str | None) -> Denial | None:
 
 
 def decide_budgets(
-    levels: list[LevelUsage], now: datetime, month: str, estimate_nusd: int
-) -> BudgetDecision:
-    """Admit a request at every level (key, user, org) unless:
-    - the level's usage has reached its monthly limit (final until the month ends), or
-    - other requests are in flight there and this one's maximum cost (`estimate_nusd`) does not
-      fit beside their reservations (transient: it may fit once they settle).
+    budgets: Sequence[Budget],
+    counters: Sequence[Counter],
+    estimate_nusd: int,
+    now: datetime,
+    month: str,
+) -> Denial | None:
+    """None to admit the request at every level, else the denial. Denied when:
+    - a level's usage has reached its monthly limit (final until the month ends), or
+    - other requests are in flight at a level and this one's maximum cost (`estimate_nusd`)
+      does not fit beside their reservations (transient: it may fit once they settle).
     A request alone at a level is admitted while usage is below the limit, as the Workers gateway
     did; in a burst only what fits gets in, so concurrency never multiplies the overshoot."""
-    for lv in levels:
-        if lv.limit_nusd is not None and lv.used_nusd >= lv.limit_nusd:
-            return BudgetDecision(False, tuple(levels), quota_denial(lv, now, month))
-    for lv in levels:
+    for budget, counter in zip(budgets, counters, strict=True):
+        limit = budget.limit_nusd
+        if limit is not None and counter[0] + budget.external_nusd >= limit:
+            return quota_denial(budget.usage(counter), now, month)
+    for budget, counter in zip(budgets, counters, strict=True):
+        limit = budget.limit_nusd
         if (
-            lv.limit_nusd is not None
-            and lv.reserved_nusd > 0
-            and lv.used_nusd + lv.reserved_nusd + estimate_nusd > lv.limit_nusd
+            limit is not None
+            and counter[1] > 0
+            and counter[0] + budget.external_nusd + counter[1] + estimate_nusd > limit
         ):
-            return BudgetDecision(False, tuple(levels), busy_denial(lv, month, estimate_nusd))
-    return BudgetDecision(True, tuple(levels))
+            return busy_denial(budget.usage(counter), month, estimate_nusd)
+    return None
+
+
+def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> LevelUsage | None:
+    """The limited level with the least room: the one the client should hear about."""
+    best: LevelUsage | None = None
+    for budget, counter in zip(budgets, counters, strict=True):
+        if budget.limit_nusd is None:
+            continue
+        usage = budget.usage(counter)
+        if best is None or (usage.remaining_nusd or 0) < (best.remaining_nusd or 0):
+            best = usage
+    return best
 
 
 def quota_denial(lv: LevelUsage, now: datetime, month: str) -> Denial:
@@ -156,33 +190,3 @@ def _details(lv: LevelUsage, month: str) -> dict:
         "remaining_usd": to_usd(lv.remaining_nusd or 0),
         "current_month": month,
     }
-
-
-def level_usages(
-    identity: Identity, counters: list[Counter], month: str, limits: list[int | None]
-) -> list[LevelUsage]:
-    """Combine ledger counters with the Workers gateway's own quota records (if replicated)."""
-    assert identity.key is not None and identity.user is not None
-    external = {
-        "user": identity.user_quota.usage_in(month) if identity.user_quota else (0, 0),
-        "org": identity.org_quota.usage_in(month) if identity.org_quota else (0, 0),
-    }
-    ids = [("key", identity.key.key_id), ("user", identity.user.user_id)]
-    if identity.org is not None:
-        ids.append(("org", identity.org.org_id))
-    out = []
-    for (level, level_id), counter, limit in zip(ids, counters, limits, strict=True):
-        extra_usd, extra_requests = external.get(level, (0, 0))
-        out.append(
-            LevelUsage(
-                level,
-                level_id,
-                limit,
-                counter.used_nusd + extra_usd,
-                counter.reserved_nusd,
-                counter.requests + extra_requests,
-                extra_usd,
-                extra_requests,
-            )
-        )
-    return out

@@ -342,29 +342,30 @@ class Ledger:
         levels: list[Level],
         month: str,
         amount_nusd: int,
-        admit: Callable[[list[Counter]], T],
+        refuse: Callable[[list[Counter]], T | None],
         *,
         owner: dict | None = None,
-    ) -> T:
-        """Read the levels' counters and call `admit(counters)` inside one write transaction; if
-        the decision it returns is truthy, add `amount_nusd` to each level's reserved total and
-        record the reservation. Atomic across processes sharing the store."""
+    ) -> T | None:
+        """Read the levels' counters and call `refuse(counters)` inside one write transaction;
+        unless it returns a reason to refuse, add `amount_nusd` to each level's reserved total and
+        record the reservation. Returns the reason, or None when reserved. Atomic across
+        processes sharing the store."""
         keys = [_counter_key(month, level) for level in levels]
         rid = _enc(reservation_id)
         pid = (owner or {}).get("pid", 0)
         host = (owner or {}).get("host", "")
 
-        def apply(txn: lmdb.Transaction) -> T:
+        def apply(txn: lmdb.Transaction) -> T | None:
             get, put = txn.get, txn.put
             usage = self._usage
             counters = [Counter.unpack(get(k, db=usage)) for k in keys]
-            decision = admit(counters)
-            if decision:
+            reason = refuse(counters)
+            if reason is None:
                 now = _now_ms()
                 for k, c in zip(keys, counters, strict=True):
                     put(k, _COUNTER.pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
-            return decision
+            return reason
 
         return self._env.write(apply)
 

@@ -29,8 +29,11 @@ pricing:
 """
 
 
-def run(coro):
-    return asyncio.run(coro)
+def run(result):
+    """Run a hook's result: mitmproxy awaits it when the hook returned a coroutine."""
+    if asyncio.iscoroutine(result):
+        return asyncio.run(result)
+    return result
 
 
 @pytest.fixture
@@ -441,13 +444,8 @@ def test_bad_config_names_the_file_and_key(tmp_path, text, needle):
 
 def test_crash_left_reservations_are_released(tmp_path):
     with Store(tmp_path / "s") as store:
-        def admit(counters):
-            class Allowed:
-                allowed = True
-            return Allowed()
-
-        store.ledger.reserve("r1", [("user", "u")], "2026-11", 5 * USD, admit,
-                             owner={"pid": 2**22 + 12345, "host": __import__("socket").gethostname()})
+        store.ledger.reserve("r1", [("user", "u")], "2026-11", 5 * USD, lambda counters: None,
+                             owner={"pid": 2**22 + 12345, "host": __import__("socket").gethostname() + "/x"})
     gw = Gateway()
     config = tmp_path / "mitm.yaml"
     config.write_text(f"store: {{path: {tmp_path / 's'}}}\n")
@@ -455,4 +453,41 @@ def test_crash_left_reservations_are_released(tmp_path):
         tctx.configure(gw, aigw_config=str(config))
         assert gw.store.ledger.reservations() == []
         assert gw.store.ledger.counters([("user", "u")], "2026-11")[0].reserved_nusd == 0
+        gw.done()
+
+
+def test_huge_bodies_are_read_off_the_event_loop(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    body = {"model": "gpt-4o", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    flow = chat_flow(s.api_key, body)
+    pending = gw.request(flow)
+    assert asyncio.iscoroutine(pending)  # not parsed on the event loop
+    run(pending)
+    assert flow.response is None and flow.metadata["aigw"]["model"] == "gpt-4o"
+    reply = json.loads(openai_response(prompt=500_000, completion=10).content)
+    reply["choices"][0]["message"]["content"] = "y" * 1_000_000
+    flow.response = tutils.tresp(content=json.dumps(reply).encode())
+    gw.responseheaders(flow)
+    settling = gw.response(flow)
+    assert asyncio.iscoroutine(settling)
+    run(settling)
+    assert usage(gw, "key", s.key_id).used_nusd == (500_000 * 2.5 + 10 * 10.0) * 1000
+
+
+def test_a_restarted_gateway_releases_its_crashed_predecessors_reservations(tmp_path):
+    """Same host and even the same pid (a container restart), but another instance."""
+    import os
+    import socket
+
+    with Store(tmp_path / "s") as store:
+        store.ledger.reserve("r1", [("user", "u")], "2026-11", 5 * USD, lambda counters: None,
+                             owner={"pid": os.getpid(), "host": f"{socket.gethostname()}/dead"})
+    gw = Gateway()
+    config = tmp_path / "mitm.yaml"
+    config.write_text(f"store: {{path: {tmp_path / 's'}}}\n")
+    with taddons.context(gw) as tctx:
+        tctx.configure(gw, aigw_config=str(config))
+        assert gw.store.ledger.reservations() == []
         gw.done()

@@ -2,7 +2,6 @@
 
 import json
 import multiprocessing
-from dataclasses import dataclass
 
 import pytest
 
@@ -11,16 +10,8 @@ from store.money import month_of, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 
 
-@dataclass
-class Admit:
-    allowed: bool
-
-    def __bool__(self) -> bool:
-        return self.allowed
-
-
-def always(counters):
-    return Admit(True)
+def never(counters):
+    return None  # no reason to refuse
 
 
 def _spend(path: str, worker: int, rounds: int, limit: int, cost: int, results) -> None:
@@ -29,11 +20,11 @@ def _spend(path: str, worker: int, rounds: int, limit: int, cost: int, results) 
         for i in range(rounds):
             rid = f"w{worker}-{i}"
 
-            def admit(counters):
+            def refuse(counters):
                 c = counters[0]
-                return Admit(c.used_nusd + c.reserved_nusd < limit)
+                return None if c.used_nusd + c.reserved_nusd < limit else "full"
 
-            if store.ledger.reserve(rid, [("org", "o")], "2026-11", cost, admit).allowed:
+            if store.ledger.reserve(rid, [("org", "o")], "2026-11", cost, refuse) is None:
                 admitted += 1
                 store.ledger.settle(rid, [("org", "o")], "2026-11", cost)
     results.put(admitted)
@@ -65,7 +56,7 @@ def test_reservations_hold_a_budget_across_processes(tmp_path):
 def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
     with Store(tmp_path / "s") as store:
         levels = [("key", "k"), ("user", "u"), ("org", "o")]
-        store.ledger.reserve("r", levels, "2026-11", 500, always)
+        store.ledger.reserve("r", levels, "2026-11", 500, never)
         assert [c.reserved_nusd for c in store.ledger.counters(levels, "2026-11")] == [500] * 3
         after = store.ledger.settle("r", levels, "2026-11", 123, {"note": "x"})
         assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [(123, 0, 1)] * 3

@@ -4,7 +4,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, bearer
+from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, bearer, header
 
 ANTHROPIC_ERROR_TYPES = {
     401: "authentication_error",
@@ -65,15 +65,11 @@ class AnthropicMeter(UsageMeter):
 
 class AnthropicAdapter(Adapter):
     kind = "anthropic"
-    credential_headers = ("x-api-key", "authorization")
+    credential_headers = (b"x-api-key", b"authorization")
+    credential_header = b"x-api-key"
 
     def credential(self, request: http.Request) -> str | None:
-        return request.headers.get("x-api-key") or bearer(request)
-
-    def set_credential(self, request: http.Request, secret: str) -> None:
-        for name in self.credential_headers:
-            request.headers.pop(name, None)
-        request.headers["x-api-key"] = secret
+        return header(request, b"x-api-key") or bearer(request)
 
     def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
         value = body.get("max_tokens") if isinstance(body, dict) else None

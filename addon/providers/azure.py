@@ -5,7 +5,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.providers.base import bearer
+from addon.providers.base import bearer, header
 from addon.providers.openai import OpenAIAdapter
 
 _DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
@@ -13,15 +13,12 @@ _DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 class AzureOpenAIAdapter(OpenAIAdapter):
     kind = "azure_openai"
-    credential_headers = ("api-key", "authorization")
+    credential_headers = (b"api-key", b"authorization")
+    credential_header = b"api-key"
+    credential_prefix = ""
 
     def credential(self, request: http.Request) -> str | None:
-        return request.headers.get("api-key") or bearer(request)
-
-    def set_credential(self, request: http.Request, secret: str) -> None:
-        for name in self.credential_headers:
-            request.headers.pop(name, None)
-        request.headers["api-key"] = secret
+        return header(request, b"api-key") or bearer(request)
 
     def model(self, request: http.Request, body: Any) -> str | None:
         match = _DEPLOYMENT.search(request.path)

@@ -5,7 +5,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, dig
+from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, dig, header
 
 _MODEL = re.compile(r"/models/([^/:]+):")
 
@@ -55,17 +55,19 @@ class GeminiMeter(UsageMeter):
 
 class GeminiAdapter(Adapter):
     kind = "gemini"
-    credential_headers = ("x-goog-api-key", "authorization")
+    credential_headers = (b"x-goog-api-key", b"authorization")
+    credential_header = b"x-goog-api-key"
 
     def credential(self, request: http.Request) -> str | None:
-        return request.headers.get("x-goog-api-key") or request.query.get("key") or None
+        found = header(request, b"x-goog-api-key")
+        if found:
+            return found
+        return request.query.get("key") if "key=" in request.path else None
 
     def set_credential(self, request: http.Request, secret: str) -> None:
-        for name in self.credential_headers:
-            request.headers.pop(name, None)
-        if "key" in request.query:
+        if "key=" in request.path and "key" in request.query:
             del request.query["key"]
-        request.headers["x-goog-api-key"] = secret
+        super().set_credential(request, secret)
 
     def model(self, request: http.Request, body: Any) -> str | None:
         match = _MODEL.search(request.path)

@@ -57,15 +57,12 @@ class OpenAIMeter(UsageMeter):
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
-    credential_headers = ("authorization",)
+    credential_headers = (b"authorization",)
+    credential_header = b"authorization"
+    credential_prefix = "Bearer "
 
     def credential(self, request: http.Request) -> str | None:
         return bearer(request)
-
-    def set_credential(self, request: http.Request, secret: str) -> None:
-        for name in self.credential_headers:
-            request.headers.pop(name, None)
-        request.headers["authorization"] = f"Bearer {secret}"
 
     def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
         if not isinstance(body, dict):
