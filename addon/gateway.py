@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, exceptions, http
 
 from addon.config import GatewayConfig, Provider, load_config
-from addon.metering import StreamTap, estimate_tokens, parse_json, usage_from_body
+from addon.metering import StreamTap, body_of, estimate_tokens, parse_json, usage_from_body
 from addon.policy import (
     Budget,
     LevelUsage,
@@ -29,7 +29,7 @@ from addon.policy import (
 )
 from addon.providers import Denial, Usage
 from store import Store, StoreUnavailable
-from store.db import Counter, Flusher, Identity, Level
+from store.db import Counter, Flusher, Identity, Level, UsageRecord
 from store.hashing import hash_key, looks_like_gateway_key
 from store.money import (
     day_of,
@@ -403,27 +403,27 @@ class Gateway:
         """Write the request's cost to the ledger (or the grace ledger); never raises. Returns
         the binding level after the write, for the response headers."""
         key = flight.account.identity.key if flight.account else None
-        entry = {
-            "at": round(flight.started, 3),
-            "provider": flight.provider.name,
-            "model": (usage.model if usage and usage.model else flight.model),
-            "key_id": key.key_id if key else None,
-            "user_id": key.user_id if key else None,
-            "org_id": flight.org_id,
-            "mode": flight.mode,
-            "status": flow.response.status_code if flow.response else None,
-            "error": str(flow.error) if flow.error else None,
-            "cost_nusd": cost,
-            "estimated": estimated,
-            "usage": None if usage is None else {
-                "input": usage.input_tokens,
-                "cached_input": usage.cached_input_tokens,
-                "cache_write": usage.cache_write_tokens,
-                "cache_write_1h": usage.cache_write_1h_tokens,
-                "output": usage.output_tokens,
-                "reasoning": usage.reasoning_tokens,
-            },
-        }
+        u = usage or Usage()
+        entry = UsageRecord(
+            round(flight.started, 3),
+            flight.provider.name,
+            u.model or flight.model,
+            key.key_id if key else None,
+            key.user_id if key else None,
+            flight.org_id,
+            flight.mode,
+            flow.response.status_code if flow.response else None,
+            str(flow.error) if flow.error else None,
+            cost,
+            estimated,
+            u.input_tokens,
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.cache_write_1h_tokens,
+            u.output_tokens,
+            u.reasoning_tokens,
+            flight.grace_who,
+        )
         flow.metadata.setdefault("aigw", {}).update(
             {"cost_usd": to_usd(cost), "estimated": estimated}
         )
@@ -527,11 +527,10 @@ class Gateway:
             used = 0
         return max(used, self._grace_memory.get((day, who), 0))
 
-    def _grace_charge(self, flight: Flight, cost: int, entry: dict) -> None:
+    def _grace_charge(self, flight: Flight, cost: int, entry: UsageRecord) -> None:
         day = day_of(utc_now())
         who = flight.grace_who or "unknown"
         self._grace_memory[(day, who)] = self._grace_memory.get((day, who), 0) + cost
-        entry = {**entry, "grace_who": who, "day": day}
         try:
             assert self.store is not None
             self.store.ledger.grace_charge(day, who, cost, entry)
@@ -585,12 +584,8 @@ class Gateway:
 
 def _request_body(request: http.Request) -> bytes:
     """The request body, decoded if the client compressed it."""
-    if not request.headers.get("content-encoding"):
-        return request.raw_content or b""
-    try:
-        return request.get_content(strict=False) or b""
-    except ValueError:
-        return request.raw_content or b""
+    body = body_of(request)
+    return request.raw_content or b"" if body is None else body
 
 
 def _provider_secret(provider: Provider, org: Org | None) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.providers.base import Adapter, Usage, UsageMeter
+from addon.providers.base import Adapter, Usage, UsageMeter, header
 from addon.streams import MAX_EVENT_BYTES, Decoder, JSONArrayParser, SSEEventSplitter, SSEParser
 
 log = logging.getLogger("aigw.metering")
@@ -21,16 +21,25 @@ def parse_json(raw: bytes | None) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode())  # str: skips json's encoding detection
     except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def body_of(message: http.Message) -> bytes | None:
+    """A message's body, decoded if it is content-encoded (None if it cannot be decoded)."""
+    if header(message, b"content-encoding") is None:
+        return message.raw_content
+    try:
+        return message.get_content(strict=False)
+    except ValueError:
         return None
 
 
 def usage_from_body(adapter: Adapter, response: http.Response) -> Usage | None:
     """Usage of a buffered (non-streamed) response; None when it carries none."""
-    try:
-        raw = response.get_content(strict=False)
-    except ValueError:
+    raw = body_of(response)
+    if raw is None:
         log.warning("response body could not be decoded (%s)", response.headers.get(
             "content-encoding"))
         return None

@@ -119,31 +119,32 @@ def decide_budgets(
       does not fit beside their reservations (transient: it may fit once they settle).
     A request alone at a level is admitted while usage is below the limit, as the Workers gateway
     did; in a burst only what fits gets in, so concurrency never multiplies the overshoot."""
+    busy = None
     for budget, counter in zip(budgets, counters, strict=True):
         limit = budget.limit_nusd
-        if limit is not None and counter[0] + budget.external_nusd >= limit:
+        if limit is None:
+            continue
+        used = counter[0] + budget.external_nusd
+        if used >= limit:
             return quota_denial(budget.usage(counter), now, month)
-    for budget, counter in zip(budgets, counters, strict=True):
-        limit = budget.limit_nusd
-        if (
-            limit is not None
-            and counter[1] > 0
-            and counter[0] + budget.external_nusd + counter[1] + estimate_nusd > limit
-        ):
-            return busy_denial(budget.usage(counter), month, estimate_nusd)
+        if busy is None and counter[1] and used + counter[1] + estimate_nusd > limit:
+            busy = budget, counter
+    if busy is not None:
+        return busy_denial(busy[0].usage(busy[1]), month, estimate_nusd)
     return None
 
 
 def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> LevelUsage | None:
     """The limited level with the least room: the one the client should hear about."""
-    best: LevelUsage | None = None
+    best = None
+    best_room = 0
     for budget, counter in zip(budgets, counters, strict=True):
         if budget.limit_nusd is None:
             continue
-        usage = budget.usage(counter)
-        if best is None or (usage.remaining_nusd or 0) < (best.remaining_nusd or 0):
-            best = usage
-    return best
+        room = budget.limit_nusd - counter[0] - budget.external_nusd - counter[1]
+        if best is None or room < best_room:
+            best, best_room = (budget, counter), room
+    return None if best is None else best[0].usage(best[1])
 
 
 def quota_denial(lv: LevelUsage, now: datetime, month: str) -> Denial:

@@ -156,6 +156,37 @@ class Counter(NamedTuple):
 _ZERO = Counter()
 
 
+class UsageRecord(NamedTuple):
+    """One metered request in the ledger's log: what was charged, to whom, and on what basis.
+    Stored as a JSON array in this field order (compact: the log grows by one per request)."""
+
+    at: float
+    provider: str
+    model: str | None
+    key_id: str | None
+    user_id: str | None
+    org_id: str | None
+    mode: str  # metered | grace
+    status: int | None
+    error: str | None
+    cost_nusd: int
+    estimated: bool  # no usage from the provider: charged an estimate
+    input: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+    reasoning: int = 0
+    grace_who: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(self, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "UsageRecord":
+        return cls(*json.loads(raw))
+
+
 Level = tuple[str, str]  # ("key" | "user" | "org", id)
 
 
@@ -375,14 +406,12 @@ class Ledger:
         levels: list[Level],
         month: str,
         cost_nusd: int,
-        log_entry: dict | None = None,
+        record: UsageRecord | None = None,
     ) -> list[Counter]:
-        """Release a reservation (if still held) and add the real cost and one request to each
-        level, in one transaction. Returns the levels' counters after the write."""
+        """Release a reservation (if still held), add the real cost and one request to each
+        level, and log the request, in one transaction. Returns the counters after the write."""
         keys = [_counter_key(month, level) for level in levels]
-        entry = None
-        if log_entry is not None:
-            entry = json.dumps(log_entry, separators=(",", ":")).encode()
+        entry = None if record is None else record.encode()
 
         def apply(txn: lmdb.Transaction) -> list[Counter]:
             get, put = txn.get, txn.put
@@ -396,11 +425,13 @@ class Ledger:
                     txn.delete(rid, db=self._reservations)
             now = _now_ms()
             after = []
+            pack = _COUNTER.pack
             for k in keys:
-                c = Counter.unpack(get(k, db=usage))
-                new = Counter(c[0] + cost_nusd, max(0, c[1] - released), c[2] + 1, now)
-                put(k, _COUNTER.pack(*new), db=usage)
-                after.append(new)
+                raw_counter = get(k, db=usage)
+                used, reserved, requests, _ = _COUNTER.unpack(raw_counter) if raw_counter else _ZERO
+                reserved = reserved - released if reserved > released else 0
+                put(k, pack(used + cost_nusd, reserved, requests + 1, now), db=usage)
+                after.append(Counter(used + cost_nusd, reserved, requests + 1, now))
             if entry is not None:
                 suffix = reservation_id or os.urandom(6).hex()
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
@@ -460,14 +491,20 @@ class Ledger:
 
         return self._env.write(apply)
 
-    def log_entries(self, since_ns: int = 0) -> list[dict]:
+    def log_entries(self, since_ns: int = 0) -> list[UsageRecord]:
+        """The metered requests logged since `since_ns` (epoch nanoseconds), oldest first."""
         start = f"{since_ns:020d}".encode()
 
-        def collect(txn: lmdb.Transaction) -> list[dict]:
+        def collect(txn: lmdb.Transaction) -> list[UsageRecord]:
             cursor = txn.cursor(db=self._log)
             if not cursor.set_range(start):
                 return []
-            return [json.loads(v) for _, v in cursor]
+            out = []
+            for k, v in cursor:
+                if not k[:1].isdigit():
+                    break
+                out.append(UsageRecord.decode(v))
+            return out
 
         return self._env.read(collect)
 
@@ -475,7 +512,9 @@ class Ledger:
         raw = self._env.read(lambda txn: txn.get(_enc(f"{day}|{who}"), db=self._grace))
         return _GRACE.unpack(raw) if raw else (0, 0)
 
-    def grace_charge(self, day: str, who: str, cost_nusd: int, record: dict) -> tuple[int, int]:
+    def grace_charge(
+        self, day: str, who: str, cost_nusd: int, record: UsageRecord
+    ) -> tuple[int, int]:
         """Add a fail-open request to the day's grace total and keep it for reconciliation."""
         k = _enc(f"{day}|{who}")
 
@@ -485,13 +524,15 @@ class Ledger:
             after = (used + cost_nusd, count + 1)
             txn.put(k, _GRACE.pack(*after), db=self._grace)
             entry = _enc(f"grace|{time.time_ns():020d}|{os.urandom(4).hex()}")
-            txn.put(entry, json.dumps(record).encode(), db=self._log)
+            txn.put(entry, record.encode(), db=self._log)
             return after
 
         return self._env.write(apply)
 
-    def grace_log(self) -> list[dict]:
-        def collect(txn: lmdb.Transaction) -> list[dict]:
+    def grace_log(self) -> list[UsageRecord]:
+        """Requests forwarded in fail-open mode, kept for reconciliation."""
+
+        def collect(txn: lmdb.Transaction) -> list[UsageRecord]:
             cursor = txn.cursor(db=self._log)
             if not cursor.set_range(b"grace|"):
                 return []
@@ -499,7 +540,7 @@ class Ledger:
             for k, v in cursor:
                 if not k.startswith(b"grace|"):
                     break
-                out.append(json.loads(v))
+                out.append(UsageRecord.decode(v))
             return out
 
         return self._env.read(collect)

@@ -48,7 +48,7 @@ def test_burst_across_two_gateways_admits_only_what_fits(tmp_path, fake_provider
     admitted = outcomes.count("ok")
     with Store(store_dir) as store:
         org = spent(store, "org", acct.org_id)
-        entries = [e for e in store.ledger.log_entries() if e["org_id"] == acct.org_id]
+        entries = [e for e in store.ledger.log_entries() if e.org_id == acct.org_id]
     assert outcomes.count("denied") == CLIENTS - admitted
     assert len(fake_provider.requests) == admitted
     # Each request reserves more than it costs here, so nothing overshoots the budget at all;
@@ -56,5 +56,5 @@ def test_burst_across_two_gateways_admits_only_what_fits(tmp_path, fake_provider
     assert 1 <= admitted <= 5
     assert org.used_nusd <= 5 * COST
     # No lost update: the ledger is exactly the sum of the settled costs.
-    assert org.used_nusd == sum(e["cost_nusd"] for e in entries) == admitted * COST
+    assert org.used_nusd == sum(e.cost_nusd for e in entries) == admitted * COST
     assert org.requests == admitted and org.reserved_nusd == 0

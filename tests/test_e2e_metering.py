@@ -194,7 +194,7 @@ def test_client_disconnect_mid_stream_is_charged_an_estimate(gateway, fake_provi
             stream.close()
             break
     counter = settled(gateway.store, acct.key_id)
-    entry = [e for e in gateway.store.ledger.log_entries() if e["key_id"] == acct.key_id][-1]
-    assert entry["estimated"] is True
-    assert entry["usage"]["output"] >= 1 and entry["usage"]["input"] >= 1
-    assert counter.used_nusd == entry["cost_nusd"] > 0
+    entry = [e for e in gateway.store.ledger.log_entries() if e.key_id == acct.key_id][-1]
+    assert entry.estimated is True
+    assert entry.output >= 1 and entry.input >= 1
+    assert counter.used_nusd == entry.cost_nusd > 0

@@ -265,7 +265,7 @@ def test_store_fault_takes_the_orgs_failure_mode(gateway, monkeypatch):
     assert flow.metadata["aigw"]["decision"] == "grace"
     forward(gw, flow, openai_response(prompt=1000, completion=200))
     grace = gw.store.ledger.grace_log()
-    assert len(grace) == 1 and grace[0]["cost_nusd"] > 0
+    assert len(grace) == 1 and grace[0].cost_nusd > 0
 
 
 def test_fail_open_caps_the_day_at_the_fallback_limit(gateway, monkeypatch):

@@ -6,6 +6,7 @@ import multiprocessing
 import pytest
 
 from store import USD, Store
+from store.db import UsageRecord
 from store.money import month_of, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 
@@ -58,12 +59,14 @@ def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
         levels = [("key", "k"), ("user", "u"), ("org", "o")]
         store.ledger.reserve("r", levels, "2026-11", 500, never)
         assert [c.reserved_nusd for c in store.ledger.counters(levels, "2026-11")] == [500] * 3
-        after = store.ledger.settle("r", levels, "2026-11", 123, {"note": "x"})
+        record = UsageRecord(1.0, "openai", "gpt-4o", "k", "u", "o", "metered", 200, None, 123,
+                             False, input=10, output=5)
+        after = store.ledger.settle("r", levels, "2026-11", 123, record)
         assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [(123, 0, 1)] * 3
         # Settling twice (a retried write) never releases more than was reserved.
         store.ledger.settle("r", levels, "2026-11", 0)
         assert store.ledger.counters(levels, "2026-11")[0].reserved_nusd == 0
-        assert store.ledger.log_entries()[0]["note"] == "x"
+        assert store.ledger.log_entries() == [record]
 
 
 def test_months_are_separate_periods(tmp_path):
