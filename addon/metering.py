@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 from mitmproxy import http
 
 from addon.providers.base import Adapter, Usage, UsageMeter, header
@@ -21,8 +22,8 @@ def parse_json(raw: bytes | None) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(raw.decode())  # str: skips json's encoding detection
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return orjson.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError):
         return None
 
 

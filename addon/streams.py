@@ -2,11 +2,11 @@
 JSON arrays. Fed arbitrary chunks (an event, a UTF-8 character or a compressed block can be split
 anywhere); memory is bounded by the largest single event, never by the stream's length."""
 
-import json
 import zlib
 from collections.abc import Iterator
 
 import brotli
+import orjson
 
 try:
     from compression import zstd  # Python >= 3.14
@@ -209,6 +209,6 @@ class JSONArrayParser:
         if oversized:
             return
         try:
-            yield json.loads(element)
-        except ValueError:
+            yield orjson.loads(element)
+        except orjson.JSONDecodeError:
             return

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import lmdb
+import orjson
 
 from store.hashing import hash_key
 from store.records import (
@@ -180,11 +181,11 @@ class UsageRecord(NamedTuple):
     grace_who: str | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(self, separators=(",", ":")).encode()
+        return orjson.dumps(tuple(self))
 
     @classmethod
     def decode(cls, raw: bytes) -> "UsageRecord":
-        return cls(*json.loads(raw))
+        return cls(*orjson.loads(raw))
 
 
 Level = tuple[str, str]  # ("key" | "user" | "org", id)
@@ -204,6 +205,7 @@ class Records:
         self._meta = env.dbs["meta"]
         self._cache: dict[str, Identity] = {}
         self._cache_txnid = -1
+        self._parse_cache: dict[tuple, Any] = {}
 
     def get(self, key: str) -> bytes | None:
         return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
@@ -237,20 +239,17 @@ class Records:
                 identity = Identity(key_hash, None, None, None, None, None)
             else:
                 key = ApiKey.parse(key_hash, raw_key)
-                raw_user = get(user_config_key(key.user_id))
-                user = User.parse(key.user_id, raw_user) if raw_user is not None else None
+                user = self._parsed(User, key.user_id, get(user_config_key(key.user_id)))
                 org_id = key.org_id or (user.org_id if user else None)
-                raw_org = get(org_config_key(org_id)) if org_id else None
-                org = Org.parse(org_id, raw_org) if raw_org is not None else None
-                user_quota = get(user_quota_key(key.user_id))
-                org_quota = get(org_quota_key(org_id)) if org_id else None
+                org = self._parsed(Org, org_id, get(org_config_key(org_id))) if org_id else None
                 identity = Identity(
                     key_hash,
                     key,
                     user,
                     org,
-                    QuotaRecord.parse(user_quota) if user_quota else None,
-                    QuotaRecord.parse(org_quota) if org_quota else None,
+                    self._parsed(QuotaRecord, None, get(user_quota_key(key.user_id))),
+                    self._parsed(QuotaRecord, None, get(org_quota_key(org_id)))
+                    if org_id else None,
                 )
             if len(self._cache) >= RESOLVE_CACHE_SIZE:
                 self._cache.clear()
@@ -261,6 +260,19 @@ class Records:
             return self._env.read(lookup)
         except RecordError as exc:
             raise StoreUnavailable(f"unreadable record: {exc}") from exc
+
+    def _parsed(self, kind: type, record_id: str | None, raw: bytes | None) -> Any:
+        """A user, org or quota record parsed once per distinct value: many keys share them."""
+        if raw is None:
+            return None
+        cache_key = (kind, record_id, raw)
+        parsed = self._parse_cache.get(cache_key)
+        if parsed is None:
+            parsed = kind.parse(raw) if record_id is None else kind.parse(record_id, raw)
+            if len(self._parse_cache) >= RESOLVE_CACHE_SIZE:
+                self._parse_cache.clear()
+            self._parse_cache[cache_key] = parsed
+        return parsed
 
     def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
         """Apply puts and deletes in one transaction: all or nothing."""

@@ -5,9 +5,10 @@ Keys (the KV layout, unchanged):
   user:{user_id}:keys:{key_id}      user:{user_id}:quota      org:{org_id}:quota
 """
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
@@ -69,8 +70,8 @@ def _object(raw: bytes | str | dict, what: str) -> dict:
     if isinstance(raw, dict):
         return raw
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise RecordError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise RecordError(f"{what} must be a JSON object")
