@@ -40,6 +40,7 @@ class Policy:
     flush_interval_s: float = 1.0
     fail_closed_retry_after_s: int = 30
     fallback_daily_limit_usd: float = 10.0
+    max_staleness_s: float | None = None  # a replica older than this: quota data unavailable
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def load_config(path: str | Path, store_override: str | None = None) -> GatewayC
 
 
 def parse_policy(section: Section) -> Policy:
-    section.check_keys(set(Policy.__dataclass_fields__) | {"max_staleness_s"})
+    section.check_keys(set(Policy.__dataclass_fields__))
     defaults = Policy()
     try:
         failure_mode = normalize_failure_mode(
@@ -109,6 +110,10 @@ def parse_policy(section: Section) -> Policy:
         ),
         fallback_daily_limit_usd=section.number(
             "fallback_daily_limit_usd", defaults.fallback_daily_limit_usd
+        ),
+        max_staleness_s=(
+            None if section.data.get("max_staleness_s") is None
+            else section.number("max_staleness_s", minimum=1)
         ),
     )
 

@@ -219,8 +219,10 @@ class Gateway:
         if self.store is None:
             return self._unavailable(flow, provider, None, "store unavailable", credential)
         key_hash = self.store.hash(credential)
+        now = utc_now()
+        month = month_of(now)
         try:
-            identity = self.store.records.resolve(key_hash)
+            identity = self.store.records.resolve(key_hash, month)
         except StoreUnavailable as exc:
             return self._unavailable(flow, provider, None, str(exc), credential)
         if identity.key is None and not looks_like_gateway_key(credential):
@@ -233,9 +235,11 @@ class Gateway:
         org = known["org"] = identity.org
         if org is None:
             return self._unavailable(flow, provider, None, "organization record missing")
+        stale = self._staleness(now)
+        if stale:
+            return self._unavailable(flow, provider, org, stale, credential)
 
-        now = utc_now()
-        account = self._account(key_hash, identity, month_of(now))
+        account = self._account(key_hash, identity, month)
         input_tokens = estimate_tokens(len(raw))
         max_output = adapter.max_output_tokens(request, body)
         estimate = self.config.pricing.price(model).cost_nusd(
@@ -290,6 +294,20 @@ class Gateway:
             "model": model,
             "reserved_usd": to_usd(estimate),
         }
+        return None
+
+    def _staleness(self, now) -> str | None:
+        """Why the replica is too old to decide on, if it is (policy.max_staleness_s)."""
+        assert self.config is not None and self.store is not None
+        limit = self.config.policy.max_staleness_s
+        if limit is None:
+            return None
+        last = self.store.records.last_sync()
+        if last is None:
+            return "the store has never completed a sync pass"
+        age = now.timestamp() - float(last.get("finished_at", 0))
+        if age > limit:
+            return f"the last complete sync pass is {age:.0f}s old (max_staleness_s {limit})"
         return None
 
     def _account(self, key_hash: str, identity: Identity, month: str) -> Account:

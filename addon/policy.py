@@ -62,18 +62,26 @@ class LevelUsage:
 
 
 def budgets_of(identity: Identity, month: str) -> tuple[Budget, ...]:
-    """The levels of an authenticated request, key first."""
+    """The levels of an authenticated request, key first. What others spent counts too: the
+    Workers gateway's own quota records and other gateway nodes' totals."""
     key, user, org = identity.key, identity.user, identity.org
     assert key is not None and user is not None
-    user_ext = identity.user_quota.usage_in(month) if identity.user_quota else (0, 0)
+    remote_key, remote_user, remote_org = identity.remote
+    user_ext = _plus(identity.user_quota.usage_in(month) if identity.user_quota else (0, 0),
+                     remote_user)
     budgets = [
-        Budget("key", key.key_id, _nusd(key.monthly_limit_usd)),
+        Budget("key", key.key_id, _nusd(key.monthly_limit_usd), *remote_key),
         Budget("user", user.user_id, _nusd(user.monthly_limit_usd), *user_ext),
     ]
     if org is not None:
-        org_ext = identity.org_quota.usage_in(month) if identity.org_quota else (0, 0)
+        org_ext = _plus(identity.org_quota.usage_in(month) if identity.org_quota else (0, 0),
+                        remote_org)
         budgets.append(Budget("org", org.org_id, _nusd(org.monthly_budget_usd), *org_ext))
     return tuple(budgets)
+
+
+def _plus(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 def _nusd(usd: float | None) -> int | None:

@@ -139,6 +139,9 @@ class Identity:
     org: Org | None
     user_quota: QuotaRecord | None  # the Workers gateway's own totals, if replicated
     org_quota: QuotaRecord | None
+    # Other gateway nodes' totals this month (nano-dollars, requests) for key, user and org,
+    # as the last sync pass found them in KV.
+    remote: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0))
 
 
 class Counter(NamedTuple):
@@ -203,8 +206,12 @@ class Records:
         self._env = env
         self._db = env.dbs["records"]
         self._meta = env.dbs["meta"]
+        self._stamps = env.dbs["stamps"]
+        self._remote = env.dbs["remote"]
         self._cache: dict[str, Identity] = {}
         self._cache_txnid = -1
+        self._cache_month = ""
+        self._last_sync: dict | None = None
         self._parse_cache: dict[tuple, Any] = {}
 
     def get(self, key: str) -> bytes | None:
@@ -214,8 +221,9 @@ class Records:
         raw = self.get(key)
         return None if raw is None else json.loads(raw)
 
-    def resolve(self, key_hash: str) -> Identity:
-        """Look up a presented key's hash, its user and its org in one read transaction.
+    def resolve(self, key_hash: str, month: str = "") -> Identity:
+        """Look up a presented key's hash, its user and its org in one read transaction, with
+        other nodes' totals for `month` (YYYY-MM).
 
         Answers are cached until the records change: any committed write (an admin command, a
         sync pass) moves the environment's transaction id and empties the cache, so a
@@ -223,9 +231,11 @@ class Records:
 
         def lookup(txn: lmdb.Transaction) -> Identity:
             txnid = txn.id()
-            if txnid != self._cache_txnid:
+            if txnid != self._cache_txnid or month != self._cache_month:
                 self._cache.clear()
-                self._cache_txnid = txnid
+                self._cache_txnid, self._cache_month = txnid, month
+                raw_sync = txn.get(b"last_sync", db=self._meta)
+                self._last_sync = orjson.loads(raw_sync) if raw_sync else None
             else:
                 hit = self._cache.get(key_hash)
                 if hit is not None:
@@ -242,6 +252,7 @@ class Records:
                 user = self._parsed(User, key.user_id, get(user_config_key(key.user_id)))
                 org_id = key.org_id or (user.org_id if user else None)
                 org = self._parsed(Org, org_id, get(org_config_key(org_id))) if org_id else None
+                remote = self._remote
                 identity = Identity(
                     key_hash,
                     key,
@@ -250,6 +261,11 @@ class Records:
                     self._parsed(QuotaRecord, None, get(user_quota_key(key.user_id))),
                     self._parsed(QuotaRecord, None, get(org_quota_key(org_id)))
                     if org_id else None,
+                    (
+                        _remote_sum(txn, remote, month, "key", key.key_id),
+                        _remote_sum(txn, remote, month, "user", key.user_id),
+                        _remote_sum(txn, remote, month, "org", org_id) if org_id else (0, 0),
+                    ),
                 )
             if len(self._cache) >= RESOLVE_CACHE_SIZE:
                 self._cache.clear()
@@ -260,6 +276,52 @@ class Records:
             return self._env.read(lookup)
         except RecordError as exc:
             raise StoreUnavailable(f"unreadable record: {exc}") from exc
+
+    def last_sync(self) -> dict | None:
+        """The summary of the last complete sync pass (None if there never was one), as seen
+        by the last `resolve`."""
+        return self._last_sync
+
+    def replicate(
+        self,
+        puts: dict[str, bytes],
+        deletes: Iterable[str],
+        stamps: dict[str, str],
+        remote: dict[tuple[str, str, str], tuple[int, int]] | None,
+        summary: dict,
+    ) -> None:
+        """Apply a complete sync pass in one transaction: records written and deleted, the
+        version stamp of every replicated key (deleted keys lose theirs), other nodes' usage
+        totals (replaced whole), and the pass summary (`last_sync`)."""
+        encoded = [(_enc(k), v) for k, v in puts.items()]
+        removed = [_enc(k) for k in deletes]
+        stamped = [(_enc(k), v.encode()) for k, v in stamps.items()]
+        sums = None
+        if remote is not None:
+            sums = [(_enc(f"{m}|{lv}|{i}"), _GRACE.pack(*v)) for (m, lv, i), v in remote.items()]
+        meta = orjson.dumps(summary)
+
+        def apply(txn: lmdb.Transaction) -> None:
+            for k, v in encoded:
+                txn.put(k, v, db=self._db)
+            for k in removed:
+                txn.delete(k, db=self._db)
+                txn.delete(k, db=self._stamps)
+            for k, v in stamped:
+                txn.put(k, v, db=self._stamps)
+            if sums is not None:
+                txn.drop(self._remote, delete=False)
+                for k, v in sums:
+                    txn.put(k, v, db=self._remote)
+            txn.put(b"last_sync", meta, db=self._meta)
+
+        self._env.write(apply)
+
+    def stamps(self) -> dict[str, str]:
+        """Version stamps of the replicated keys ("" for a key written by another tool)."""
+        return self._env.read(
+            lambda txn: {k.decode(): v.decode() for k, v in txn.cursor(db=self._stamps)}
+        )
 
     def _parsed(self, kind: type, record_id: str | None, raw: bytes | None) -> Any:
         """A user, org or quota record parsed once per distinct value: many keys share them."""
@@ -334,6 +396,12 @@ class Records:
     def set_meta(self, name: str, value: Any) -> None:
         data = json.dumps(value).encode()
         self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
+
+
+def _remote_sum(txn: lmdb.Transaction, db: Any, month: str, level: str, level_id: str
+                ) -> tuple[int, int]:
+    raw = txn.get(f"{month}|{level}|{level_id}".encode(), db=db)
+    return _GRACE.unpack(raw) if raw else (0, 0)
 
 
 def _reservation(amount: int, created_ms: int, pid: int, host: str, keys: list[bytes]) -> bytes:
@@ -492,6 +560,24 @@ class Ledger:
             lambda txn: [_reservation_record(v) for _, v in txn.cursor(db=self._reservations)]
         )
 
+    def month_counters(self, month: str) -> dict[Level, Counter]:
+        """Every level's counter for `month` on this node."""
+        prefix = f"{month}|".encode()
+
+        def collect(txn: lmdb.Transaction) -> dict[Level, Counter]:
+            out: dict[Level, Counter] = {}
+            cursor = txn.cursor(db=self._usage)
+            if not cursor.set_range(prefix):
+                return out
+            for k, v in cursor:
+                if not k.startswith(prefix):
+                    break
+                _, level, level_id = k.decode().split("|", 2)
+                out[(level, level_id)] = Counter.unpack(v)
+            return out
+
+        return self._env.read(collect)
+
     def reset(self, level: Level, month: str) -> Counter:
         """Zero a level's usage and request count for the month (reservations in flight stay)."""
         k = _counter_key(month, level)
@@ -580,7 +666,8 @@ class Store:
         self.hash_algorithm = hash_algorithm
         hash_key("", hash_algorithm)  # rejects an unknown algorithm early
         try:
-            config_env = _Env(self.path / "config", ("records", "meta"), map_size=map_size,
+            config_env = _Env(self.path / "config", ("records", "meta", "stamps", "remote"),
+                              map_size=map_size,
                               sync=True)
         except lmdb.Error as exc:
             raise StoreUnavailable(f"cannot open store at {self.path}: {exc}") from exc
