@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitm.yaml to read (default ./{DEFAULT_CONFIG}, used only if it exists)",
     )
     parser.add_argument("--store", metavar="DIR", help="store directory (overrides store.path)")
+    parser.add_argument(
+        "--target", choices=("local", "cloudflare"), default="local",
+        help="where org, user and key commands write: the local store (default) or the "
+        "Cloudflare KV namespace every node syncs from",
+    )
+    parser.add_argument(
+        "--api-base", metavar="URL",
+        help="Cloudflare API base (default https://api.cloudflare.com/client/v4)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     org = commands.add_parser("org", help="organizations").add_subparsers(
@@ -163,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("health", help="check that the store opens and answers")
     p.set_defaults(run=lambda store, a: admin.health(store))
 
+    sync_help = (
+        "replicate the Cloudflare KV namespace into the local store and push this node's usage "
+        "(CLOUDFLARE_API_TOKEN, CLOUDFLARE_ACCOUNT_ID, CLOUDFLARE_KV_NAMESPACE_ID or "
+        "sync.cloudflare in mitm.yaml); prints one JSON summary per pass"
+    )
+    p = commands.add_parser("sync", help=sync_help, description=sync_help)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
+    mode.add_argument("--interval", type=float, metavar="SECONDS",
+                      help="seconds between passes (default sync.interval_s, 30)")
+    p.add_argument("--full", action="store_true",
+                   help="re-fetch every record, stamped or not")
+    p.add_argument("--api-base", metavar="URL", default=argparse.SUPPRESS,
+                   help="Cloudflare API base (default https://api.cloudflare.com/client/v4)")
+    p.set_defaults(run=None)
+
     p = commands.add_parser("demo", help="create a demo org, user and key once")
     p.set_defaults(run=lambda store, a: admin.ensure_demo(store))
     return parser
@@ -212,15 +237,17 @@ _UPDATE_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-def settings_from(args: argparse.Namespace) -> StoreSettings:
-    """The store path and hash algorithm from --config/--store (ConfigError if invalid)."""
+def config_from(args: argparse.Namespace) -> tuple[dict, str]:
+    """mitm.yaml as a mapping, and its name (ConfigError if invalid)."""
     if args.config is None:
         path = Path(DEFAULT_CONFIG)
-        config = load_yaml(path) if path.exists() else {}
-        source = DEFAULT_CONFIG
-    else:
-        config = load_yaml(args.config)
-        source = args.config
+        return (load_yaml(path) if path.exists() else {}), DEFAULT_CONFIG
+    return load_yaml(args.config), args.config
+
+
+def settings_from(args: argparse.Namespace) -> StoreSettings:
+    """The store path and hash algorithm from --config/--store (ConfigError if invalid)."""
+    config, source = config_from(args)
     return store_settings(config, source, args.store)
 
 
@@ -261,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except ConfigError as exc:
         return _fail(exc)
+    if args.target == "cloudflare":
+        if args.command not in ("org", "user", "key"):
+            parser.error("--target cloudflare is for the org, user and key commands")
+        return _on_cloudflare(args, run, settings)
+    if args.command == "sync":
+        return _sync(args, settings)
     try:
         store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
     except (StoreError, OSError, ValueError) as exc:
@@ -280,6 +313,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line for the operator, whatever went wrong
         return _fail(f"internal error: {type(exc).__name__}: {exc}")
     return _print(result)
+
+
+def _on_cloudflare(args: argparse.Namespace, run: Callable, settings: StoreSettings) -> int:
+    """An org, user or key command against the KV namespace itself (records version-stamped,
+    so every node's next sync pass fetches them)."""
+    from store import replication
+
+    try:
+        config, source = config_from(args)
+        cf, sync = replication.load_sync_settings(config, source, args.api_base)
+        with replication.KVClient(cf, sync) as client:
+            result = run(replication.CloudflareTarget(client, settings.hash_algorithm), args)
+    except (ConfigError, replication.SyncError, StoreError, RecordError) as exc:
+        return _fail(exc)
+    except Exception as exc:
+        return _fail(f"internal error: {type(exc).__name__}: {exc}")
+    return _print(result)
+
+
+def _sync(args: argparse.Namespace, settings: StoreSettings) -> int:
+    """`aigw sync`: one pass (--once) or a loop; a pass that does not complete exits non-zero
+    (--once) or is retried with backoff (loop)."""
+    import logging
+
+    from store import replication
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    try:
+        config, source = config_from(args)
+        cf, sync = replication.load_sync_settings(config, source, args.api_base)
+    except ConfigError as exc:
+        return _fail(exc)
+    interval = args.interval if args.interval is not None else sync.interval_s
+    if interval < 1:
+        return _fail("--interval must be at least 1 second (one KV write per key per second)")
+    try:
+        store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
+    except (StoreError, OSError) as exc:
+        return _fail(exc)
+    with store, replication.KVClient(cf, sync) as client:
+        progress = replication.progress_reporter(sys.stderr)
+        replicator = replication.Replicator(store, client, sync, progress=progress)
+        if args.once:
+            try:
+                summary = replicator.sync_once(full=True if args.full else None)
+            except replication.SyncError as exc:
+                return _fail(f"sync pass did not complete, nothing applied: {exc}")
+            finally:
+                progress.close()
+            print(summary.line(), file=sys.stderr)
+            return _print({"ok": True, **summary.__dict__})
+        try:
+            replication.run_loop(
+                replicator, interval, stop=lambda: False,
+                report=lambda line: print(line, file=sys.stderr, flush=True),
+                on_pass=lambda summary: print(json.dumps({"ok": True, **summary.__dict__}),
+                                              flush=True),
+                full_first=args.full,
+            )
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            progress.close()
+    return 0
 
 
 if __name__ == "__main__":
