@@ -205,14 +205,15 @@ class Gateway:
                 except Exception:
                     log.exception("aigw: could not release the reservation of a failed request")
             flow.response = None
-            self._unavailable(flow, provider, known.get("org"), f"internal error: {exc!r}")
+            self._unavailable(flow, provider, known.get("org"), f"internal error: {exc!r}",
+                              known.get("credential"), known.get("user_id"))
 
     def _admit(
         self, flow: http.HTTPFlow, provider: Provider, raw: bytes, body, known: dict
     ) -> None:
         assert self.config is not None
         request, adapter = flow.request, provider.adapter
-        credential = adapter.credential(request)
+        credential = known["credential"] = adapter.credential(request)
         if credential is None:
             return self._deny(flow, provider, unauthorized("No API key provided."))
         model = adapter.model(request, body)
@@ -233,11 +234,12 @@ class Gateway:
         if denial is not None:
             return self._deny(flow, provider, denial)
         org = known["org"] = identity.org
+        known["user_id"] = identity.key.user_id if identity.key else None
         if org is None:
             return self._unavailable(flow, provider, None, "organization record missing")
         stale = self._staleness(now)
         if stale:
-            return self._unavailable(flow, provider, org, stale, credential)
+            return self._unavailable(flow, provider, org, stale, credential, known["user_id"])
 
         account = self._account(key_hash, identity, month)
         input_tokens = estimate_tokens(len(raw))
@@ -259,7 +261,7 @@ class Gateway:
                 flow.id, account.levels, account.month, estimate, refuse, owner=self._owner
             )
         except StoreUnavailable as exc:
-            return self._unavailable(flow, provider, org, str(exc), credential)
+            return self._unavailable(flow, provider, org, str(exc), credential, known["user_id"])
         if denial is not None:
             return self._deny(flow, provider, denial, binding_level(account.budgets, seen[-1]))
         known["reserved"] = True
@@ -480,9 +482,11 @@ class Gateway:
         org: Org | None,
         reason: str,
         credential: str | None = None,
+        user_id: str | None = None,
     ) -> None:
         """Quota data is unavailable: the org's failure mode decides (the default when the org
-        itself is unknown)."""
+        itself is unknown). Fail-open caps each user (each key, when the user is unknown) at the
+        daily fallback limit."""
         assert self.config is not None
         policy = self.config.policy
         mode = org.failure_mode if org is not None else policy.default_failure_mode
@@ -503,7 +507,7 @@ class Gateway:
             org.fallback_daily_limit_usd if org is not None else policy.fallback_daily_limit_usd
         )
         now = utc_now()
-        who = f"key:{hash_key(credential)[:16]}"
+        who = f"user:{user_id}" if user_id else f"key:{hash_key(credential)[:16]}"
         if self._grace_used(day_of(now), who) >= limit:
             return self._deny(
                 flow,

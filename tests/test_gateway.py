@@ -291,6 +291,17 @@ def test_unexpected_exception_never_forwards_silently(gateway, monkeypatch):
     assert flow.response is not None and flow.response.status_code == 503
 
 
+def test_unexpected_exception_takes_the_fail_open_orgs_mode(gateway, monkeypatch):
+    gw = gateway()
+    s = seed(gw.store, failure_mode="fail_open")
+    monkeypatch.setattr("addon.gateway.decide_budgets", lambda *a: 1 / 0)
+    flow = chat_flow(s.api_key)
+    run(gw.request(flow))
+    assert flow.response is None and flow.metadata["aigw"]["decision"] == "grace"
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert gw.store.ledger.reservations() == []
+
+
 def test_unknown_credentials_blocked_or_passed_through(gateway):
     blocking = gateway()
     flow = chat_flow("sk-someones-own-key")

@@ -100,7 +100,8 @@ class GeminiAdapter(Adapter):
             "details": [
                 {
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": denial.error_type.upper(),
+                    "reason": "API_KEY_INVALID" if denial.status == 401
+                    else denial.error_type.upper(),
                     "domain": "aigw",
                     "metadata": {k: str(v) for k, v in (denial.details or {}).items()},
                 }
