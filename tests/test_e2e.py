@@ -116,12 +116,12 @@ def test_model_not_allowed_is_403(gateway, fake_provider, account):
 def test_anthropic_messages_streamed_and_not(gateway, fake_provider, account):
     acct = account()
     client = gateway.anthropic_client(acct.api_key)
-    message = client.messages.create(model="claude-sonnet-4-5", max_tokens=100,
+    message = client.messages.create(model="claude-sonnet-4-6", max_tokens=100,
                                      messages=[{"role": "user", "content": "hi"}])
     assert message.usage.output_tokens == fake_provider.expected_usage("anthropic")["output_tokens"]
     assert fake_provider.last.credentials.get("x-api-key") == ANTHROPIC_KEY
     assert not fake_provider.saw_secret(acct.api_key)
-    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=100,
                                 messages=[{"role": "user", "content": "hi"}]) as stream:
         final = stream.get_final_message()
     u = fake_provider.expected_usage("anthropic")
@@ -135,7 +135,7 @@ def test_anthropic_messages_streamed_and_not(gateway, fake_provider, account):
 def test_anthropic_denial_is_native(gateway, fake_provider):
     client = gateway.anthropic_client("gw_live_" + "1" * 32)
     with pytest.raises(anthropic.AuthenticationError) as raised:
-        client.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+        client.messages.create(model="claude-sonnet-4-6", max_tokens=10,
                                messages=[{"role": "user", "content": "hi"}])
     assert raised.value.body["error"]["type"] == "authentication_error"
 

@@ -128,7 +128,7 @@ def test_anthropic_stream_takes_the_latest_cumulative_output(gateway, fake_provi
     acct = account()
     fake_provider.set(anthropic_extra_message_deltas=extra_deltas)
     client = gateway.anthropic_client(acct.api_key)
-    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=100,
                                 messages=[{"role": "user", "content": "hi"}]) as stream:
         final = stream.get_final_message()
     u = fake_provider.expected_usage("anthropic")
@@ -173,7 +173,7 @@ def test_upstream_breaking_a_stream_is_charged_what_was_seen(gateway, fake_provi
     fake_provider.set(break_after=2)
     client = gateway.anthropic_client(acct.api_key)
     with pytest.raises(Exception):  # noqa: B017 - the SDK's own transport error
-        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+        with client.messages.stream(model="claude-sonnet-4-6", max_tokens=100,
                                     messages=[{"role": "user", "content": "hi"}]) as stream:
             stream.get_final_message()
     # message_start (input and cache counts) arrived before the break: charged those.
