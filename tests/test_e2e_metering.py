@@ -198,3 +198,40 @@ def test_client_disconnect_mid_stream_is_charged_an_estimate(gateway, fake_provi
     assert entry.estimated is True
     assert entry.output >= 1 and entry.input >= 1
     assert counter.used_nusd == entry.cost_nusd > 0
+
+
+def test_openai_compatible_self_hosted_provider(tmp_path, fake_provider):
+    """`kind: openai` on any host: a self-hosted vLLM behind its own name, its own key."""
+    import os
+
+    from store import Store
+    from tests.support.gateway import start_gateway
+    from tests.support.seed import seed
+
+    config = """
+store: {path: %s}
+providers:
+  vllm: {kind: openai, hosts: ['^vllm\\.internal\\.test$'], api_key_env: VLLM_API_KEY}
+pricing:
+  fallback: {input_per_1m: 1.0, output_per_1m: 1.0}
+  models:
+    llama-4-70b: {input_per_1m: 0.5, output_per_1m: 1.5}
+""" % (tmp_path / "store")
+    os.environ["VLLM_API_KEY"] = "vllm-fake-key"
+    os.environ["AIGW_TEST_REDIRECT_HOSTS"] = "vllm.internal.test"
+    try:
+        proxy = start_gateway(tmp_path / "gw", fake_provider.address, config_text=config,
+                              store_dir=tmp_path / "store")
+    finally:
+        del os.environ["VLLM_API_KEY"], os.environ["AIGW_TEST_REDIRECT_HOSTS"]
+    try:
+        with Store(tmp_path / "store") as store:
+            acct = seed(store)
+            client = proxy.openai_client(acct.api_key, base_url="https://vllm.internal.test/v1")
+            assert list(chat(client, model="llama-4-70b", stream=True))
+            assert fake_provider.last.credential == "vllm-fake-key"
+            u = fake_provider.expected_usage("openai")
+            cost = per_1m(u["prompt_tokens"], 0.5) + per_1m(u["completion_tokens"], 1.5)
+            assert settled(store, acct.key_id).used_nusd == nusd(cost)
+    finally:
+        proxy.stop()
