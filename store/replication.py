@@ -39,10 +39,15 @@ LIST_PAGE = 1000
 BULK_GET = 100
 BULK_PUT = 10_000
 CLOUDFLARE_LIMIT = (1200, 300.0)  # requests per seconds, per token, shared by every tool
+MAX_RETRY_AFTER_S = 600.0  # a retry-after is honoured up to this (Cloudflare blocks for 300 s)
 
 
 class SyncError(Exception):
     """A pass could not complete; nothing of it was applied."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refused request, if that was the cause
 
 
 class KVError(Exception):
@@ -112,12 +117,19 @@ def load_sync_settings(config: dict, source: str, api_base: str | None = None,
             full_interval_s=section.number("full_interval_s", defaults.full_interval_s,
                                            minimum=1),
             request_budget=section.integer("request_budget", defaults.request_budget, minimum=10),
-            node_id=section.optional_text("node_id"),
+            node_id=_node_id(section),
             push_usage=push,
             max_attempts=section.integer("max_attempts", defaults.max_attempts, minimum=1),
             timeout_s=section.number("timeout_s", defaults.timeout_s, minimum=1),
         ),
     )
+
+
+def _node_id(section: Section) -> str | None:
+    node = section.optional_text("node_id")
+    if node is not None and ":" in node:  # usage keys are aigw:usage:{node}:{month}:...
+        raise section.error("node_id", f"must not contain ':', not {node!r}")
+    return node
 
 
 class RequestBudget:
@@ -177,12 +189,8 @@ class KVClient:
             params["cursor"] = cursor
         if prefix:
             params["prefix"] = prefix
-        body = self._json("GET", "/keys", params=params)
-        result = body.get("result")
-        if not isinstance(result, list):
-            raise KVError("listing page without a result list", retryable=True)
-        info = body.get("result_info") or {}
-        return result, (info.get("cursor") or None)
+        body = self._json("GET", "/keys", check=_check_page, params=params)
+        return body["result"], (body["result_info"].get("cursor") or None)
 
     def list_all(self, prefix: str = "", progress: Callable[[int], None] | None = None
                  ) -> list[dict]:
@@ -199,12 +207,9 @@ class KVClient:
 
     def bulk_get(self, names: list[str]) -> dict[str, Any]:
         """{name: {"value": text, "metadata": ...} | None} for up to 100 names."""
-        body = self._json("POST", "/bulk/get",
+        body = self._json("POST", "/bulk/get", check=_check_values,
                           json={"keys": names, "type": "text", "withMetadata": True})
-        values = (body.get("result") or {}).get("values")
-        if not isinstance(values, dict):
-            raise KVError("bulk get without values", retryable=True)
-        return values
+        return body["result"]["values"]
 
     def get(self, name: str) -> bytes | None:
         response = self._send("GET", f"/values/{quote(name, safe='')}", allow_404=True)
@@ -222,7 +227,10 @@ class KVClient:
 
     # --- transport -------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> dict:
+    def _json(self, method: str, path: str, check: Callable[[dict], str | None] | None = None,
+              **kwargs: Any) -> dict:
+        """The envelope of a successful answer; `check` names what is missing from a malformed
+        one (retried like any other fault)."""
         for attempt in range(self._settings.max_attempts):
             try:
                 response = self._send(method, path, **kwargs)
@@ -233,6 +241,10 @@ class KVClient:
                     raise KVError(f"{method} {path}: malformed JSON", retryable=True) from None
                 if not isinstance(body, dict) or body.get("success") is not True:
                     raise KVError(f"{method} {path}: {_errors(body)}", retryable=True)
+                problem = check(body) if check is not None else None
+                if problem:
+                    raise KVError(f"{method} {path}: malformed answer: {problem}",
+                                  retryable=True)
                 return body
             except KVError as exc:
                 self._backoff(exc, attempt, method, path)
@@ -267,14 +279,33 @@ class KVClient:
     def _backoff(self, exc: KVError, attempt: int, method: str, path: str) -> None:
         if not exc.retryable or attempt + 1 >= self._settings.max_attempts:
             if exc.retryable:
-                raise SyncError(f"{exc} (gave up after {attempt + 1} attempts)") from None
-            raise SyncError(str(exc)) from None
+                raise SyncError(f"{exc} (gave up after {attempt + 1} attempts)",
+                                exc.status) from None
+            raise SyncError(str(exc), exc.status) from None
         delay = min(self._settings.max_backoff_s, 0.5 * 2**attempt)
-        if exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, self._settings.max_backoff_s))
+        if exc.retry_after is not None:  # retrying sooner only meets the limit again
+            delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
         log.warning("%s; retrying in %.1fs (attempt %d of %d)", exc, delay, attempt + 2,
                     self._settings.max_attempts)
         self._sleep(delay)
+
+
+def _check_page(body: dict) -> str | None:
+    """A listing page must say whether more follow: taking a page without `result_info` for
+    the last one would delete every key after it."""
+    result, info = body.get("result"), body.get("result_info")
+    if not isinstance(result, list):
+        return "no result list"
+    if not isinstance(info, dict):
+        return "no result_info"
+    return None
+
+
+def _check_values(body: dict) -> str | None:
+    result = body.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("values"), dict):
+        return "no result.values"
+    return None
 
 
 def _body(response: httpx.Response) -> Any:
@@ -418,7 +449,15 @@ class Replicator:
         singles: list[str] = []
         for start in range(0, len(names), BULK_GET):
             batch = names[start:start + BULK_GET]
-            for name, entry in self.client.bulk_get(batch).items():
+            try:
+                answer = self.client.bulk_get(batch)
+            except SyncError as exc:
+                if exc.status != 400:
+                    raise
+                # Bulk get refuses a batch holding a value it cannot return (not text, e.g.
+                # binary): one by one, so one such value does not stop every pass.
+                answer = dict.fromkeys(batch)
+            for name, entry in answer.items():
                 value = entry.get("value") if isinstance(entry, dict) else entry
                 if isinstance(value, str):
                     values[name] = value.encode()
