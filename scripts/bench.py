@@ -9,12 +9,25 @@
    bare, addon, ...) because this machine is noisy. Prints req/s per round, the medians and the
    ratio addon/bare. Target: ratio >= 0.95. Afterwards the store's ledger must have metered every
    request the load generator sent through the addon.
+3. Streams: a long OpenAI chat-completions SSE stream (N content events with `"usage": null`, then
+   the usage event the client asked for with include_usage) from the same upstream through bare
+   mitmdump (`--set stream_large_bodies=1`: bare mitmdump otherwise buffers the whole body) and
+   mitmdump with the addon, in interleaved rounds: time to first body byte and total time, as the
+   client sees them. Targets: throughput (bytes/s) addon/bare >= 0.95 and < 1 ms added to the
+   median time to first byte. Then a 100 MB stream through the addon while mitmdump's RSS is
+   sampled every 50 ms: target a peak increase < 50 MB (flat: a buffering proxy grows by 100+ MB).
+   The ledger must hold every stream's usage event, to the token.
+4. Sync: the fake Cloudflare KV API (tests/support/fake_kv.py, in its own process) serving a
+   100,000-key namespace in the Workers gateway layout, nine records in ten version-stamped as aigw
+   writes them: a full pass into a fresh store, then an incremental pass after 1% of the stamped
+   records changed: requests, seconds, keys fetched (no target: figures to report).
 
 Everything stays on loopback, is bounded in time and count, and cleans up its processes and
 temporary directories. Exit status: 0 when every target is met, 1 when one is missed, 2 when a run
 was invalid (non-200 answers, the ledger did not meter the addon's requests, a process failed).
 
-Internal modes (used by the benchmark itself): `_upstream` (the fake provider) and `_loadgen`.
+Internal modes (used by the benchmark itself): `_upstream` (the fake provider), `_loadgen`,
+`_streamclient` and `_fakekv`.
 Only the standard library is imported at module level, so those processes start fast.
 """
 
@@ -33,8 +46,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -46,6 +62,12 @@ if str(ROOT) not in sys.path:
 
 HOT_P99_TARGET_US = 50.0
 RATIO_TARGET = 0.95
+STREAM_RATIO_TARGET = 0.95
+TTFB_ADDED_TARGET_MS = 1.0
+RSS_GROWTH_LIMIT_MB = 50.0
+BIG_STREAM_CUT = 16_384  # the 100 MB stream comes in HTTP chunks of 16 KiB, events split anywhere
+SYNC_ORGS, SYNC_USERS = 100, 1_000
+SYNC_CHANGED = 0.01
 PROVIDER_ENV = "AIGW_BENCH_OPENAI_KEY"
 PROVIDER_SECRET = "sk-bench-provider-fake"
 BENCH_KEY = "gw_live_" + "b" * 32
@@ -97,9 +119,15 @@ class Settings:
     duration: float = 5.0
     round_warmup: float = 0.5
     rounds: int = 5
+    stream_events: int = 10_000
+    stream_rounds: int = 5
+    streams_per_round: int = 5
+    stream_mb: int = 100
+    sync_keys: int = 100_000
 
 
-QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2)
+QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2,
+                 stream_events=2_000, stream_rounds=2, stream_mb=20, sync_keys=10_000)
 
 
 @dataclass
@@ -512,7 +540,8 @@ def throughput(s: Settings, report: Report) -> None:
             procs.stop_all()
 
 
-def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
+def start_upstream(procs: Processes) -> int:
+    """The fake provider (`_upstream`) on an ephemeral loopback port."""
     upstream = procs.start("upstream", [sys.executable, str(Path(__file__).resolve()),
                                         "_upstream"],
                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT, text=True)
@@ -520,10 +549,21 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
     line = upstream.stdout.readline().strip()
     if not line.isdigit():
         raise RuntimeError(f"upstream did not start: {line!r}")
-    up_port = int(line)
+    return int(line)
 
-    store_path = tmp / "store"
-    _org, _user, key_id = seed_throughput_store(store_path)
+
+@dataclass
+class Proxy:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+
+def start_proxies(procs: Processes, tmp: Path, store_path: Path,
+                  bare_extra: list[str]) -> tuple[Proxy, Proxy]:
+    """Bare mitmdump (with `bare_extra` options) and mitmdump with the addon on `store_path`,
+    both listening on loopback."""
     config = tmp / "mitm.yaml"
     config.write_text(THROUGHPUT_CONFIG % {"store": store_path, "env": PROVIDER_ENV})
     env = {**os.environ, PROVIDER_ENV: PROVIDER_SECRET}
@@ -533,14 +573,33 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
     bare_log, addon_log = tmp / "bare.log", tmp / "addon.log"
     (tmp / "confdir-bare").mkdir()
     (tmp / "confdir-addon").mkdir()
-    bare = start_mitmdump(procs, "bare mitmdump", bare_port, tmp / "confdir-bare", bare_log, [],
-                          env)
+    bare = start_mitmdump(procs, "bare mitmdump", bare_port, tmp / "confdir-bare", bare_log,
+                          bare_extra, env)
     addon = start_mitmdump(procs, "mitmdump with the addon", addon_port, tmp / "confdir-addon",
                            addon_log,
                            ["-s", str(ROOT / "addon" / "gateway.py"),
                             "--set", f"aigw_config={config}"], env)
     wait_listening(bare_port, bare, "bare mitmdump", bare_log)
     wait_listening(addon_port, addon, "mitmdump with the addon", addon_log)
+    return (Proxy("bare", bare_port, bare, bare_log), Proxy("addon", addon_port, addon, addon_log))
+
+
+def show_logs(*proxies: Proxy) -> None:
+    for proxy in proxies:
+        text = proxy.log.read_text(errors="replace").strip()
+        if text:
+            say(f"-- {proxy.name} mitmdump log (last lines) --")
+            for row in text.splitlines()[-10:]:
+                say(f"   {row}")
+
+
+def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
+    up_port = start_upstream(procs)
+    store_path = tmp / "store"
+    _org, _user, key_id = seed_throughput_store(store_path)
+    bare_proxy, addon_proxy = start_proxies(procs, tmp, store_path, [])
+    bare, addon = bare_proxy.proc, addon_proxy.proc
+    bare_port, addon_port = bare_proxy.port, addon_proxy.port
     say(f"upstream 127.0.0.1:{up_port}; bare mitmdump :{bare_port}; "
         f"mitmdump -s addon/gateway.py :{addon_port}")
 
@@ -579,12 +638,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
                 f"x-gateway-* headers: they did not go through the gateway")
     procs.stop(addon)
     procs.stop(bare)
-    for name, log in (("bare", bare_log), ("addon", addon_log)):
-        text = log.read_text(errors="replace").strip()
-        if text:
-            say(f"-- {name} mitmdump log (last lines) --")
-            for row in text.splitlines()[-10:]:
-                say(f"   {row}")
+    show_logs(bare_proxy, addon_proxy)
 
     bare_med, addon_med = _median(rates["bare"]), _median(rates["addon"])
     ratio = addon_med / bare_med if bare_med else 0.0
@@ -627,6 +681,520 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+# --- 3. streams ------------------------------------------------------------------------------
+
+STREAM_PROMPT_TOKENS = 14
+STREAM_WORDS = (" The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog",
+                ".", " Stream", "ing", " token", " by", " token", ",")
+STREAM_CHUNK = {"id": "chatcmpl-bench-stream", "object": "chat.completion.chunk",
+                "created": 1700000000, "model": "gpt-4o-mini-2024-07-18",
+                "service_tier": "default", "system_fingerprint": "fp_bench"}
+# gpt-4o-mini in THROUGHPUT_CONFIG: $0.15 and $0.60 per 1M tokens, in nano-dollars a token
+STREAM_INPUT_NUSD, STREAM_OUTPUT_NUSD = 150, 600
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _sse_chunk(delta: dict, finish: str | None = None) -> bytes:
+    return _sse({**STREAM_CHUNK, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish}], "usage": None})
+
+
+def sse_events(n: int) -> Iterator[bytes]:
+    """An OpenAI chat-completions stream as the API sends it when the client asked for
+    `stream_options.include_usage`: a role event, `n` content events (each with `"usage": null`),
+    the finish event, the usage event (`choices: []`), then `[DONE]`."""
+    yield _sse_chunk({"role": "assistant", "content": "", "refusal": None})
+    words = [_sse_chunk({"content": word}) for word in STREAM_WORDS]
+    for i in range(n):
+        yield words[i % len(words)]
+    yield _sse_chunk({}, "stop")
+    yield _sse({**STREAM_CHUNK, "choices": [], "usage": {
+        "prompt_tokens": STREAM_PROMPT_TOKENS, "completion_tokens": n,
+        "total_tokens": STREAM_PROMPT_TOKENS + n,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0}}})
+    yield b"data: [DONE]\n\n"
+
+
+def sse_digest(n: int) -> tuple[int, int]:
+    """(length, crc32) of the stream's body."""
+    length = crc = 0
+    for event in sse_events(n):
+        length += len(event)
+        crc = zlib.crc32(event, crc)
+    return length, crc
+
+
+def events_for_bytes(target: int) -> int:
+    sizes = [len(_sse_chunk({"content": word})) for word in STREAM_WORDS]
+    return max(1, math.ceil(target * len(sizes) / sum(sizes)))
+
+
+def http_chunks(n: int, cut: int) -> Iterator[bytes]:
+    """The stream in HTTP/1.1 chunked framing: one chunk an event (cut <= 0, as providers flush
+    token by token), or chunks of `cut` bytes that split events anywhere."""
+    if cut <= 0:
+        for event in sse_events(n):
+            yield b"%x\r\n" % len(event) + event + b"\r\n"
+    else:
+        pending = bytearray()
+        for event in sse_events(n):
+            pending += event
+            while len(pending) >= cut:
+                yield b"%x\r\n" % cut + bytes(pending[:cut]) + b"\r\n"
+                del pending[:cut]
+        if pending:
+            yield b"%x\r\n" % len(pending) + bytes(pending) + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def proc_status_mb(pid: int, field_name: str) -> float | None:
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM) in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class RssSampler:
+    """VmRSS of a process every `interval` seconds, in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            value = proc_status_mb(self.pid, "VmRSS")
+            if value is not None:
+                self.samples.append(value)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_stream_client(proxy_port: int, upstream_port: int, key: str, events: int, cut: int,
+                      streams: int, warmup: int, timeout: float) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "_streamclient",
+            "--proxy-port", str(proxy_port), "--upstream-port", str(upstream_port),
+            "--key", key, "--events", str(events), "--cut", str(cut), "--streams", str(streams),
+            "--warmup", str(warmup), "--timeout", str(timeout)]
+    done = subprocess.run(argv, capture_output=True, text=True,
+                          timeout=(streams + warmup) * timeout + 30, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"stream client failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stream_ledger(path: Path, key_id: str) -> tuple[list, int, int, int]:
+    """The key's usage records, its month's cost and request count, reservations left."""
+    from store import Store
+    from store.money import month_of, utc_now
+
+    store = Store(path)
+    try:
+        entries = [e for e in store.ledger.log_entries() if e.key_id == key_id]
+        (counter,) = store.ledger.counters([("key", key_id)], month_of(utc_now()))
+        return entries, counter.used_nusd, counter.requests, len(store.ledger.reservations())
+    finally:
+        store.close()
+
+
+def streams(s: Settings, report: Report) -> None:
+    size = sse_digest(s.stream_events)[0]
+    say(f"== streams: a chat-completions SSE stream of {s.stream_events:,} content events "
+        f"({size / 1e6:.2f} MB, one event an HTTP chunk, the client asking include_usage) through "
+        f"bare mitmdump and mitmdump with the addon; {s.streams_per_round} streams a round on "
+        f"one keep-alive connection (after one warm-up stream), {s.stream_rounds} rounds each, "
+        f"interleaved; then {s.stream_mb} MB through the addon, its RSS sampled every 50 ms ==")
+    say("note: bare mitmdump buffers a whole response before sending it on (a client would see "
+        "an SSE stream's first byte only at its end), so it runs with --set "
+        "stream_large_bodies=1 here; the addon streams SSE itself, without that option")
+    procs = Processes()
+    with tempfile.TemporaryDirectory(prefix="aigw-bench-stream-") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            _streams(s, report, procs, tmp, size)
+        finally:
+            procs.stop_all()
+
+
+def _streams(s: Settings, report: Report, procs: Processes, tmp: Path, size: int) -> None:
+    up_port = start_upstream(procs)
+    store_path = tmp / "store"
+    _org, _user, key_id = seed_throughput_store(store_path)
+    bare, addon = start_proxies(procs, tmp, store_path, ["--set", "stream_large_bodies=1"])
+    say(f"upstream 127.0.0.1:{up_port}; bare mitmdump --set stream_large_bodies=1 :{bare.port}; "
+        f"mitmdump -s addon/gateway.py :{addon.port}")
+    timeout = 60.0
+    figures: dict[str, dict[str, list[float]]] = {
+        kind: {"ttfb": [], "total": [], "rate": [], "cpu": [], "round_ttfb": []}
+        for kind in ("bare", "addon")}
+    metered: list[int] = []  # content events of each stream answered through the addon
+    for n, proxy in enumerate([bare, addon] * s.stream_rounds, start=1):
+        key = BENCH_KEY if proxy is addon else "sk-bench-client-fake"
+        cpu_before = cpu_seconds(proxy.proc.pid)
+        r = run_stream_client(proxy.port, up_port, key, s.stream_events, 0, s.streams_per_round,
+                              1, timeout)
+        cpu_after = cpu_seconds(proxy.proc.pid)
+        if proxy is addon:
+            metered += [s.stream_events] * r["answered"]
+        if r["errors"]:
+            report.invalid = True
+            say(f"!! round {n} ({proxy.name}): {r['errors']}")
+        if not r["total_s"]:
+            continue
+        ttfb, total = _median(r["ttfb_ms"]), _median(r["total_s"])
+        rate = size / total
+        f = figures[proxy.name]
+        f["ttfb"] += r["ttfb_ms"]
+        f["round_ttfb"].append(ttfb)
+        f["total"] += r["total_s"]
+        f["rate"].append(rate)
+        cpu_note = ""
+        if cpu_before is not None and cpu_after is not None and r["bytes"]:
+            f["cpu"].append((cpu_after - cpu_before) / (r["bytes"] / 1e6) * 1e3)
+            cpu_note = f"  mitmdump CPU {f['cpu'][-1]:5.0f} ms/MB"
+        note = ""
+        if proxy is addon:
+            note = f"  ({r['gateway_headers']} of {r['answered']} with x-gateway-* headers)"
+            if r["gateway_headers"] != r["answered"]:
+                report.invalid = True
+                say(f"!! round {n}: {r['answered'] - r['gateway_headers']} addon streams had no "
+                    f"x-gateway-* headers: they did not go through the gateway")
+        say(f"round {n:2d}  {proxy.name:<5} first byte p50 {ttfb:6.2f} ms   total p50 "
+            f"{total * 1e3:7.1f} ms   {rate / 1e6:6.2f} MB/s{cpu_note}{note}")
+
+    b, a = figures["bare"], figures["addon"]
+    rate_bare, rate_addon = _median(b["rate"]), _median(a["rate"])
+    ratio = rate_addon / rate_bare if rate_bare else 0.0
+    ttfb_bare, ttfb_addon = _median(b["ttfb"]), _median(a["ttfb"])
+    added = ttfb_addon - ttfb_bare
+    total_bare, total_addon = _median(b["total"]), _median(a["total"])
+    ratio_ok = ratio >= STREAM_RATIO_TARGET
+    ttfb_ok = bool(b["ttfb"] and a["ttfb"]) and added < TTFB_ADDED_TARGET_MS
+    report.failed |= not (ratio_ok and ttfb_ok)
+    spread = "; ".join(f"{k} {min(v['rate']) / 1e6:.2f}-{max(v['rate']) / 1e6:.2f}"
+                       for k, v in figures.items() if v["rate"])
+    say(f"median: bare {rate_bare / 1e6:.2f} MB/s, addon {rate_addon / 1e6:.2f} MB/s (range "
+        f"{spread}); total time p50 bare {total_bare * 1e3:.1f} ms, addon "
+        f"{total_addon * 1e3:.1f} ms")
+    say(f"throughput ratio addon/bare {ratio:.3f} (target >= {STREAM_RATIO_TARGET}): "
+        f"{'PASS' if ratio_ok else 'FAIL'}")
+    say(f"first byte p50 over {len(b['ttfb'])} + {len(a['ttfb'])} streams: bare "
+        f"{ttfb_bare:.2f} ms, addon {ttfb_addon:.2f} ms: {added:+.2f} ms "
+        f"(target < {TTFB_ADDED_TARGET_MS:g} ms added): {'PASS' if ttfb_ok else 'FAIL'}")
+    if b["round_ttfb"] and a["round_ttfb"]:
+        noise = max(max(v) - min(v) for v in (b["round_ttfb"], a["round_ttfb"]))
+        say(f"   (per-round first-byte p50: bare {min(b['round_ttfb']):.2f}-"
+            f"{max(b['round_ttfb']):.2f} ms, addon {min(a['round_ttfb']):.2f}-"
+            f"{max(a['round_ttfb']):.2f} ms: rounds of one proxy differ by up to {noise:.2f} ms "
+            f"here, so read a difference below that as noise)")
+    cpu_bare, cpu_addon = _median(b["cpu"]), _median(a["cpu"])
+    if cpu_bare and cpu_addon:
+        say(f"mitmdump CPU per MB streamed (less noisy than MB/s): bare {cpu_bare:.0f} ms, addon "
+            f"{cpu_addon:.0f} ms ({cpu_addon / cpu_bare - 1:+.1%}); "
+            f"bare CPU / addon CPU = {cpu_bare / cpu_addon:.3f}")
+
+    # The 100 MB stream: mitmdump's resident memory must stay flat.
+    big_events = events_for_bytes(s.stream_mb * 1_000_000)
+    big_size = sse_digest(big_events)[0]
+    pid = addon.proc.pid
+    time.sleep(0.5)
+    before = proc_status_mb(pid, "VmRSS")
+    hwm_before = proc_status_mb(pid, "VmHWM")
+    with RssSampler(pid) as sampler:
+        r = run_stream_client(addon.port, up_port, BENCH_KEY, big_events, BIG_STREAM_CUT, 1, 0,
+                              600.0)
+    after = proc_status_mb(pid, "VmRSS")
+    hwm_after = proc_status_mb(pid, "VmHWM")
+    metered += [big_events] * r["answered"]
+    big_ok = False
+    growth = 0.0
+    if r["errors"] or not r["total_s"]:
+        report.invalid = True
+        say(f"!! {s.stream_mb} MB stream: {r['errors'] or 'not completed'}")
+    elif before is None or not sampler.samples:
+        report.invalid = True
+        say(f"!! could not read /proc/{pid}/status: no RSS figures")
+    else:
+        peak = max(sampler.samples)
+        growth = peak - before
+        big_ok = growth < RSS_GROWTH_LIMIT_MB
+        total = r["total_s"][0]
+        say(f"{big_size / 1e6:.1f} MB stream through the addon ({big_events:,} content events in "
+            f"{BIG_STREAM_CUT // 1024} KiB HTTP chunks, events split anywhere): {total:.1f} s, "
+            f"{big_size / total / 1e6:.1f} MB/s, first byte {r['ttfb_ms'][0]:.2f} ms")
+        hwm = (f"; kernel high-water mark VmHWM {hwm_before:.1f} -> {hwm_after:.1f} MB"
+               if hwm_before is not None and hwm_after is not None else "")
+        say(f"mitmdump RSS: before {before:.1f} MB, peak {peak:.1f} MB over "
+            f"{len(sampler.samples)} samples, after {after or 0:.1f} MB{hwm}")
+        say(f"peak RSS increase {growth:+.1f} MB (target < {RSS_GROWTH_LIMIT_MB:.0f} MB; a proxy "
+            f"buffering the body would grow by {big_size / 1e6:.0f}+ MB): "
+            f"{'PASS' if big_ok else 'FAIL'}")
+    report.failed |= not big_ok
+
+    procs.stop(addon.proc)
+    procs.stop(bare.proc)
+    show_logs(bare, addon)
+    entries, used_nusd, requests, in_flight = stream_ledger(store_path, key_id)
+    want = Counter((n, STREAM_PROMPT_TOKENS, False) for n in metered)
+    got = Counter((e.output, e.input, e.estimated) for e in entries)
+    want_nusd = sum(STREAM_PROMPT_TOKENS * STREAM_INPUT_NUSD + n * STREAM_OUTPUT_NUSD
+                    for n in metered)
+    match = got == want and used_nusd == want_nusd and requests == len(metered) and not in_flight
+    say(f"ledger: key {key_id} has {len(entries)} usage records, {requests} requests, "
+        f"${used_nusd / 1e9:.6f}; the client got {len(metered)} streams through the addon "
+        f"({STREAM_PROMPT_TOKENS} input + the streamed content events as output tokens each, "
+        f"none estimated: ${want_nusd / 1e9:.6f}); reservations left: {in_flight}: "
+        f"{'OK' if match else 'MISMATCH'}")
+    if not match:
+        report.invalid = True
+        say(f"!! ledger (output, input, estimated) counts {dict(got)}, expected {dict(want)}")
+
+    report.lines.append(
+        f"| stream: throughput addon / bare, median of {s.stream_rounds} interleaved rounds "
+        f"({s.stream_events:,} events, {size / 1e6:.1f} MB) | {rate_addon / 1e6:.2f} / "
+        f"{rate_bare / 1e6:.2f} MB/s = {ratio:.3f} | >= {STREAM_RATIO_TARGET} "
+        f"| {'PASS' if ratio_ok else 'FAIL'} |")
+    report.lines.append(
+        f"| stream: time to first byte p50 addon / bare | {ttfb_addon:.2f} / {ttfb_bare:.2f} ms "
+        f"({added:+.2f} ms) | < {TTFB_ADDED_TARGET_MS:g} ms added "
+        f"| {'PASS' if ttfb_ok else 'FAIL'} |")
+    report.lines.append(
+        f"| stream: total time p50 addon / bare | {total_addon * 1e3:.1f} / "
+        f"{total_bare * 1e3:.1f} ms | - | |")
+    if cpu_bare and cpu_addon:
+        report.lines.append(
+            f"| stream: mitmdump CPU per MB addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} ms "
+            f"| - | |")
+    if before is not None and sampler.samples:
+        report.lines.append(
+            f"| stream: mitmdump RSS on a {s.stream_mb} MB stream, before / peak | "
+            f"{before:.1f} / {max(sampler.samples):.1f} MB ({growth:+.1f} MB) "
+            f"| < {RSS_GROWTH_LIMIT_MB:.0f} MB increase | {'PASS' if big_ok else 'FAIL'} |")
+
+
+# --- 4. sync ---------------------------------------------------------------------------------
+
+
+def sync_namespace(keys: int, orgs: int, users: int) -> tuple[list[dict], dict[str, int]]:
+    """A namespace in the Workers gateway layout: `orgs` org configs, `users` user configs and
+    the rest `apikey:{hash}` records. Nine records in ten as aigw writes them (its version stamp
+    in the KV metadata), one in ten as the Workers gateway does (no metadata; keys of its
+    three-level version)."""
+    from store.hashing import hash_key
+    from store.records import apikey_key, org_config_key, user_config_key
+    from store.replication import STAMP, stamp_of
+
+    created = "2025-01-02T00:00:00Z"
+    items: list[dict] = []
+
+    def add(key: str, record: dict, stamped: bool) -> None:
+        text = json.dumps(record, separators=(",", ":"))
+        item: dict = {"key": key, "value": text}
+        if stamped:
+            item["metadata"] = {STAMP: stamp_of(text.encode())}
+        items.append(item)
+
+    for o in range(orgs):
+        add(org_config_key(f"org_{o}"), {**org_record(f"org_{o}", 1e6), "created_at": created},
+            len(items) % 10 != 0)
+    for u in range(users):
+        add(user_config_key(f"user_{u}"),
+            {**user_record(f"user_{u}", f"org_{u % orgs}", 1e5), "created_at": created},
+            len(items) % 10 != 0)
+    for i in range(keys - orgs - users):
+        user, org = f"user_{i % users}", f"org_{i % users % orgs}"
+        key_hash = hash_key(raw_key(i))
+        stamped = len(items) % 10 != 0
+        if stamped:
+            record = {**key_record(f"key_{i}", user, org, 100.0), "created_at": created}
+        else:
+            record = {"key_id": f"key_{i}", "key_hash": key_hash, "org_id": org,
+                      "user": {"user_id": user, "email": f"{user}@bench.example"},
+                      "name": "ci", "monthly_limit_usd": 100, "status": "active",
+                      "created_at": created}
+        add(apikey_key(key_hash), record, stamped)
+    kinds = {"orgs": orgs, "users": users, "apikeys": keys - orgs - users,
+             "stamped": sum(1 for item in items if "metadata" in item)}
+    return items, kinds
+
+
+class FakeKVProcess:
+    """The `_fakekv` subprocess: one JSON line per command on its stdin."""
+
+    def __init__(self, procs: Processes, keys: int, log: Path) -> None:
+        with log.open("wb") as err:
+            self.proc = procs.start(
+                "fake KV", [sys.executable, str(Path(__file__).resolve()), "_fakekv",
+                            "--keys", str(keys), "--orgs", str(SYNC_ORGS),
+                            "--users", str(SYNC_USERS)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=ROOT, text=True)
+        self.log = log
+        self.info = self._answer(120.0)
+
+    def _answer(self, timeout: float) -> dict:
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the fake KV process did not answer (exit {self.proc.poll()})"
+                               f"\n{tail}")
+        return json.loads(line)
+
+    def call(self, command: str, timeout: float = 60.0) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer(timeout)
+
+
+def sync_bench(s: Settings, report: Report) -> None:
+    say(f"== sync: a {s.sync_keys:,}-key namespace in the Workers gateway layout from the fake "
+        f"Cloudflare KV API (tests/support/fake_kv.py, in its own process, on loopback): a full "
+        f"pass into a fresh store, then an incremental pass after {SYNC_CHANGED:.0%} of the "
+        f"stamped records changed ==")
+    procs = Processes()
+    with tempfile.TemporaryDirectory(prefix="aigw-bench-sync-") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            _sync(s, report, procs, tmp)
+        finally:
+            procs.stop_all()
+
+
+def _sync(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
+    from store import Store
+    from store.replication import (
+        CloudflareSettings,
+        KVClient,
+        Replicator,
+        RequestBudget,
+        SyncSettings,
+        stamp_of,
+    )
+
+    fake = FakeKVProcess(procs, s.sync_keys, tmp / "fakekv.log")
+    info = fake.info
+    kinds = info["kinds"]
+    keys = info["keys"]
+    say(f"fake KV: {keys:,} keys ({kinds['orgs']:,} orgs, {kinds['users']:,} users, "
+        f"{kinds['apikeys']:,} apikey records; {kinds['stamped']:,} version-stamped as aigw "
+        f"writes them, {keys - kinds['stamped']:,} without a stamp as the Workers gateway "
+        f"writes them), built and loaded in {info['load_s']:.1f} s")
+    default_budget = SyncSettings().request_budget
+    unthrottled = 1_000_000
+    settings = SyncSettings(node_id="bench-node", request_budget=unthrottled)
+    cf = CloudflareSettings(info["account_id"], info["namespace_id"], info["token"],
+                            info["api_base"])
+    budget = RequestBudget(unthrottled, settings.budget_window_s)
+    store = Store(tmp / "store")
+    try:
+        with KVClient(cf, settings, budget=budget) as client:
+            replicator = Replicator(store, client, settings)
+
+            def timed_pass(full: bool):
+                fake.call("reset")
+                wall, cpu = time.perf_counter(), time.process_time()
+                summary = replicator.sync_once(full=full)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                return summary, wall, cpu, fake.call("stats")
+
+            full, full_wall, full_cpu, full_stats = timed_pass(True)
+            counts = store.records.count()
+            stamps = store.records.stamps()
+            full_ok = (full.listed == keys and full.fetched == keys and full.changed == keys
+                       and counts["orgs"] == kinds["orgs"] and counts["users"] == kinds["users"]
+                       and counts["apikeys"] == kinds["apikeys"] and len(stamps) == keys
+                       and sum(1 for v in stamps.values() if v) == kinds["stamped"]
+                       and full.requests == full_stats["requests"])
+            say(f"full pass:        {pass_line(full, full_wall, full_cpu, full_stats, keys)}")
+            say(f"                  store: {counts['orgs']:,} orgs, {counts['users']:,} users, "
+                f"{counts['apikeys']:,} keys, {len(stamps):,} stamps: "
+                f"{'OK' if full_ok else 'MISMATCH'}")
+            if not full_ok:
+                report.invalid = True
+                say(f"!! full pass: {full.line()}; store {counts}; fake saw "
+                    f"{full_stats['requests']} requests")
+
+            changed = fake.call(f"change {SYNC_CHANGED}")["changed"]
+            inc, inc_wall, inc_cpu, inc_stats = timed_pass(False)
+            stamps = store.records.stamps()
+            wrong = [name for name, value in changed.items()
+                     if store.records.get(name) != value.encode()
+                     or stamps.get(name) != stamp_of(value.encode())]
+            inc_ok = (not wrong and inc.fetched == len(changed) and inc.changed == len(changed)
+                      and inc.deleted == 0 and inc.requests == inc_stats["requests"])
+            say(f"{len(changed):,} stamped records changed in the fake ({len(changed) / keys:.2%} "
+                f"of the keys, {len(changed) / kinds['stamped']:.1%} of the stamped ones), new "
+                f"values and new stamps")
+            say(f"incremental pass: {pass_line(inc, inc_wall, inc_cpu, inc_stats, keys)}")
+            say(f"                  fetched {inc.fetched:,} = {inc.fetched / keys:.2%} of the "
+                f"keys; every changed value and stamp in the store: "
+                f"{'OK' if not wrong else f'{len(wrong)} WRONG'}")
+            if not inc_ok:
+                report.invalid = True
+                say(f"!! incremental pass: {inc.line()}; {len(wrong)} changed records not "
+                    f"replicated; fake saw {inc_stats['requests']} requests")
+    finally:
+        store.close()
+
+    window = settings.budget_window_s
+    spread = (full.requests - 1) // default_budget * window
+    say(f"request budget: this run allowed {unthrottled:,} requests per {window:.0f} s, so "
+        f"nothing was throttled; at the default {default_budget} per {window / 60:.0f} minutes "
+        f"the full pass's {full.requests:,} requests "
+        + (f"would be spread over >= {spread:.0f} s (the budget waits out the window)" if spread
+           else "fit in one window (no wait)"))
+    default_interval = SyncSettings().interval_s
+    per_window = window / default_interval * inc.requests
+    say(f"an incremental pass every {default_interval:.0f} s (the default interval) would "
+        f"use {per_window:,.0f} requests per {window / 60:.0f} minutes against the default "
+        f"budget of {default_budget}: "
+        + ("within it" if per_window <= default_budget else
+           f"over it: the budget would hold the passes back to one every "
+           f"{window * inc.requests / default_budget:.0f} s on average"))
+    report.lines.append(
+        f"| sync: full pass, {keys:,} keys | {full_wall:.1f} s, {full.requests:,} requests "
+        f"({keys / max(full.requests, 1):.0f} keys/request) | - | |")
+    report.lines.append(
+        f"| sync: incremental pass, {len(changed):,} stamped records changed | {inc_wall:.2f} s, "
+        f"{inc.requests:,} requests, {inc.fetched:,} fetched ({inc.fetched / keys:.2%} of keys) "
+        f"| - | |")
+
+
+def pass_line(summary, wall: float, cpu: float, stats: dict, keys: int) -> str:
+    ops = ", ".join(f"{n:,} {op.replace('_', ' ')}" for op, n in sorted(
+        stats["ops"].items(), key=lambda kv: -kv[1]))
+    return (f"listed {summary.listed:,}, fetched {summary.fetched:,}, changed "
+            f"{summary.changed:,}, deleted {summary.deleted:,} in {wall:.2f} s (the pass "
+            f"{summary.duration_s:.2f} s + its LMDB transaction {wall - summary.duration_s:.2f} s; "
+            f"sync CPU {cpu:.2f} s); {summary.requests:,} requests ({ops}) = "
+            f"{keys / max(summary.requests, 1):.0f} keys per request")
+
+
+
 # --- internal mode: the upstream (a fake OpenAI answering chat completions) -------------------
 
 
@@ -636,16 +1204,61 @@ def upstream_main() -> None:
           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     missing = (b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
                b"content-length: 2\r\n\r\n{}")
+    sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
 
     class Upstream(asyncio.Protocol):
-        """HTTP/1.1 keep-alive; requests carry a content-length (mitmproxy sends one here)."""
+        """HTTP/1.1 keep-alive; requests carry a content-length (mitmproxy sends one here).
+        A request with `x-bench-stream: EVENTS CUT` is answered with an SSE stream
+        (`http_chunks`), written as fast as the connection takes it (flow control honoured)."""
 
         def connection_made(self, transport) -> None:
             self.transport = transport
             self.buffer = bytearray()
+            self.writable = asyncio.Event()
+            self.writable.set()
+            self.closed = False
+            self.streaming: asyncio.Task | None = None
+
+        def pause_writing(self) -> None:
+            self.writable.clear()
+
+        def resume_writing(self) -> None:
+            self.writable.set()
+
+        def connection_lost(self, exc) -> None:
+            self.closed = True
+            self.writable.set()
 
         def data_received(self, data: bytes) -> None:
             self.buffer += data
+            if self.streaming is None:
+                self.serve()
+
+        async def stream(self, events: int, cut: int) -> None:
+            try:
+                pieces = http_chunks(events, cut)
+                self.transport.write(sse_head + next(pieces))  # the first event at once
+                batch: list[bytes] = []
+                size = 0
+                for piece in pieces:
+                    batch.append(piece)
+                    size += len(piece)
+                    if size >= 65_536:
+                        self.transport.write(b"".join(batch))
+                        batch.clear()
+                        size = 0
+                        await self.writable.wait()
+                        await asyncio.sleep(0)
+                        if self.closed:
+                            return
+                self.transport.write(b"".join(batch))
+            finally:
+                self.streaming = None
+            if not self.closed:
+                self.serve()
+
+        def serve(self) -> None:
             while True:
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0:
@@ -659,6 +1272,14 @@ def upstream_main() -> None:
                 if len(self.buffer) < end + 4 + length:
                     return
                 del self.buffer[: end + 4 + length]
+                at = head.find(b"\r\nx-bench-stream:")
+                if at >= 0 and head.startswith(b"post /v1/chat/completions "):
+                    stop = head.find(b"\r\n", at + 2)
+                    events, cut = (int(v) for v in
+                                   head[at + 17: stop if stop >= 0 else None].split())
+                    self.streaming = asyncio.get_running_loop().create_task(
+                        self.stream(events, cut))
+                    return
                 self.transport.write(ok if head.startswith(b"post /v1/chat/completions ")
                                      else missing)
 
@@ -758,18 +1379,169 @@ def loadgen_main(argv: list[str]) -> None:
     print(json.dumps(asyncio.run(loadgen(parser.parse_args(argv)))), flush=True)
 
 
+# --- internal mode: the stream client --------------------------------------------------------
+
+
+async def stream_client(args: argparse.Namespace) -> dict:
+    """`warmup` + `streams` streams, one after the other on one keep-alive connection; for each
+    measured one the time to the first body byte and to the last, from the request's write."""
+    body = json.dumps({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": args.events, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()
+    target = f"127.0.0.1:{args.upstream_port}"
+    request = (f"POST http://{target}/v1/chat/completions HTTP/1.1\r\nHost: {target}\r\n"
+               f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
+               f"Accept: text/event-stream\r\nx-bench-stream: {args.events} {args.cut}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    want_length, want_crc = sse_digest(args.events)
+    out: dict = {"ttfb_ms": [], "total_s": [], "bytes": 0, "answered": 0, "gateway_headers": 0,
+                 "errors": []}
+    clock = time.perf_counter
+    reader, writer = await asyncio.open_connection("127.0.0.1", args.proxy_port, limit=1 << 20)
+    try:
+        for i in range(args.warmup + args.streams):
+            try:
+                async with asyncio.timeout(args.timeout):
+                    t0 = clock()
+                    writer.write(request)
+                    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                    status = head[9:12].decode()
+                    if status == "200":
+                        out["answered"] += 1
+                    if b"\r\nx-gateway-request-count:" in head:
+                        out["gateway_headers"] += 1
+                    first = None
+                    length = crc = 0
+                    at = head.find(b"\r\ncontent-length:")
+                    if b"\r\ntransfer-encoding: chunked" in head:
+                        while True:
+                            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                            if size == 0:
+                                await reader.readuntil(b"\r\n")
+                                break
+                            data = await reader.readexactly(size)
+                            if first is None:
+                                first = clock()
+                            await reader.readexactly(2)
+                            length += size
+                            crc = zlib.crc32(data, crc)
+                    elif at >= 0:  # a buffered answer (or an error)
+                        stop = head.find(b"\r\n", at + 2)
+                        left = int(head[at + 17: stop if stop >= 0 else None])
+                        while left:
+                            data = await reader.read(min(left, 1 << 16))
+                            if not data:
+                                raise asyncio.IncompleteReadError(b"", left)
+                            if first is None:
+                                first = clock()
+                            left -= len(data)
+                            length += len(data)
+                            crc = zlib.crc32(data, crc)
+                    else:
+                        raise ValueError("response without a length")
+                    done = clock()
+            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError) as exc:
+                out["errors"].append(f"stream {i + 1}: {type(exc).__name__} {exc}")
+                break
+            out["bytes"] += length
+            if status != "200" or length != want_length or crc != want_crc:
+                out["errors"].append(
+                    f"stream {i + 1}: status {status}, {length} bytes (crc {crc:08x}); the "
+                    f"upstream sent {want_length} bytes (crc {want_crc:08x})")
+                if status != "200":
+                    break
+            elif i >= args.warmup and first is not None:
+                out["ttfb_ms"].append((first - t0) * 1e3)
+                out["total_s"].append(done - t0)
+    finally:
+        writer.close()
+    return out
+
+
+def stream_client_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench.py _streamclient")
+    parser.add_argument("--proxy-port", type=int, required=True)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--events", type=int, required=True)
+    parser.add_argument("--cut", type=int, default=0)
+    parser.add_argument("--streams", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    print(json.dumps(asyncio.run(stream_client(parser.parse_args(argv)))), flush=True)
+
+
+# --- internal mode: the fake Cloudflare KV API ------------------------------------------------
+
+
+def fakekv_main(argv: list[str]) -> None:
+    """Serve the sync namespace from tests/support/fake_kv.py; print its coordinates as one JSON
+    line, then answer commands on stdin, one JSON line each: `reset` (forget request counts),
+    `stats`, `change FRACTION` (that share of the stamped records gets a new value and stamp)."""
+    parser = argparse.ArgumentParser(prog="bench.py _fakekv")
+    parser.add_argument("--keys", type=int, required=True)
+    parser.add_argument("--orgs", type=int, default=SYNC_ORGS)
+    parser.add_argument("--users", type=int, default=SYNC_USERS)
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args(argv)
+    from store.replication import STAMP, stamp_of
+    from tests.support.fake_kv import FakeKV
+
+    started = time.perf_counter()
+    items, kinds = sync_namespace(args.keys, args.orgs, args.users)
+    fake = FakeKV().start()
+    try:
+        fake.load_bulk(items)
+        values = {item["key"]: item["value"] for item in items}
+        stamped = [item["key"] for item in items if "metadata" in item]
+        del items
+        print(json.dumps({"api_base": fake.api_base, "token": fake.token,
+                          "account_id": fake.account_id, "namespace_id": fake.namespace_id,
+                          "keys": len(values), "kinds": kinds,
+                          "load_s": time.perf_counter() - started}), flush=True)
+        rng = random.Random(args.seed)
+        for line in sys.stdin:
+            words = line.split()
+            answer: dict = {}
+            if words[:1] == ["reset"]:
+                fake.reset_counters()
+            elif words[:1] == ["stats"]:
+                answer = {"requests": fake.request_count, "ops": dict(fake.op_counts)}
+            elif words[:1] == ["change"] and len(words) == 2:
+                changed = {}
+                for name in rng.sample(stamped, max(1, round(len(stamped) * float(words[1])))):
+                    record = json.loads(values[name])
+                    limit = "monthly_budget_usd" if name.startswith("org:") else "monthly_limit_usd"
+                    record[limit] = (record.get(limit) or 0) + 1.0
+                    record["updated_at"] = "2025-06-01T00:00:00Z"
+                    text = json.dumps(record, separators=(",", ":"))
+                    fake.put(name, text, {STAMP: stamp_of(text.encode())})
+                    values[name] = changed[name] = text
+                answer = {"changed": changed}
+            else:
+                answer = {"error": f"unknown command {line.strip()!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        fake.stop()
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Benchmark aigw: the in-process hot path and throughput through mitmdump.",
+        description="Benchmark aigw: the in-process hot path; throughput and streams through "
+        "mitmdump; a sync from the fake Cloudflare KV API.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds each")
-    parser.add_argument("--only", choices=("hotpath", "throughput"),
-                        help="run one of the two benchmarks")
+                        help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds each, "
+                        "2k-event streams, a 20 MB stream, a 10k-key sync")
+    parser.add_argument("--only", choices=("hotpath", "throughput", "stream", "sync"),
+                        help="run one of the four benchmarks")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -778,19 +1550,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--rounds", type=int, help="throughput rounds per proxy")
     parser.add_argument("--duration", type=float, help="seconds per throughput round")
     parser.add_argument("--concurrency", type=int, help="load generator connections")
+    parser.add_argument("--stream-events", type=int, help="content events of the timed streams")
+    parser.add_argument("--stream-rounds", type=int, help="stream rounds per proxy")
+    parser.add_argument("--stream-mb", type=int, help="size of the memory stream in MB")
+    parser.add_argument("--sync-keys", type=int,
+                        help=f"keys in the sync namespace (> {SYNC_ORGS + SYNC_USERS:,})")
     args = parser.parse_args(argv)
     s = replace(QUICK) if args.quick else Settings()
-    for name in ("keys", "requests", "rounds", "duration", "concurrency"):
+    for name in ("keys", "requests", "rounds", "duration", "concurrency", "stream_events",
+                 "stream_rounds", "stream_mb", "sync_keys"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
-                parser.error(f"--{name} must be positive")
+                parser.error(f"--{name.replace('_', '-')} must be positive")
             setattr(s, name, value)
     s.keys = min(s.keys, 10_000_000)
     s.requests = min(s.requests, 1_000_000)
     s.rounds = min(s.rounds, 20)
     s.duration = min(s.duration, 60.0)
     s.concurrency = min(s.concurrency, 256)
+    s.stream_events = min(s.stream_events, 1_000_000)
+    s.stream_rounds = min(s.stream_rounds, 20)
+    s.stream_mb = min(s.stream_mb, 1_000)
+    s.sync_keys = min(s.sync_keys, 1_000_000)
+    if s.sync_keys <= SYNC_ORGS + SYNC_USERS:
+        parser.error(f"--sync-keys must be more than {SYNC_ORGS + SYNC_USERS:,}")
     return args, s
 
 
@@ -800,6 +1584,12 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["_loadgen"]:
         loadgen_main(argv[1:])
+        return 0
+    if argv[:1] == ["_streamclient"]:
+        stream_client_main(argv[1:])
+        return 0
+    if argv[:1] == ["_fakekv"]:
+        fakekv_main(argv[1:])
         return 0
     args, s = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the subprocesses.
@@ -822,6 +1612,22 @@ def main(argv: list[str]) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             report.invalid = True
             say(f"!! throughput run failed: {exc}")
+    if args.only in (None, "stream"):
+        say()
+        say(load_note())
+        try:
+            streams(s, report)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            report.invalid = True
+            say(f"!! stream run failed: {exc}")
+    if args.only in (None, "sync"):
+        say()
+        say(load_note())
+        try:
+            sync_bench(s, report)
+        except Exception as exc:  # a failed pass (SyncError), the fake's process, ...
+            report.invalid = True
+            say(f"!! sync run failed: {type(exc).__name__}: {exc}")
     say()
     say(f"== summary ({time.monotonic() - started:.0f} s) ==")
     say("| measure | result | target | |")
