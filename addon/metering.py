@@ -1,16 +1,22 @@
 """Reading usage from responses: whole JSON bodies, and streams tapped as they pass through."""
 
-import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from mitmproxy import http
 
 from addon.providers.base import Adapter, Usage, UsageMeter, header
-from addon.streams import MAX_EVENT_BYTES, Decoder, JSONArrayParser, SSEEventSplitter, SSEParser
+from addon.streams import (
+    MAX_EVENT_BYTES,
+    Decoder,
+    JSONArrayParser,
+    SSEBlocks,
+    SSEEventSplitter,
+    SSEParser,
+)
 
 log = logging.getLogger("aigw.metering")
 
@@ -70,9 +76,13 @@ class StreamTap:
     """mitmproxy's `response.stream` callable: meters usage from a copy of each chunk and returns
     the chunk unchanged and at once. A fault in metering never touches the stream.
 
+    SSE is read a region at a time (everything up to the last event boundary in hand): a
+    region with no usage-bearing event is only scanned, in C, so a long stream costs little
+    more than passing it on; only usage events are parsed.
+
     With `drop_usage_only`, the gateway itself asked for a usage event the client did not ask
-    for: the stream is cut into whole events (decoded, if encoded) and that event is dropped,
-    so the client receives exactly what the provider would have sent it."""
+    for: what the client receives is the stream (decoded, if encoded) cut at event boundaries,
+    minus that event, so it is exactly what the provider would have sent it."""
 
     def __init__(
         self,
@@ -82,23 +92,27 @@ class StreamTap:
         drop_usage_only: Callable[[Any], bool] | None = None,
     ) -> None:
         self.meter = meter
-        self.text_chars = 0  # text delivered to the client, for an estimate if usage never comes
+        self._text = _TextSample()  # text delivered, for an estimate if usage never comes
         self.finished = False
         self.failed = False
         self._decoder = Decoder(content_encoding)
-        self._sse = SSEParser() if framing == "sse" else None
+        self._sse = SSEBlocks() if framing == "sse" else None
         self._array = JSONArrayParser() if framing == "json_array" else None
         self._body = bytearray() if framing == "json_body" else None
-        self._drop = drop_usage_only
-        self._splitter = SSEEventSplitter() if drop_usage_only else None
+        self._drop = drop_usage_only if framing == "sse" else None
+
+    @property
+    def text_chars(self) -> int:
+        """About how many bytes of generated text the client received."""
+        return self._text.estimate()
 
     @property
     def decodes_output(self) -> bool:
         """True when what the client receives is the decoded stream."""
-        return self._splitter is not None
+        return self._drop is not None
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
-        if self._splitter is not None:
+        if self._drop is not None:
             return self._filter(chunk)
         if not self.failed:
             try:
@@ -112,72 +126,110 @@ class StreamTap:
         if not chunk:
             self.finished = True
             if self._sse is not None:
-                self._events(self._sse.close())
+                self._region(self._sse.close())
             elif self._body is not None:
                 self.meter.feed(None, parse_json(bytes(self._body)))
             return
-        data = self._decoder.decode(chunk)
+        data = self._decoder.decode(chunk) if self._decoder.active else chunk
         if self._sse is not None:
-            self._events(self._sse.feed(data))
+            self._region(self._sse.feed(data))
         elif self._array is not None:
             for item in self._array.feed(data):
-                self.text_chars += _text_chars(json.dumps(item))
+                self._text.add(orjson.dumps(item))
                 self.meter.feed(None, item)
         elif self._body is not None and len(self._body) + len(data) <= MAX_EVENT_BYTES:
             self._body += data
 
-    def _events(self, events: Iterable[tuple[str | None, str]]) -> bool:
-        """Meter events; True if one of them is the usage-only event to drop."""
-        drop = False
-        for event, data in events:
-            self.text_chars += _text_chars(data)
-            # Only usage-bearing events are parsed: every API names the field *usage*/*Usage*.
-            if "sage" in data:
-                parsed = parse_json(data.encode())
-                self.meter.feed(event, parsed)
-                drop = drop or bool(self._drop and self._drop(parsed))
-        return drop
+    def _region(self, region: bytes) -> None:
+        """Meter a run of whole events."""
+        if not region:
+            return
+        self._text.add(region)
+        if _USAGE.search(region) is None:
+            return
+        parser = SSEParser()
+        for event, data in [*parser.feed(region), *parser.close()]:
+            if _USAGE.search(data.encode()):
+                self.meter.feed(event, parse_json(data.encode()))
 
     def _filter(self, chunk: bytes) -> list[bytes]:
         # A list, never b"" for a data event: mitmproxy would send an empty HTTP/1.1 chunk,
         # which ends a chunked body early.
-        assert self._splitter is not None
+        assert self._sse is not None and self._drop is not None
         try:
             data = self._decoder.decode(chunk) if chunk else b""
         except Exception:
             self.failed = True
             log.exception("could not decode the stream; passing it on as received")
-            self._splitter = None
+            self._drop = None
             return [chunk] if chunk else []
-        blocks = list(self._splitter.feed(data))
-        if not chunk:
+        if chunk:
+            region = self._sse.feed(data)
+        else:
             self.finished = True
-            blocks.append(self._splitter.close())
+            region = self._sse.close()
+        if not region:
+            return []
+        self._text.add(region)
+        if _USAGE.search(region) is None:
+            return [region]
         out = []
-        for block in blocks:
+        splitter = SSEEventSplitter()
+        for block in [*splitter.feed(region), splitter.close()]:
+            if not block:
+                continue
             try:
                 parser = SSEParser()
-                if self._events([*parser.feed(block), *parser.close()]):
+                events = [*parser.feed(block), *parser.close()]
+                drop = False
+                for event, text in events:
+                    if _USAGE.search(text.encode()):
+                        parsed = parse_json(text.encode())
+                        self.meter.feed(event, parsed)
+                        drop = drop or bool(self._drop(parsed))
+                if drop:
                     continue
             except Exception:
                 self.failed = True
                 log.exception("stream metering failed; the request will be charged an estimate")
-            if block:
-                out.append(block)
+            out.append(block)
         return out
 
     def usage(self) -> Usage | None:
         return None if self.failed else self.meter.usage()
 
 
+# A usage-bearing event in any API: "usage": {...} or "usageMetadata": {...} (not "usage": null).
+_USAGE = re.compile(rb'sage(?:Metadata)?"\s*:\s*\{')
 _TEXT = re.compile(
-    r'"(?:content|text|delta|partial_json|arguments|thinking)":\s*"((?:[^"\\]|\\.)*)"'
+    rb'"(?:content|text|delta|partial_json|arguments|thinking)":\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 
 
-def _text_chars(data: str) -> int:
-    """Characters of generated text in an event, for estimates (no JSON parsing)."""
-    return sum(len(m) for m in _TEXT.findall(data))
+class _TextSample:
+    """Generated text in a stream, measured on a sample of it: the first regions, then one in
+    sixteen, extrapolated over every byte (scanning all of it would cost more than the proxy)."""
+
+    def __init__(self) -> None:
+        self.bytes = self.sampled_bytes = self.sampled_text = 0
+        self._regions = 0
+
+    def add(self, region: bytes) -> None:
+        self.bytes += len(region)
+        self._regions += 1
+        if self._regions <= 8 or self._regions % 16 == 0:
+            self.sampled_bytes += len(region)
+            self.sampled_text += _text_chars(region)
+
+    def estimate(self) -> int:
+        if not self.sampled_bytes:
+            return 0
+        return self.bytes * self.sampled_text // self.sampled_bytes
+
+
+def _text_chars(data: bytes) -> int:
+    """Bytes of generated text in a run of events, for estimates (no JSON parsing)."""
+    return sum(map(len, _TEXT.findall(data)))
 
 
 def estimate_tokens(num_bytes: int) -> int:

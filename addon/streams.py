@@ -23,6 +23,7 @@ class Decoder:
         names = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
         # Encodings are listed in the order they were applied: undo them in reverse.
         self._stages = [self._stage(name) for name in reversed(names) if name != "identity"]
+        self.active = bool(self._stages)
 
     @staticmethod
     def _stage(name: str):
@@ -112,6 +113,41 @@ class SSEParser:
         if self._data and not self._oversized:
             yield self._event, "\n".join(self._data)
         self._event, self._data = None, []
+
+
+_BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+class SSEBlocks:
+    """Cuts an SSE byte stream at its last event boundary: `feed` returns the whole events in
+    hand (possibly many, possibly none) and keeps the unfinished one. A blank line (LF LF,
+    CRLF CRLF, CR CR) always ends an event; rarer mixtures just wait for the next such one."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._rest + chunk if self._rest else chunk
+        if data.endswith(b"\n\n"):  # the usual case: a chunk ends where an event does
+            self._rest = b""
+            return data
+        end = 0
+        for boundary in _BOUNDARIES:
+            found = data.rfind(boundary)
+            if found >= 0 and found + len(boundary) > end:
+                end = found + len(boundary)
+        if end == 0:
+            self._rest = data
+            if len(data) > MAX_EVENT_BYTES:  # no boundary for this long: give it up as it is
+                self._rest = b""
+                return data
+            return b""
+        self._rest = data[end:]
+        return data[:end]
+
+    def close(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return rest
 
 
 class SSEEventSplitter:
