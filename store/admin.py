@@ -10,6 +10,7 @@ import json
 import math
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -588,15 +589,18 @@ def export_bulk(store: Store) -> list[dict]:
 
 
 def health(store: Store) -> dict:
-    """What the store holds and whether it answers."""
+    """What the store holds and whether it answers, and how fresh its replica is."""
+    last_sync = store.records.meta("last_sync")
     return {
         "ok": True,
         "store": str(store.path),
         "hash": store.hash_algorithm,
         "records": store.records.count(),
         "reservations_in_flight": len(store.ledger.reservations()),
-        "node_id": store.node_id(),
-        "last_sync": store.records.meta("last_sync"),
+        "node_id": (last_sync or {}).get("node_id") or store.node_id(),
+        "last_sync": last_sync,
+        "last_sync_age_s": None if not last_sync else round(
+            time.time() - float(last_sync.get("finished_at", 0)), 1),
     }
 
 

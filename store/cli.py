@@ -278,7 +278,18 @@ def _health_failure(settings: StoreSettings, exc: object) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the global options may also follow the command, as users tend to write them
+        late = _Parser(prog=PROG, add_help=False)
+        for flag in ("--config", "--store", "--target", "--api-base"):
+            late.add_argument(flag, default=argparse.SUPPRESS)
+        given, unknown = late.parse_known_args(extra)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if getattr(given, "target", "local") not in ("local", "cloudflare"):
+            parser.error(f"--target must be local or cloudflare, not {given.target!r}")
+        for name, value in vars(given).items():
+            setattr(args, name, value)
     fields = _UPDATE_FIELDS.get((args.command, getattr(args, "action", None)), ())
     if fields and all(getattr(args, name) is None for name in fields):
         flags = ", ".join("--" + name.replace("_", "-") for name in fields)
