@@ -462,23 +462,34 @@ class Ledger:
         record the reservation. Returns the reason, or None when reserved. Atomic across
         processes sharing the store."""
         keys = [_counter_key(month, level) for level in levels]
-        rid = _enc(reservation_id)
+        rid = reservation_id.encode()
         pid = (owner or {}).get("pid", 0)
         host = (owner or {}).get("host", "")
+        usage, unpack, pack = self._usage, _COUNTER.unpack, _COUNTER.pack
 
         def apply(txn: lmdb.Transaction) -> T | None:
-            get, put = txn.get, txn.put
-            usage = self._usage
-            counters = [Counter.unpack(get(k, db=usage)) for k in keys]
+            get = txn.get
+            counters = []
+            for k in keys:
+                raw = get(k, db=usage)
+                counters.append(Counter._make(unpack(raw)) if raw else _ZERO)
             reason = refuse(counters)
             if reason is None:
                 now = _now_ms()
+                put = txn.put
                 for k, c in zip(keys, counters, strict=True):
-                    put(k, _COUNTER.pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
+                    put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
             return reason
 
-        return self._env.write(apply)
+        # The common case without the generic retry wrapper (a few microseconds a request).
+        try:
+            with self._env.env.begin(write=True) as txn:
+                return apply(txn)
+        except (lmdb.MapResizedError, lmdb.MapFullError):
+            return self._env.write(apply)
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"store write failed: {exc}") from exc
 
     def settle(
         self,
