@@ -199,7 +199,22 @@ def _counter_key(month: str, level: Level) -> bytes:
     return _enc(f"{month}|{level[0]}|{level[1]}")
 
 
-class Records:
+class _Part:
+    """A part of the store in one environment, with its own small `meta` table."""
+
+    _env: _Env
+    _meta: Any
+
+    def meta(self, name: str) -> Any:
+        raw = self._env.read(lambda txn: txn.get(_enc(name), db=self._meta))
+        return None if raw is None else json.loads(raw)
+
+    def set_meta(self, name: str, value: Any) -> None:
+        data = json.dumps(value).encode()
+        self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
+
+
+class Records(_Part):
     """Configuration records: KV keys to JSON values, as the Workers gateway lays them out."""
 
     def __init__(self, env: _Env) -> None:
@@ -389,13 +404,6 @@ class Records:
 
         return self._env.read(tally)
 
-    def meta(self, name: str) -> Any:
-        raw = self._env.read(lambda txn: txn.get(_enc(name), db=self._meta))
-        return None if raw is None else json.loads(raw)
-
-    def set_meta(self, name: str, value: Any) -> None:
-        data = json.dumps(value).encode()
-        self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
 
 
 def _remote_sum(txn: lmdb.Transaction, db: Any, month: str, level: str, level_id: str
@@ -429,7 +437,7 @@ def _reservation_record(raw: bytes) -> dict:
     }
 
 
-class Ledger:
+class Ledger(_Part):
     """Monthly usage counters per key, user and org; reservations for requests in flight; the
     per-request usage log; and the fail-open grace ledger."""
 
@@ -654,13 +662,6 @@ class Ledger:
 
         return self._env.read(collect)
 
-    def meta(self, name: str) -> Any:
-        raw = self._env.read(lambda txn: txn.get(_enc(name), db=self._meta))
-        return None if raw is None else json.loads(raw)
-
-    def set_meta(self, name: str, value: Any) -> None:
-        data = json.dumps(value).encode()
-        self._env.write(lambda txn: txn.put(_enc(name), data, db=self._meta))
 
 
 class Store:
