@@ -236,7 +236,8 @@ class Gateway:
         org = known["org"] = identity.org
         known["user_id"] = identity.key.user_id if identity.key else None
         if org is None:
-            return self._unavailable(flow, provider, None, "organization record missing")
+            return self._unavailable(flow, provider, None, "organization record missing",
+                                     credential, known["user_id"])
         stale = self._staleness(now)
         if stale:
             return self._unavailable(flow, provider, org, stale, credential, known["user_id"])
