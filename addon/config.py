@@ -73,13 +73,31 @@ def load_config(path: str | Path, store_override: str | None = None) -> GatewayC
     data = load_yaml(path)
     root = Section(source, "", data)
     root.check_keys({"store", "policy", "providers", "pricing", "sync"})
+    # A file without `providers` or `pricing` gets the shipped ones: leaving them out must not
+    # mean that no AI traffic is intercepted, or that every model costs the fallback price.
+    defaults = _shipped(path, {"providers", "pricing"} - set(data))
     return GatewayConfig(
         source=source,
         store=store_settings(data, source, store_override),
         policy=parse_policy(root.section("policy")),
-        providers=parse_providers(root.section("providers")),
-        pricing=parse_pricing(root.section("pricing")),
+        providers=parse_providers(_section(root, defaults, "providers")),
+        pricing=parse_pricing(_section(root, defaults, "pricing")),
     )
+
+
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "mitm.yaml"
+
+
+def _shipped(path: str | Path, missing: set[str]) -> Section | None:
+    if not missing or not SHIPPED_CONFIG.exists() or SHIPPED_CONFIG == Path(path).resolve():
+        return None
+    return Section(str(SHIPPED_CONFIG), "", load_yaml(SHIPPED_CONFIG))
+
+
+def _section(root: Section, defaults: Section | None, name: str) -> Section:
+    if name not in root.data and defaults is not None:
+        return defaults.section(name)
+    return root.section(name)
 
 
 def parse_policy(section: Section) -> Policy:
