@@ -49,6 +49,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.support.server import ThreadedServer
+
 try:  # brotli is a mitmproxy dependency, so it is normally present
     import brotli
 except ImportError:  # pragma: no cover
@@ -349,8 +351,11 @@ _AZURE_FILTER = {
 }
 
 
-class FakeProvider:
+class FakeProvider(ThreadedServer):
     """The fake server. Use as a context manager or call start()/stop()."""
+
+    thread_name = "fake-provider"
+    max_body = 64 * 1024 * 1024
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
@@ -372,48 +377,6 @@ class FakeProvider:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 10.0) -> FakeProvider:
-        if self._thread is not None:
-            return self
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="fake-provider", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
-        asyncio.run_coroutine_threadsafe(self._astart(), loop).result(timeout)
-        return self
-
-    async def _astart(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            if self._runner is not None:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            if not thread.is_alive():
-                loop.close()
-            self._loop = self._thread = self._runner = None
-
-    def __enter__(self) -> FakeProvider:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
