@@ -8,7 +8,9 @@
    by side; a load generator in its own process drives them in interleaved rounds (bare, addon,
    bare, addon, ...) because this machine is noisy. Prints req/s per round, the medians and the
    ratio addon/bare. Target: ratio >= 0.95. Afterwards the store's ledger must have metered every
-   request the load generator sent through the addon.
+   request the load generator sent through the addon. Then the same over HTTPS
+   (`--only throughput-tls`): CONNECT, TLS intercepted with each mitmdump's CA, TLS to an upstream
+   with a self-signed certificate made at start (`ssl_insecure`); handshakes during the warm-up.
 3. Streams: a long OpenAI chat-completions SSE stream (N content events with `"usage": null`, then
    the usage event the client asked for with include_usage) from the same upstream through bare
    mitmdump (`--set stream_large_bodies=1`: bare mitmdump otherwise buffers the whole body) and
@@ -43,6 +45,7 @@ import platform
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -545,11 +548,15 @@ def ledger_count(path: Path, key_id: str) -> tuple[str, int, int, int]:
         store.close()
 
 
-def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings) -> dict:
+def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
+                ca: Path | None = None) -> dict:
+    """`ca`: HTTPS through the proxy (CONNECT, then TLS trusting that mitmproxy CA)."""
     argv = [sys.executable, str(Path(__file__).resolve()), "_loadgen",
             "--proxy-port", str(proxy_port), "--upstream-port", str(upstream_port),
             "--key", key, "--concurrency", str(s.concurrency), "--duration", str(s.duration),
             "--warmup", str(s.round_warmup)]
+    if ca is not None:
+        argv += ["--ca", str(ca)]
     done = subprocess.run(argv, capture_output=True, text=True,
                           timeout=s.duration + s.round_warmup + 60, cwd=ROOT)
     if done.returncode != 0:
@@ -557,23 +564,27 @@ def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def throughput(s: Settings, report: Report) -> None:
-    say(f"== throughput: mitmdump with the addon vs bare mitmdump, {s.concurrency} keep-alive "
-        f"connections, {s.duration:g} s rounds (+{s.round_warmup:g} s warm-up), "
+def throughput(s: Settings, report: Report, tls: bool = False) -> None:
+    """`tls`: the HTTPS variant: CONNECT through the proxy, TLS intercepted with mitmproxy's CA,
+    TLS from mitmproxy to an upstream with a self-signed certificate (`ssl_insecure`)."""
+    what = " over HTTPS (CONNECT, TLS on both sides)" if tls else ""
+    say(f"== throughput{what}: mitmdump with the addon vs bare mitmdump, {s.concurrency} "
+        f"keep-alive connections, {s.duration:g} s rounds (+{s.round_warmup:g} s warm-up), "
         f"{s.rounds} rounds each, interleaved ==")
     procs = Processes()
     with tempfile.TemporaryDirectory(prefix="aigw-bench-tp-") as tmpdir:
         tmp = Path(tmpdir)
         try:
-            _throughput(s, report, procs, tmp)
+            _throughput(s, report, procs, tmp, tls)
         finally:
             procs.stop_all()
 
 
-def start_upstream(procs: Processes) -> int:
-    """The fake provider (`_upstream`) on an ephemeral loopback port."""
+def start_upstream(procs: Processes, tls: bool = False) -> int:
+    """The fake provider (`_upstream`) on an ephemeral loopback port; `tls`: HTTPS with a
+    self-signed certificate for 127.0.0.1."""
     upstream = procs.start("upstream", [sys.executable, str(Path(__file__).resolve()),
-                                        "_upstream"],
+                                        "_upstream", *(["--tls"] if tls else [])],
                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT, text=True)
     assert upstream.stdout is not None
     line = upstream.stdout.readline().strip()
@@ -591,9 +602,10 @@ class Proxy:
 
 
 def start_proxies(procs: Processes, tmp: Path, store_path: Path,
-                  bare_extra: list[str]) -> tuple[Proxy, Proxy]:
+                  bare_extra: list[str], both_extra: tuple[str, ...] | list[str] = ()
+                  ) -> tuple[Proxy, Proxy]:
     """Bare mitmdump (with `bare_extra` options) and mitmdump with the addon on `store_path`,
-    both listening on loopback."""
+    both listening on loopback, both with the `both_extra` options."""
     config = tmp / "mitm.yaml"
     config.write_text(THROUGHPUT_CONFIG % {"store": store_path, "env": PROVIDER_ENV})
     env = {**os.environ, PROVIDER_ENV: PROVIDER_SECRET}
@@ -604,10 +616,10 @@ def start_proxies(procs: Processes, tmp: Path, store_path: Path,
     (tmp / "confdir-bare").mkdir()
     (tmp / "confdir-addon").mkdir()
     bare = start_mitmdump(procs, "bare mitmdump", bare_port, tmp / "confdir-bare", bare_log,
-                          bare_extra, env)
+                          [*both_extra, *bare_extra], env)
     addon = start_mitmdump(procs, "mitmdump with the addon", addon_port, tmp / "confdir-addon",
                            addon_log,
-                           ["-s", str(ROOT / "addon" / "gateway.py"),
+                           [*both_extra, "-s", str(ROOT / "addon" / "gateway.py"),
                             "--set", f"aigw_config={config}"], env)
     wait_listening(bare_port, bare, "bare mitmdump", bare_log)
     wait_listening(addon_port, addon, "mitmdump with the addon", addon_log)
@@ -623,14 +635,24 @@ def show_logs(*proxies: Proxy) -> None:
                 say(f"   {row}")
 
 
-def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
-    up_port = start_upstream(procs)
+def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
+                tls: bool = False) -> None:
+    up_port = start_upstream(procs, tls)
     store_path = tmp / "store"
     _org, _user, key_id = seed_throughput_store(store_path)
-    bare_proxy, addon_proxy = start_proxies(procs, tmp, store_path, [])
+    # start_mitmdump already sets connection_strategy=lazy (mitmdump refuses it twice).
+    both = ["--set", "ssl_insecure=true"] if tls else []
+    bare_proxy, addon_proxy = start_proxies(procs, tmp, store_path, [], both)
     bare, addon = bare_proxy.proc, addon_proxy.proc
     bare_port, addon_port = bare_proxy.port, addon_proxy.port
-    say(f"upstream 127.0.0.1:{up_port}; bare mitmdump :{bare_port}; "
+    cas = {"bare": None, "addon": None}
+    if tls:
+        for name in cas:
+            cas[name] = tmp / f"confdir-{name}" / "mitmproxy-ca-cert.pem"
+            if not cas[name].exists():
+                raise RuntimeError(f"{name} mitmdump wrote no CA certificate at {cas[name]}")
+    label = "https " if tls else ""
+    say(f"{label}upstream 127.0.0.1:{up_port}; bare mitmdump :{bare_port}; "
         f"mitmdump -s addon/gateway.py :{addon_port}")
 
     rates: dict[str, list[float]] = {"bare": [], "addon": []}
@@ -642,7 +664,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
         # The bare proxy gets a key too, so both see the same bytes.
         key = BENCH_KEY if kind == "addon" else "sk-bench-client-fake"
         cpu_before = cpu_seconds(proc.pid)
-        r = run_loadgen(port, up_port, key, s)
+        r = run_loadgen(port, up_port, key, s, cas[kind])
         cpu_after = cpu_seconds(proc.pid)
         rates[kind].append(r["rps"])
         answered = r["total_ok"] + sum(v for k, v in r["statuses"].items() if k != "200")
@@ -658,7 +680,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
         note = f"{r['window_ok']:,} ok in the window, {r['total_ok']:,} ok in all"
         if kind == "addon":
             note += f", {r['gateway_headers']:,} with x-gateway-* headers"
-        say(f"round {n:2d}  {kind:<5} {r['rps']:8.1f} req/s{cpu_note}   ({note})")
+        say(f"{label}round {n:2d}  {kind:<5} {r['rps']:8.1f} req/s{cpu_note}   ({note})")
         if bad:
             say(f"!! round {n} ({kind}): {bad} failed requests: statuses {r['statuses']}, "
                 f"exceptions {r['exceptions']}")
@@ -675,11 +697,13 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
     ok = ratio >= RATIO_TARGET
     report.failed |= not ok
     spread = "; ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items() if v)
-    say(f"median: bare {bare_med:.1f} req/s, addon {addon_med:.1f} req/s (range {spread})")
-    say(f"ratio addon/bare {ratio:.3f} (target >= {RATIO_TARGET}): {'PASS' if ok else 'FAIL'}")
+    say(f"{label}median: bare {bare_med:.1f} req/s, addon {addon_med:.1f} req/s "
+        f"(range {spread})")
+    say(f"{label}ratio addon/bare {ratio:.3f} (target >= {RATIO_TARGET}): "
+        f"{'PASS' if ok else 'FAIL'}")
     cpu_bare, cpu_addon = _median(cpu_per_request["bare"]), _median(cpu_per_request["addon"])
     if cpu_bare and cpu_addon:
-        say(f"mitmdump CPU per request (less noisy than req/s): bare {cpu_bare:.0f} us, "
+        say(f"{label}mitmdump CPU per request (less noisy than req/s): bare {cpu_bare:.0f} us, "
             f"addon {cpu_addon:.0f} us: the addon adds {cpu_addon - cpu_bare:.0f} us "
             f"({cpu_addon / cpu_bare - 1:+.1%}); bare CPU / addon CPU = {cpu_bare / cpu_addon:.3f}")
     if errors:
@@ -688,18 +712,19 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path) -> Non
 
     month, metered, used_nusd, in_flight = ledger_count(store_path, key_id)
     match = metered == sent_through_addon and in_flight == 0
-    say(f"ledger: key {key_id} metered {metered:,} requests in {month} "
+    say(f"{label}ledger: key {key_id} metered {metered:,} requests in {month} "
         f"(${used_nusd / 1e9:.6f}); the load generator got {sent_through_addon:,} answers "
         f"through the addon; reservations left: {in_flight}: {'OK' if match else 'MISMATCH'}")
     if not match:
         report.invalid = True
+    over = " over HTTPS" if tls else ""
     report.lines.append(
-        f"| throughput: addon / bare, median of {s.rounds} interleaved rounds "
+        f"| throughput{over}: addon / bare, median of {s.rounds} interleaved rounds "
         f"({s.concurrency} conns) | {addon_med:.0f} / {bare_med:.0f} req/s = {ratio:.3f} "
         f"| >= {RATIO_TARGET} | {'PASS' if ok else 'FAIL'} |")
     if cpu_bare and cpu_addon:
         report.lines.append(
-            f"| mitmdump CPU per request: addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} us "
+            f"| mitmdump CPU per request{over}: addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} us "
             f"(+{cpu_addon - cpu_bare:.0f} us) | - | |")
 
 
@@ -1228,7 +1253,38 @@ def pass_line(summary, wall: float, cpu: float, stats: dict, keys: int) -> str:
 # --- internal mode: the upstream (a fake OpenAI answering chat completions) -------------------
 
 
-def upstream_main() -> None:
+def self_signed_context(directory: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 (IP SAN)."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "upstream-cert.pem", directory / "upstream-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_path, key_path)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def upstream_main(argv: list[str]) -> None:
+    tls = "--tls" in argv
     body = json.dumps(CHAT_RESPONSE, separators=(",", ":")).encode()
     ok = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -1315,7 +1371,11 @@ def upstream_main() -> None:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(Upstream, "127.0.0.1", 0, backlog=256)
+        ctx = None
+        if tls:
+            with tempfile.TemporaryDirectory(prefix="aigw-bench-upstream-") as tmpdir:
+                ctx = self_signed_context(Path(tmpdir))
+        server = await loop.create_server(Upstream, "127.0.0.1", 0, backlog=256, ssl=ctx)
         print(server.sockets[0].getsockname()[1], flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1332,7 +1392,12 @@ def upstream_main() -> None:
 async def loadgen(args: argparse.Namespace) -> dict:
     body = json.dumps(CHAT_REQUEST).encode()
     target = f"127.0.0.1:{args.upstream_port}"
-    request = (f"POST http://{target}/v1/chat/completions HTTP/1.1\r\nHost: {target}\r\n"
+    ctx = None
+    if args.ca:  # HTTPS: CONNECT, then TLS with the proxy's CA, then origin-form requests
+        ctx = ssl.create_default_context(cafile=args.ca)
+        ctx.set_alpn_protocols(["http/1.1"])
+    url = "/v1/chat/completions" if ctx else f"http://{target}/v1/chat/completions"
+    request = (f"POST {url} HTTP/1.1\r\nHost: {target}\r\n"
                f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()
@@ -1365,6 +1430,13 @@ async def loadgen(args: argparse.Namespace) -> dict:
                     if writer is None:
                         reader, writer = await asyncio.open_connection(args.host,
                                                                        args.proxy_port)
+                        if ctx is not None:
+                            writer.write(f"CONNECT {target} HTTP/1.1\r\n"
+                                         f"Host: {target}\r\n\r\n".encode())
+                            answer = await reader.readuntil(b"\r\n\r\n")
+                            if answer[9:12] != b"200":
+                                raise ValueError(f"CONNECT answered {answer[:40]!r}")
+                            await writer.start_tls(ctx, server_hostname="127.0.0.1")
                     writer.write(request)
                     head = (await reader.readuntil(b"\r\n\r\n")).lower()
                     status = head[9:12].decode()
@@ -1406,6 +1478,7 @@ def loadgen_main(argv: list[str]) -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--ca", help="HTTPS: CONNECT, then TLS trusting this CA certificate")
     print(json.dumps(asyncio.run(loadgen(parser.parse_args(argv)))), flush=True)
 
 
@@ -1570,8 +1643,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds each, "
                         "2k-event streams, a 20 MB stream, a 10k-key sync")
-    parser.add_argument("--only", choices=("hotpath", "throughput", "stream", "sync"),
-                        help="run one of the four benchmarks")
+    parser.add_argument("--only",
+                        choices=("hotpath", "throughput", "throughput-tls", "stream", "sync"),
+                        help="run one of the benchmarks (throughput-tls: the throughput one "
+                        "over HTTPS)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -1610,7 +1685,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_upstream"]:
-        upstream_main()
+        upstream_main(argv[1:])
         return 0
     if argv[:1] == ["_loadgen"]:
         loadgen_main(argv[1:])
@@ -1642,6 +1717,14 @@ def main(argv: list[str]) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             report.invalid = True
             say(f"!! throughput run failed: {exc}")
+    if args.only in (None, "throughput-tls"):
+        say()
+        say(load_note())
+        try:
+            throughput(s, report, tls=True)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            report.invalid = True
+            say(f"!! HTTPS throughput run failed: {exc}")
     if args.only in (None, "stream"):
         say()
         say(load_note())
