@@ -347,7 +347,8 @@ class Gateway:
             flight.tap = tap
             response.stream = tap
             if flight.account is not None and flight.counters is not None:
-                _usage_headers(response, binding_level(flight.account.budgets, flight.counters))
+                _usage_headers(response, binding_level(flight.account.budgets, flight.counters),
+                               flight.month)
         except Exception:
             log.exception("aigw: could not tap the stream; it will be charged an estimate")
 
@@ -398,7 +399,7 @@ class Gateway:
             usage, cost, estimated = None, flight.estimate_nusd, True
         after = self._record(flow, flight, cost, estimated, usage)
         if response is not None and flight.tap is None and after is not None:
-            _usage_headers(response, after, cost)
+            _usage_headers(response, after, flight.month, cost)
 
     def _estimate_usage(self, flow: http.HTTPFlow, flight: Flight) -> Usage:
         """No usage reported: nothing if the provider never answered or refused the request,
@@ -471,7 +472,8 @@ class Gateway:
         level: LevelUsage | None = None,
     ) -> None:
         flow.response = provider.adapter.deny(denial)
-        _usage_headers(flow.response, level)
+        if level is not None:
+            _usage_headers(flow.response, level, month_of(utc_now()))
         flow.metadata["aigw"] = {"decision": "denied", "status": denial.status,
                                  "error": denial.error_type}
         log.info("aigw: denied %s %s: %s", flow.request.host, denial.status, denial.error_type)
@@ -644,7 +646,7 @@ def _pid_alive(pid) -> bool:
 
 
 def _usage_headers(
-    response: http.Response, level: LevelUsage | None, cost: int | None = None
+    response: http.Response, level: LevelUsage | None, month: str, cost: int | None = None
 ) -> None:
     """The Workers gateway's x-gateway-* headers, for the level with the least room left."""
     if level is None:
@@ -653,7 +655,7 @@ def _usage_headers(
         (b"x-gateway-usage-usd", usd_text(level.used_nusd)),
         (b"x-gateway-limit-level", level.level),
         (b"x-gateway-request-count", str(level.requests)),
-        (b"x-gateway-current-month", month_of(utc_now())),
+        (b"x-gateway-current-month", month),
     ]
     if level.limit_nusd is not None:
         fields.append((b"x-gateway-limit-usd", usd_text(level.limit_nusd)))

@@ -490,7 +490,11 @@ class Ledger(_Part):
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
             return reason
 
-        # The common case without the generic retry wrapper (a few microseconds a request).
+        return self._write_fast(apply)
+
+    def _write_fast(self, apply: Callable[[lmdb.Transaction], T]) -> T:
+        """A request-path write: the common case without the generic retry wrapper (a few
+        microseconds a request); map resizes and full maps go through it."""
         try:
             with self._env.env.begin(write=True) as txn:
                 return apply(txn)
@@ -520,7 +524,7 @@ class Ledger(_Part):
                 rid = _enc(reservation_id)
                 raw = get(rid, db=self._reservations)
                 if raw is not None:
-                    released = _parse_reservation(raw)[0]
+                    released = int(raw[: raw.index(b"|")])  # the amount leads the record
                     txn.delete(rid, db=self._reservations)
             now = _now_ms()
             after = []
@@ -536,7 +540,7 @@ class Ledger(_Part):
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
             return after
 
-        return self._env.write(apply)
+        return self._write_fast(apply)
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""
