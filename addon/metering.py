@@ -93,7 +93,6 @@ class StreamTap:
     ) -> None:
         self.meter = meter
         self._text = _TextSample()  # text delivered, for an estimate if usage never comes
-        self.finished = False
         self.failed = False
         self._decoder = Decoder(content_encoding)
         self._sse = SSEBlocks() if framing == "sse" else None
@@ -124,7 +123,6 @@ class StreamTap:
 
     def _observe(self, chunk: bytes) -> None:
         if not chunk:
-            self.finished = True
             if self._sse is not None:
                 self._region(self._sse.close())
             elif self._body is not None:
@@ -166,7 +164,6 @@ class StreamTap:
         if chunk:
             region = self._sse.feed(data)
         else:
-            self.finished = True
             region = self._sse.close()
         if not region:
             return []

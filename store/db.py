@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -48,7 +48,6 @@ LMDB_MAX_KEY = 511
 _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
-LEVELS = ("key", "user", "org")
 RESOLVE_CACHE_SIZE = 200_000
 
 
@@ -758,10 +757,3 @@ class Flusher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-
-def iter_levels(key: ApiKey, user_id: str, org_id: str | None) -> Iterator[Level]:
-    yield ("key", key.key_id)
-    yield ("user", user_id)
-    if org_id:
-        yield ("org", org_id)

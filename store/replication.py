@@ -38,7 +38,6 @@ STAMP = "aigw"  # the metadata field holding aigw's version stamp
 LIST_PAGE = 1000
 BULK_GET = 100
 BULK_PUT = 10_000
-CLOUDFLARE_LIMIT = (1200, 300.0)  # requests per seconds, per token, shared by every tool
 MAX_RETRY_AFTER_S = 600.0  # a retry-after is honoured up to this (Cloudflare blocks for 300 s)
 
 
