@@ -47,6 +47,10 @@ log = logging.getLogger("aigw")
 
 LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
 MAINTENANCE_INTERVAL_S = 30
+PEER_CHECK_S = 0.1  # how often a gateway alone on its ledger looks for others joining
+PEER_GRACE_S = 0.5  # how long a joining gateway waits for their held reservations
+_GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
+PUBLISH_EVERY = 10  # held reservations are written every PUBLISH_EVERY * PEER_CHECK_S anyway
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,8 @@ class Account:
     identity: Identity
     month: str
     budgets: tuple[Budget, ...]
-    levels: list[Level]
+    levels: tuple[Level, ...]
+    secrets: dict[str, str | None] = field(default_factory=dict)  # provider name -> credential
 
 
 @dataclass(slots=True)
@@ -90,6 +95,8 @@ class Gateway:
         self._grace_memory: dict[tuple[str, str], int] = {}  # when even the ledger is down
         self._derived_allow_hosts: list[str] | None = None
         self._maintenance: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._peers_settled_at = 0.0  # monotonic time before which a joining gateway waits
         # Reservations name their owner, so a restarted gateway can release a crashed one's.
         self._instance = secrets.token_hex(4)
         self._owner = {"pid": os.getpid(), "host": f"{socket.gethostname()}/{self._instance}"}
@@ -136,6 +143,18 @@ class Gateway:
             return
         self._flusher = Flusher(self.store, self.config.policy.flush_interval_s)
         self._flusher.start()
+        _GATEWAYS_HERE.add(self._owner["host"])
+        try:
+            others = self.store.ledger.join(self._owner["host"], os.getpid(), self._is_live)
+        except StoreUnavailable as exc:
+            log.error("aigw could not register on the ledger (%s); applying failure modes", exc)
+            self._close_store()
+            return
+        if others:
+            # A gateway that was alone holds its reservations in memory until it sees us join
+            # (PEER_CHECK_S): decide nothing before they are in the ledger.
+            self._peers_settled_at = time.monotonic() + PEER_GRACE_S
+            log.info("aigw shares its ledger with %d other gateway(s)", len(others))
         released = self._release_stale()
         log.info(
             "aigw ready: store %s, %d providers%s",
@@ -145,6 +164,11 @@ class Gateway:
         )
 
     def _close_store(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.ledger.leave()
+            except Exception:
+                log.exception("aigw: could not leave the ledger cleanly")
         if self._flusher is not None:
             self._flusher.stop()
             self._flusher = None
@@ -153,13 +177,17 @@ class Gateway:
             self.store = None
 
     def running(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._maintenance is None:
-            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+            self._maintenance = loop.create_task(self._maintain())
+        if self._watch is None:
+            self._watch = loop.create_task(self._watch_peers())
 
     def done(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            self._maintenance = None
+        for task in (self._maintenance, self._watch):
+            if task is not None:
+                task.cancel()
+        self._maintenance = self._watch = None
         self._retry_unsettled()
         self._close_store()
 
@@ -174,13 +202,22 @@ class Gateway:
         if provider is None:
             return None
         raw = _request_body(flow.request)
-        if len(raw) > LARGE_BODY:
-            return self._decide_large(flow, provider, raw)
+        if len(raw) > LARGE_BODY or self._peers_settled_at:
+            return self._decide_later(flow, provider, raw)
         self._decide(flow, provider, raw, parse_json(raw))
         return None
 
-    async def _decide_large(self, flow: http.HTTPFlow, provider: Provider, raw: bytes) -> None:
-        self._decide(flow, provider, raw, await asyncio.to_thread(parse_json, raw))
+    async def _decide_later(self, flow: http.HTTPFlow, provider: Provider, raw: bytes) -> None:
+        """A large body is parsed off the event loop; a gateway that just joined others on
+        the ledger first lets them write the reservations they held."""
+        wait = self._peers_settled_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        else:
+            self._peers_settled_at = 0.0
+        body = await asyncio.to_thread(parse_json, raw) if len(raw) > LARGE_BODY else (
+            parse_json(raw))
+        self._decide(flow, provider, raw, body)
 
     def _provider(self, host: str) -> Provider | None:
         try:
@@ -251,25 +288,23 @@ class Gateway:
                 output_tokens=max_output or self.config.policy.default_max_output_tokens,
             )
         )
-        seen: list[list[Counter]] = []
-
-        def refuse(counters: list[Counter]) -> Denial | None:
-            seen.append(counters)
-            return decide_budgets(account.budgets, counters, estimate, now, account.month)
-
         try:
-            denial = self.store.ledger.reserve(
-                flow.id, account.levels, account.month, estimate, refuse, owner=self._owner
-            )
+            denial, counters = self._reserve(flow.id, account, estimate, now)
         except StoreUnavailable as exc:
             return self._unavailable(flow, provider, org, str(exc), credential, known["user_id"])
         if denial is not None:
-            return self._deny(flow, provider, denial, binding_level(account.budgets, seen[-1]))
+            return self._deny(flow, provider, denial, binding_level(account.budgets, counters))
         known["reserved"] = True
 
         key = identity.key
         assert key is not None
-        secret = credential if key.passthrough else _provider_secret(provider, org)
+        if key.passthrough:
+            secret = credential
+        else:
+            try:
+                secret = account.secrets[provider.name]
+            except KeyError:
+                secret = account.secrets[provider.name] = _provider_secret(provider, org)
         if secret is None:
             self.store.ledger.release(flow.id)
             return self._deny(flow, provider, _no_credential(provider))
@@ -285,7 +320,7 @@ class Gateway:
             estimate_nusd=estimate,
             input_tokens_estimate=input_tokens,
             account=account,
-            counters=seen[-1],
+            counters=counters,
             org_id=org.org_id,
             injected_usage=injected,
         )
@@ -298,6 +333,32 @@ class Gateway:
             "reserved_usd": to_usd(estimate),
         }
         return None
+
+    def _reserve(
+        self, reservation_id: str, account: Account, estimate: int, now
+    ) -> tuple[Denial | None, list[Counter]]:
+        """Decide on the ledger's counters and reserve the request's maximum cost. A gateway
+        alone on its ledger holds the reservation in memory: nothing is written on the request
+        path, and the decision is as exact as a transaction. Beside other gateways, decision and
+        reservation are one ledger transaction."""
+        assert self.store is not None
+        ledger = self.store.ledger
+        counters, alone = ledger.peek(account.levels, account.month)
+        if alone:
+            denial = decide_budgets(account.budgets, counters, estimate, now, account.month)
+            if denial is None:
+                ledger.hold(reservation_id, account.levels, account.month, estimate)
+            return denial, counters
+        seen: list[list[Counter]] = []
+
+        def refuse(counters: list[Counter]) -> Denial | None:
+            seen.append(counters)
+            return decide_budgets(account.budgets, counters, estimate, now, account.month)
+
+        denial = ledger.reserve(
+            reservation_id, account.levels, account.month, estimate, refuse, owner=self._owner
+        )
+        return denial, seen[-1]
 
     def _staleness(self, now) -> str | None:
         """Why the replica is too old to decide on, if it is (policy.max_staleness_s)."""
@@ -317,7 +378,7 @@ class Gateway:
         account = self._accounts.get(key_hash)
         if account is None or account.identity is not identity or account.month != month:
             budgets = budgets_of(identity, month)
-            account = Account(identity, month, budgets, [b.ledger_level for b in budgets])
+            account = Account(identity, month, budgets, tuple(b.ledger_level for b in budgets))
             if len(self._accounts) >= 200_000:
                 self._accounts.clear()
             self._accounts[key_hash] = account
@@ -572,9 +633,39 @@ class Gateway:
                 if self.store is None and self.config is not None:
                     self._open_store()
                 self._retry_unsettled()
+                if self.store is not None and self.config is not None:
+                    timeout_ms = self.config.policy.reservation_timeout_s * 1000
+                    self.store.ledger.drop_held(int(time.time() * 1000) - timeout_ms)
+                    self.store.ledger.prune(self._is_live)
                 await asyncio.to_thread(self._release_stale)
             except Exception:
                 log.exception("aigw: maintenance failed")
+
+    async def _watch_peers(self) -> None:
+        """Write held reservations to the ledger at once when another gateway shares it, and
+        every second anyway, so `aigw usage` shows what is in flight."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(PEER_CHECK_S)
+            ticks += 1
+            ledger = self.store.ledger if self.store is not None else None
+            if ledger is None or not ledger.held():
+                continue
+            try:
+                if ticks % PUBLISH_EVERY == 0 or not ledger.alone():
+                    ledger.publish()
+            except Exception:
+                log.exception("aigw: could not write held reservations; retrying")
+
+    def _is_live(self, gateway: str, pid: int) -> bool:
+        """Whether a registered gateway process still runs: on this host, its pid is checked;
+        another host's (a shared file system) is trusted."""
+        host = gateway.split("/")[0]
+        if host != self._owner["host"].split("/")[0]:
+            return True
+        if pid == os.getpid():  # ours: a gateway of this process, or a reused pid's
+            return gateway in _GATEWAYS_HERE
+        return _pid_alive(pid)
 
     def _retry_unsettled(self) -> None:
         pending, self._unsettled = self._unsettled, []
@@ -651,21 +742,22 @@ def _usage_headers(
     """The Workers gateway's x-gateway-* headers, for the level with the least room left."""
     if level is None:
         return
-    fields = [
-        (b"x-gateway-usage-usd", usd_text(level.used_nusd)),
-        (b"x-gateway-limit-level", level.level),
-        (b"x-gateway-request-count", str(level.requests)),
-        (b"x-gateway-current-month", month),
-    ]
-    if level.limit_nusd is not None:
-        fields.append((b"x-gateway-limit-usd", usd_text(level.limit_nusd)))
-        fields.append((b"x-gateway-remaining-usd", usd_text(level.remaining_nusd or 0)))
-    if cost is not None:
-        fields.append((b"x-gateway-cost-usd", usd_text(cost)))
-    # One assignment: mitmproxy rebuilds the header list on every single set.
-    response.headers.fields = response.headers.fields + tuple(
-        (name, value.encode()) for name, value in fields
+    added = (
+        (b"x-gateway-usage-usd", usd_text(level.used_nusd).encode()),
+        (b"x-gateway-limit-level", level.level.encode()),
+        (b"x-gateway-request-count", str(level.requests).encode()),
+        (b"x-gateway-current-month", month.encode()),
     )
+    if level.limit_nusd is not None:
+        remaining = level.limit_nusd - level.used_nusd - level.reserved_nusd
+        added += (
+            (b"x-gateway-limit-usd", usd_text(level.limit_nusd).encode()),
+            (b"x-gateway-remaining-usd", usd_text(remaining if remaining > 0 else 0).encode()),
+        )
+    if cost is not None:
+        added += ((b"x-gateway-cost-usd", usd_text(cost).encode()),)
+    # One assignment: mitmproxy rebuilds the header list on every single set.
+    response.headers.fields = response.headers.fields + added
 
 
 addons = [Gateway()]

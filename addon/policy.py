@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from addon.providers.base import Denial
 from store.db import Counter, Identity, Level
@@ -43,8 +44,7 @@ class Budget:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class LevelUsage:
+class LevelUsage(NamedTuple):
     """One level for this month, for messages and headers: limit, spent, reserved."""
 
     level: str

@@ -450,6 +450,20 @@ def print_profile(profiler, hook: str, n: int, top: int = 25) -> None:
 # --- 2. throughput: processes ----------------------------------------------------------------
 
 
+def pinned(cpu: int):
+    """A preexec_fn that pins a child process to one CPU: the proxy under test gets a core of its
+    own and the load generator and fake upstream share another, so they do not take turns with
+    it (both proxies are pinned alike). None where affinity cannot be set."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if len(cpus) < 2:
+        return None
+    target = sorted(cpus)[cpu % len(cpus)]
+    return lambda: os.sched_setaffinity(0, {target})
+
+
+PROXY_CPU, LOAD_CPU = 0, 1
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process (all its threads), from /proc."""
     try:
@@ -514,6 +528,7 @@ def start_mitmdump(procs: Processes, name: str, port: int, confdir: Path, log: P
             "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy", *extra]
     with log.open("wb") as out:
         return procs.start(name, argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                           preexec_fn=pinned(PROXY_CPU),
                            stdin=subprocess.DEVNULL)
 
 
@@ -557,7 +572,7 @@ def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
             "--warmup", str(s.round_warmup)]
     if ca is not None:
         argv += ["--ca", str(ca)]
-    done = subprocess.run(argv, capture_output=True, text=True,
+    done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU),
                           timeout=s.duration + s.round_warmup + 60, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -585,6 +600,7 @@ def start_upstream(procs: Processes, tls: bool = False) -> int:
     self-signed certificate for 127.0.0.1."""
     upstream = procs.start("upstream", [sys.executable, str(Path(__file__).resolve()),
                                         "_upstream", *(["--tls"] if tls else [])],
+                           preexec_fn=pinned(LOAD_CPU),
                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT, text=True)
     assert upstream.stdout is not None
     line = upstream.stdout.readline().strip()
@@ -851,7 +867,7 @@ def run_stream_client(proxy_port: int, upstream_port: int, key: str, events: int
             "--proxy-port", str(proxy_port), "--upstream-port", str(upstream_port),
             "--key", key, "--events", str(events), "--cut", str(cut), "--streams", str(streams),
             "--warmup", str(warmup), "--timeout", str(timeout)]
-    done = subprocess.run(argv, capture_output=True, text=True,
+    done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=pinned(LOAD_CPU),
                           timeout=(streams + warmup) * timeout + 30, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"stream client failed ({done.returncode}): {done.stderr[-2000:]}")

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -49,6 +49,7 @@ _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 RESOLVE_CACHE_SIZE = 200_000
+_GATEWAYS = b"gateways"  # ledger meta: the gateway processes using this ledger
 
 
 class StoreError(Exception):
@@ -196,6 +197,16 @@ Level = tuple[str, str]  # ("key" | "user" | "org", id)
 @functools.lru_cache(maxsize=100_000)
 def _counter_key(month: str, level: Level) -> bytes:
     return _enc(f"{month}|{level[0]}|{level[1]}")
+
+
+@functools.lru_cache(maxsize=100_000)
+def _counter_keys_cached(month: str, levels: tuple[Level, ...]) -> tuple[bytes, ...]:
+    return tuple(_counter_key(month, level) for level in levels)
+
+
+def _counter_keys(month: str, levels: Iterable[Level]) -> tuple[bytes, ...]:
+    """The ledger keys of the levels' counters for `month` (cached: one look-up a request)."""
+    return _counter_keys_cached(month, levels if isinstance(levels, tuple) else tuple(levels))
 
 
 class _Part:
@@ -447,17 +458,168 @@ class Ledger(_Part):
         self._log = env.dbs["requests"]
         self._grace = env.dbs["grace"]
         self._meta = env.dbs["meta"]
+        # Reservations of this process not yet written (see `hold`): id -> (counter keys,
+        # amount, created_ms), and their sum per counter key.
+        self._held: dict[bytes, tuple[list[bytes], int, int]] = {}
+        self._held_sum: dict[bytes, int] = {}
+        self._gateway = ("", 0)  # this process's registration (see `join`)
+        self._solo: bytes | None = None  # the registry when this gateway is alone on the ledger
+
+    # --- the gateways sharing this ledger ----------------------------------------------------
+
+    def join(self, gateway: str, pid: int, is_live: Callable[[str, int], bool]) -> list[str]:
+        """Register a gateway process (`gateway`: a unique name) as a user of this ledger and
+        drop the registrations `is_live(name, pid)` rejects. Returns the other gateways."""
+
+        def apply(txn: lmdb.Transaction) -> list[str]:
+            live = {g: p for g, p in self._registry(txn).items() if g != gateway and is_live(g, p)}
+            others = sorted(live)
+            live[gateway] = pid
+            txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS), db=self._meta)
+            return others
+
+        others = self._env.write(apply)
+        self._gateway = (gateway, pid)
+        self._solo = orjson.dumps({gateway: pid}, option=orjson.OPT_SORT_KEYS)
+        return others
+
+    def prune(self, is_live: Callable[[str, int], bool]) -> list[str]:
+        """Drop registrations of gateways `is_live` rejects (crashed ones); returns the rest."""
+
+        def apply(txn: lmdb.Transaction) -> list[str]:
+            current = self._registry(txn)
+            live = {g: p for g, p in current.items() if g == self._gateway[0] or is_live(g, p)}
+            if live != current:
+                txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
+                        db=self._meta)
+            return sorted(live)
+
+        return self._env.write(apply)
+
+    def leave(self) -> None:
+        """Write this gateway's held reservations and remove its registration."""
+        gateway = self._gateway[0]
+        if not gateway:
+            return
+        self.publish()
+
+        def apply(txn: lmdb.Transaction) -> None:
+            live = self._registry(txn)
+            if live.pop(gateway, None) is not None:
+                txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
+                        db=self._meta)
+
+        self._env.write(apply)
+        self._gateway, self._solo = ("", 0), None
+
+    def gateways(self) -> list[str]:
+        """The gateway processes registered on this ledger."""
+        return sorted(self._env.read(self._registry))
+
+    def alone(self) -> bool:
+        """Whether this gateway is the only one registered on the ledger."""
+        solo = self._solo
+        return solo is not None and self._env.read(
+            lambda txn: txn.get(_GATEWAYS, db=self._meta)) == solo
+
+    def _registry(self, txn: lmdb.Transaction) -> dict[str, int]:
+        raw = txn.get(_GATEWAYS, db=self._meta)
+        return orjson.loads(raw) if raw else {}
+
+    # --- reservations held in memory ----------------------------------------------------------
+
+    def peek(self, levels: Sequence[Level], month: str) -> tuple[list[tuple], bool]:
+        """The levels' counters (used, reserved, requests, updated_ms) with this process's held
+        reservations counted as reserved, and whether this gateway is alone on the ledger (then
+        `hold` is as exact as `reserve`)."""
+        keys = _counter_keys(month, levels)
+        usage = self._usage
+        try:
+            with self._env.env.begin() as txn:
+                get = txn.get
+                raws = [get(k, db=usage) for k in keys]
+                solo = self._solo is not None and get(_GATEWAYS, db=self._meta) == self._solo
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"store read failed: {exc}") from exc
+        unpack, held = _COUNTER.unpack, self._held_sum
+        counters = [unpack(raw) if raw else _ZERO for raw in raws]
+        if held:
+            for i, k in enumerate(keys):
+                extra = held.get(k)
+                if extra:
+                    c = counters[i]
+                    counters[i] = (c[0], c[1] + extra, c[2], c[3])
+        return counters, solo
+
+    def hold(
+        self, reservation_id: str, levels: Sequence[Level], month: str, amount_nusd: int
+    ) -> None:
+        """Reserve in this process's memory only: for a gateway alone on the ledger, after a
+        `peek` that admitted the request. `publish` writes held reservations to the ledger (so
+        other processes see them); `settle` and `release` of a held one touch no reservation
+        record at all."""
+        keys = _counter_keys(month, levels)
+        self._held[reservation_id.encode()] = (keys, amount_nusd, _now_ms())
+        held_sum = self._held_sum
+        for k in keys:
+            held_sum[k] = held_sum.get(k, 0) + amount_nusd
+
+    def held(self) -> int:
+        """How many reservations this process holds unwritten."""
+        return len(self._held)
+
+    def publish(self) -> int:
+        """Write this process's held reservations to the ledger in one transaction."""
+        if not self._held:
+            return 0
+        snapshot = list(self._held.items())
+        self._env.write(lambda txn: self._write_held(txn, snapshot))
+        self._forget_held(snapshot)
+        return len(snapshot)
+
+    def drop_held(self, older_than_ms: int) -> int:
+        """Forget held reservations older than `older_than_ms` (a flow that never ended)."""
+        old = [(rid, h) for rid, h in self._held.items() if h[2] < older_than_ms]
+        self._forget_held(old)
+        return len(old)
+
+    def _write_held(self, txn: lmdb.Transaction, held: list) -> None:
+        get, put, usage = txn.get, txn.put, self._usage
+        gateway, pid = self._gateway
+        for rid, (keys, amount, created_ms) in held:
+            for k in keys:
+                raw = get(k, db=usage)
+                c = _COUNTER.unpack(raw) if raw else _ZERO
+                put(k, _COUNTER.pack(c[0], c[1] + amount, c[2], c[3]), db=usage)
+            put(rid, _reservation(amount, created_ms, pid, gateway, keys), db=self._reservations)
+
+    def _forget_held(self, held: list) -> None:
+        held_sum = self._held_sum
+        for rid, (keys, amount, _) in held:
+            if self._held.pop(rid, None) is None:
+                continue
+            for k in keys:
+                left = held_sum.get(k, 0) - amount
+                if left > 0:
+                    held_sum[k] = left
+                else:
+                    held_sum.pop(k, None)
+
+    # --- the ledger ---------------------------------------------------------------------------
 
     def counters(self, levels: Iterable[Level], month: str) -> list[Counter]:
-        keys = [_counter_key(month, level) for level in levels]
-        return self._env.read(
+        keys = _counter_keys(month, levels)
+        counters = self._env.read(
             lambda txn: [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
         )
+        held = self._held_sum  # this process's unwritten reservations are reserved too
+        return [c._replace(reserved_nusd=c[1] + held[k]) if k in held else c
+                for k, c in zip(keys, counters, strict=True)]
 
     def reserve(
         self,
         reservation_id: str,
-        levels: list[Level],
+        levels: Sequence[Level],
         month: str,
         amount_nusd: int,
         refuse: Callable[[list[Counter]], T | None],
@@ -468,13 +630,17 @@ class Ledger(_Part):
         unless it returns a reason to refuse, add `amount_nusd` to each level's reserved total and
         record the reservation. Returns the reason, or None when reserved. Atomic across
         processes sharing the store."""
-        keys = [_counter_key(month, level) for level in levels]
+        keys = _counter_keys(month, levels)
         rid = reservation_id.encode()
         pid = (owner or {}).get("pid", 0)
         host = (owner or {}).get("host", "")
         usage, unpack, pack = self._usage, _COUNTER.unpack, _COUNTER.pack
 
+        snapshot = list(self._held.items())
+
         def apply(txn: lmdb.Transaction) -> T | None:
+            if snapshot:  # others must see this process's held reservations from now on
+                self._write_held(txn, snapshot)
             get = txn.get
             counters = []
             for k in keys:
@@ -489,7 +655,10 @@ class Ledger(_Part):
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
             return reason
 
-        return self._write_fast(apply)
+        reason = self._write_fast(apply)
+        if snapshot:
+            self._forget_held(snapshot)
+        return reason
 
     def _write_fast(self, apply: Callable[[lmdb.Transaction], T]) -> T:
         """A request-path write: the common case without the generic retry wrapper (a few
@@ -505,21 +674,23 @@ class Ledger(_Part):
     def settle(
         self,
         reservation_id: str | None,
-        levels: list[Level],
+        levels: Sequence[Level],
         month: str,
         cost_nusd: int,
         record: UsageRecord | None = None,
     ) -> list[Counter]:
         """Release a reservation (if still held), add the real cost and one request to each
         level, and log the request, in one transaction. Returns the counters after the write."""
-        keys = [_counter_key(month, level) for level in levels]
+        keys = _counter_keys(month, levels)
         entry = None if record is None else record.encode()
+        rid_held = reservation_id.encode() if reservation_id is not None else None
+        held = self._held.get(rid_held) if rid_held is not None else None
 
         def apply(txn: lmdb.Transaction) -> list[Counter]:
             get, put = txn.get, txn.put
             usage = self._usage
             released = 0
-            if reservation_id is not None:
+            if reservation_id is not None and held is None:
                 rid = _enc(reservation_id)
                 raw = get(rid, db=self._reservations)
                 if raw is not None:
@@ -539,11 +710,22 @@ class Ledger(_Part):
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
             return after
 
-        return self._write_fast(apply)
+        after = self._write_fast(apply)
+        if held is not None:
+            self._forget_held([(rid_held, held)])
+        held_sum = self._held_sum
+        if held_sum:  # what this process still holds is reserved too
+            after = [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
+                     for k, c in zip(keys, after, strict=True)]
+        return after
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""
         rid = _enc(reservation_id)
+        held = self._held.get(rid)
+        if held is not None:
+            self._forget_held([(rid, held)])
+            return True
 
         def apply(txn: lmdb.Transaction) -> bool:
             raw = txn.get(rid, db=self._reservations)
@@ -577,8 +759,13 @@ class Ledger(_Part):
         return self._env.write(apply)
 
     def reservations(self) -> list[dict]:
-        """The reservations held by requests in flight."""
-        return self._env.read(
+        """The reservations held by requests in flight (this process's unwritten ones too)."""
+        gateway, pid = self._gateway
+        held = [
+            _reservation_record(_reservation(amount, created, pid, gateway, keys))
+            for keys, amount, created in self._held.values()
+        ]
+        return held + self._env.read(
             lambda txn: [_reservation_record(v) for _, v in txn.cursor(db=self._reservations)]
         )
 

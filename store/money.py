@@ -22,9 +22,10 @@ def to_usd(nusd: int) -> float:
 
 def usd_text(nusd: int) -> str:
     """Dollars as exact decimal text, e.g. `0.000005625`, `12.5`, `0`."""
-    sign = "-" if nusd < 0 else ""
-    whole, frac = divmod(abs(nusd), USD)
-    return f"{sign}{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    if nusd < 0:
+        return "-" + usd_text(-nusd)
+    whole, frac = divmod(nusd, USD)
+    return f"{whole}.{frac:09d}".rstrip("0") if frac else str(whole)
 
 
 def utc_now() -> datetime:

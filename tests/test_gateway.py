@@ -253,6 +253,9 @@ def test_store_fault_takes_the_orgs_failure_mode(gateway, monkeypatch):
     def broken(*args, **kwargs):
         raise StoreUnavailable("ledger write failed: disk full")
 
+    # Alone on its ledger the gateway reads the counters (peek); beside others it reserves in
+    # a write transaction: either failing is a store fault.
+    monkeypatch.setattr(gw.store.ledger, "peek", broken)
     monkeypatch.setattr(gw.store.ledger, "reserve", broken)
     flow = chat_flow(closed.api_key)
     run(gw.request(flow))
@@ -271,8 +274,9 @@ def test_store_fault_takes_the_orgs_failure_mode(gateway, monkeypatch):
 def test_fail_open_caps_the_day_at_the_fallback_limit(gateway, monkeypatch):
     gw = gateway()
     s = seed(gw.store, failure_mode="fail_open", fallback_daily_limit=0.001)
-    monkeypatch.setattr(gw.store.ledger, "reserve", lambda *a, **k: (_ for _ in ()).throw(
-        StoreUnavailable("down")))
+    for method in ("peek", "reserve"):
+        monkeypatch.setattr(gw.store.ledger, method, lambda *a, **k: (_ for _ in ()).throw(
+            StoreUnavailable("down")))
     flow = chat_flow(s.api_key)
     run(gw.request(flow))
     forward(gw, flow, openai_response(prompt=1000, completion=200))  # $0.0045 > $0.001
@@ -502,3 +506,44 @@ def test_a_restarted_gateway_releases_its_crashed_predecessors_reservations(tmp_
         tctx.configure(gw, aigw_config=str(config))
         assert gw.store.ledger.reservations() == []
         gw.done()
+
+
+def _ledger_reservations(path: str, results) -> None:
+    with Store(path) as store:
+        results.put(store.ledger.reservations())
+
+
+def reservations_seen_by_another_process(path) -> list[dict]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    process = ctx.Process(target=_ledger_reservations, args=(str(path), results))
+    process.start()
+    process.join(60)
+    return results.get(timeout=5)
+
+
+def test_alone_on_its_ledger_the_gateway_writes_no_reservation_per_request(gateway, tmp_path):
+    """The request path holds the reservation in memory; within a second it is in the ledger
+    for other processes to see (aigw usage), and settling releases it there."""
+    gw = gateway()
+    s = seed(gw.store)
+
+    async def scenario() -> tuple[list, list]:
+        gw.running()  # starts the task that writes held reservations
+        flow = chat_flow(s.api_key)
+        run(gw.request(flow))
+        assert flow.response is None and gw.store.ledger.held() == 1
+        before = await asyncio.to_thread(reservations_seen_by_another_process, tmp_path / "store")
+        await asyncio.sleep(1.3)
+        after = await asyncio.to_thread(reservations_seen_by_another_process, tmp_path / "store")
+        forward(gw, flow, openai_response())
+        assert usage(gw, "key", s.key_id).reserved_nusd == 0
+        gw.done()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == []
+    assert len(after) == 1 and after[0]["levels"][0] == ["key", s.key_id]
+    assert reservations_seen_by_another_process(tmp_path / "store") == []

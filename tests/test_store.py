@@ -6,7 +6,7 @@ import multiprocessing
 import pytest
 
 from store import USD, Store
-from store.db import UsageRecord
+from store.db import Ledger, UsageRecord
 from store.money import month_of, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 
@@ -67,6 +67,96 @@ def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
         store.ledger.settle("r", levels, "2026-11", 0)
         assert store.ledger.counters(levels, "2026-11")[0].reserved_nusd == 0
         assert store.ledger.log_entries() == [record]
+
+
+LEVELS = [("key", "k"), ("user", "u"), ("org", "o")]
+
+
+def alive(gateway, pid):
+    return True
+
+
+def _reserved_elsewhere(path: str, results) -> None:
+    with Store(path) as store:
+        results.put([c.reserved_nusd for c in store.ledger.counters(LEVELS, "2026-11")])
+
+
+def reserved_seen_by_another_process(path) -> list[int]:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    process = ctx.Process(target=_reserved_elsewhere, args=(str(path), results))
+    process.start()
+    process.join(60)
+    return results.get(timeout=5)
+
+
+def second_gateway(store: Store) -> Ledger:
+    """Another gateway on the same ledger (LMDB opens an environment once per process)."""
+    return Ledger(store.ledger._env)
+
+
+def test_a_gateway_alone_holds_reservations_in_memory(tmp_path):
+    """Alone on the ledger, a reservation is counted (peek, counters) but written nowhere;
+    settling it charges the cost and nothing else."""
+    with Store(tmp_path / "s") as store:
+        ledger = store.ledger
+        assert ledger.join("host/a", 101, alive) == []
+        counters, alone = ledger.peek(LEVELS, "2026-11")
+        assert alone and counters == [(0, 0, 0, 0)] * 3
+        ledger.hold("r1", LEVELS, "2026-11", 500)
+        ledger.hold("r2", LEVELS[1:], "2026-11", 200)
+        counters, _ = ledger.peek(LEVELS, "2026-11")
+        assert [c[1] for c in counters] == [500, 700, 700]
+        assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [500, 700, 700]
+        assert reserved_seen_by_another_process(tmp_path / "s") == [0] * 3  # nothing written
+        after = ledger.settle("r1", LEVELS, "2026-11", 123)
+        # r2 is still held: the counters returned count it as reserved.
+        assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [
+            (123, 0, 1), (123, 200, 1), (123, 200, 1)]
+        assert ledger.release("r2") is True and ledger.held() == 0
+        assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [0] * 3
+
+
+def test_held_reservations_are_published_for_other_gateways(tmp_path):
+    with Store(tmp_path / "s") as store:
+        a, b = store.ledger, second_gateway(store)
+        a.join("host/a", 101, alive)
+        a.hold("r1", LEVELS, "2026-11", 500)
+        assert b.join("host/b", 102, alive) == ["host/a"]
+        assert not a.alone() and a.peek(LEVELS, "2026-11")[1] is False
+        assert a.publish() == 1 and a.held() == 0
+        assert [c.reserved_nusd for c in b.counters(LEVELS, "2026-11")] == [500] * 3
+        assert [r["host"] for r in b.reservations()] == ["host/a"]
+        # Settling a published reservation releases it from the ledger.
+        a.settle("r1", LEVELS, "2026-11", 100)
+        assert [(c.used_nusd, c.reserved_nusd) for c in b.counters(LEVELS, "2026-11")] == [
+            (100, 0)] * 3
+        assert b.reservations() == []
+
+
+def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
+    with Store(tmp_path / "s") as store:
+        ledger = store.ledger
+        ledger.join("host/a", 101, alive)
+        ledger.hold("r1", LEVELS, "2026-11", 500)
+        seen = []
+        ledger.reserve("r2", LEVELS, "2026-11", 300, lambda c: seen.append(c) or None)
+        assert [c.reserved_nusd for c in seen[-1]] == [500] * 3  # the held one was counted
+        assert ledger.held() == 0
+    assert reserved_seen_by_another_process(tmp_path / "s") == [800] * 3
+
+
+def test_registrations_of_dead_gateways_are_dropped(tmp_path):
+    with Store(tmp_path / "s") as store:
+        a, b = store.ledger, second_gateway(store)
+        a.join("host/a", 101, alive)
+        b.join("host/b", 102, alive)
+        assert a.gateways() == ["host/a", "host/b"] and not a.alone()
+        assert a.prune(lambda gateway, pid: pid != 102) == ["host/a"]
+        assert a.alone()
+        b.join("host/b", 103, alive)
+        b.leave()  # a clean exit removes the registration
+        assert a.gateways() == ["host/a"] and a.alone()
 
 
 def test_months_are_separate_periods(tmp_path):

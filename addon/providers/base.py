@@ -3,14 +3,14 @@ read (whole body or stream events), and what a native error looks like."""
 
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from mitmproxy import http
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Billable token counts, normalised across providers."""
+class Usage(NamedTuple):
+    """Billable token counts, normalised across providers. (A named tuple: one is built per
+    request, and a frozen dataclass costs four times as much to build.)"""
 
     input_tokens: int = 0  # uncached input, billed at the input price
     cached_input_tokens: int = 0  # cached prompt tokens / cache reads
@@ -47,11 +47,12 @@ class UsageMeter:
 
 
 def as_int(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return max(0, value)
-    if isinstance(value, float) and value == value:
+    """A token count from JSON: a non-negative int; anything else (bool, null, text) is 0."""
+    if type(value) is int:  # the common case first; bool is not int here
+        return value if value > 0 else 0
+    if isinstance(value, float) and 0 < value < 1e18:  # not NaN, not infinite
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):  # an int subclass
         return max(0, int(value))
     return 0
 
