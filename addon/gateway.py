@@ -53,7 +53,7 @@ _GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this pro
 PUBLISH_EVERY = 10  # held reservations are written every PUBLISH_EVERY * PEER_CHECK_S anyway
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class Account:
     """What the request path derives from a key's records, kept while they do not change."""
 
@@ -169,6 +169,7 @@ class Gateway:
                 self.store.ledger.leave()
             except Exception:
                 log.exception("aigw: could not leave the ledger cleanly")
+            _GATEWAYS_HERE.discard(self._owner["host"])
         if self._flusher is not None:
             self._flusher.stop()
             self._flusher = None

@@ -18,7 +18,7 @@ LEVEL_NAMES = {"key": "key", "user": "user", "org": "organization"}
 BUSY_RETRY_AFTER_S = 5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class Budget:
     """A level a request is charged to (key, user, org): its monthly limit, and what the Workers
     gateway itself already counted there this month (its replicated quota record)."""

@@ -382,8 +382,8 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
 
 
 def hot_path(s: Settings, report: Report, profile: bool) -> None:
-    say(f"== hot path: the request hook (auth + budget decision + reservation), "
-        f"{s.keys:,} keys ==")
+    say(f"== hot path: the request hook (auth + budget decision + reservation: held in memory, "
+        f"the gateway being alone on its ledger), {s.keys:,} keys ==")
     with tempfile.TemporaryDirectory(prefix="aigw-bench-hot-") as tmp:
         result = asyncio.run(hot_path_run(s, Path(tmp), profile))
     if result["not_allowed"]:

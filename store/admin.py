@@ -597,6 +597,7 @@ def health(store: Store) -> dict:
         "hash": store.hash_algorithm,
         "records": store.records.count(),
         "reservations_in_flight": len(store.ledger.reservations()),
+        "gateways": store.ledger.gateways(),  # the gateway processes registered on the ledger
         "node_id": (last_sync or {}).get("node_id") or store.node_id(),
         "last_sync": last_sync,
         "last_sync_age_s": None if not last_sync else round(

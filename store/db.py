@@ -129,7 +129,7 @@ class _Env:
             self.env.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class Identity:
     """Everything a request's decision needs from the configuration records."""
 
@@ -533,12 +533,18 @@ class Ledger(_Part):
         reservations counted as reserved, and whether this gateway is alone on the ledger (then
         `hold` is as exact as `reserve`)."""
         keys = _counter_keys(month, levels)
-        usage = self._usage
+        usage, meta, solo = self._usage, self._meta, self._solo
+
+        def read(txn: lmdb.Transaction) -> tuple[list, bool]:
+            get = txn.get
+            return [get(k, db=usage) for k in keys], (
+                solo is not None and get(_GATEWAYS, db=meta) == solo)
+
         try:
             with self._env.env.begin() as txn:
-                get = txn.get
-                raws = [get(k, db=usage) for k in keys]
-                solo = self._solo is not None and get(_GATEWAYS, db=self._meta) == self._solo
+                raws, alone = read(txn)
+        except lmdb.MapResizedError:  # another process grew the map: the generic path adopts it
+            raws, alone = self._env.read(read)
         except lmdb.Error as exc:
             raise StoreUnavailable(f"store read failed: {exc}") from exc
         unpack, held = _COUNTER.unpack, self._held_sum
@@ -549,7 +555,7 @@ class Ledger(_Part):
                 if extra:
                     c = counters[i]
                     counters[i] = (c[0], c[1] + extra, c[2], c[3])
-        return counters, solo
+        return counters, alone
 
     def hold(
         self, reservation_id: str, levels: Sequence[Level], month: str, amount_nusd: int

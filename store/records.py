@@ -78,7 +78,7 @@ def _object(raw: bytes | str | dict, what: str) -> dict:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class Org:
     org_id: str
     name: str
@@ -113,7 +113,7 @@ class Org:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class User:
     user_id: str
     email: str
@@ -138,7 +138,7 @@ class User:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class ApiKey:
     """What `apikey:{hash}` says about a presented key."""
 
@@ -174,7 +174,7 @@ class ApiKey:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
 class QuotaRecord:
     """The Workers gateway's own monthly totals (`user:{id}:quota`, `org:{id}:quota`)."""
 

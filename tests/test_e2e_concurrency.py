@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from store import Store
-from tests.support.gateway import spent, start_gateway
+from tests.support.gateway import aigw, spent, start_gateway
 from tests.support.seed import seed
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +41,12 @@ def test_burst_across_two_gateways_admits_only_what_fits(tmp_path, fake_provider
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             outcomes = list(pool.map(one, range(CLIENTS)))
+        # Both registered on the ledger, so neither held reservations in memory.
+        assert len(aigw(gateways[0], "health")["gateways"]) == 2
     finally:
         for gw in gateways:
             gw.stop()
+    assert aigw(gateways[0], "health")["gateways"] == []  # each left on its way out
 
     admitted = outcomes.count("ok")
     with Store(store_dir) as store:

@@ -185,6 +185,27 @@ def test_a_map_grown_by_another_process_is_picked_up(tmp_path):
         reader.records.write({"org:last:config": b"{}"})
 
 
+def test_a_ledger_grown_by_another_process_is_read_on_the_request_path(tmp_path):
+    with Store(tmp_path / "s", map_size=256 * 1024) as reader:
+        reader.ledger.join("host/a", 101, alive)
+        assert reader.ledger.peek(LEVELS, "2026-11") == ([(0, 0, 0, 0)] * 3, True)
+        ctx = multiprocessing.get_context("spawn")
+        writer = ctx.Process(target=_fill_ledger, args=(str(tmp_path / "s"),))
+        writer.start()
+        writer.join(60)
+        assert writer.exitcode == 0
+        counters, alone = reader.ledger.peek(LEVELS, "2026-11")
+        assert [c[2] for c in counters] == [500] * 3 and alone
+
+
+def _fill_ledger(path: str) -> None:
+    record = UsageRecord(1.0, "openai", "gpt-4o", "k", "u", "o", "metered", 200, "x" * 1000, 1,
+                         False)
+    with Store(path, map_size=256 * 1024) as store:
+        for i in range(500):
+            store.ledger.settle(f"r{i}", LEVELS, "2026-11", 1, record)
+
+
 def _fill(path: str) -> None:
     with Store(path, map_size=256 * 1024) as store:
         store.records.write({f"org:{i}:config": b"y" * 2000 for i in range(1000)})
