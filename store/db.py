@@ -253,6 +253,14 @@ class Records(_Part):
         Answers are cached until the records change: any committed write (an admin command, a
         sync pass) moves the environment's transaction id and empties the cache, so a
         revocation is seen by the next request."""
+        try:  # the common case: a key seen since the last commit
+            with self._env.env.begin() as txn:
+                if txn.id() == self._cache_txnid and month == self._cache_month:
+                    hit = self._cache.get(key_hash)
+                    if hit is not None:
+                        return hit
+        except lmdb.Error:
+            pass  # the full path below retries and reports it
 
         def lookup(txn: lmdb.Transaction) -> Identity:
             txnid = txn.id()
@@ -464,6 +472,11 @@ class Ledger(_Part):
         self._held_sum: dict[bytes, int] = {}
         self._gateway = ("", 0)  # this process's registration (see `join`)
         self._solo: bytes | None = None  # the registry when this gateway is alone on the ledger
+        # The counters read or written since the last commit, so a request reads only what it has
+        # not seen: valid while the environment's transaction id is `_view_txnid`.
+        self._view: dict[bytes, tuple] = {}
+        self._view_txnid = -1
+        self._view_alone = False
 
     # --- the gateways sharing this ledger ----------------------------------------------------
 
@@ -533,29 +546,37 @@ class Ledger(_Part):
         reservations counted as reserved, and whether this gateway is alone on the ledger (then
         `hold` is as exact as `reserve`)."""
         keys = _counter_keys(month, levels)
-        usage, meta, solo = self._usage, self._meta, self._solo
-
-        def read(txn: lmdb.Transaction) -> tuple[list, bool]:
-            get = txn.get
-            return [get(k, db=usage) for k in keys], (
-                solo is not None and get(_GATEWAYS, db=meta) == solo)
-
         try:
             with self._env.env.begin() as txn:
-                raws, alone = read(txn)
+                view = self._view_at(txn, keys)
         except lmdb.MapResizedError:  # another process grew the map: the generic path adopts it
-            raws, alone = self._env.read(read)
+            view = self._env.read(lambda txn: self._view_at(txn, keys))
         except lmdb.Error as exc:
             raise StoreUnavailable(f"store read failed: {exc}") from exc
-        unpack, held = _COUNTER.unpack, self._held_sum
-        counters = [unpack(raw) if raw else _ZERO for raw in raws]
+        counters = [view[k] for k in keys]
+        held = self._held_sum
         if held:
             for i, k in enumerate(keys):
                 extra = held.get(k)
                 if extra:
                     c = counters[i]
                     counters[i] = (c[0], c[1] + extra, c[2], c[3])
-        return counters, alone
+        return counters, self._view_alone
+
+    def _view_at(self, txn: lmdb.Transaction, keys: tuple[bytes, ...]) -> dict[bytes, tuple]:
+        """The counters of `keys` as of `txn`, from the view of the ledger kept since the last
+        commit (by anyone: a commit moves the transaction id, and the view starts over)."""
+        view = self._view
+        if txn.id() != self._view_txnid:
+            view.clear()
+            self._view_txnid = txn.id()
+            self._view_alone = (self._solo is not None
+                                and txn.get(_GATEWAYS, db=self._meta) == self._solo)
+        for k in keys:
+            if k not in view:
+                raw = txn.get(k, db=self._usage)
+                view[k] = _COUNTER.unpack(raw) if raw else _ZERO
+        return view
 
     def hold(
         self, reservation_id: str, levels: Sequence[Level], month: str, amount_nusd: int
@@ -692,7 +713,10 @@ class Ledger(_Part):
         rid_held = reservation_id.encode() if reservation_id is not None else None
         held = self._held.get(rid_held) if rid_held is not None else None
 
+        written: list[int] = []
+
         def apply(txn: lmdb.Transaction) -> list[Counter]:
+            written.append(txn.id())
             get, put = txn.get, txn.put
             usage = self._usage
             released = 0
@@ -716,7 +740,15 @@ class Ledger(_Part):
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
             return after
 
+        view_txnid = self._view_txnid
         after = self._write_fast(apply)
+        if written[-1] == view_txnid + 1 and self._view_txnid == view_txnid:
+            # Nobody committed between the view and this write: the view stays, with the
+            # counters just written.
+            view = self._view
+            for k, c in zip(keys, after, strict=True):
+                view[k] = tuple(c)
+            self._view_txnid = written[-1]
         if held is not None:
             self._forget_held([(rid_held, held)])
         held_sum = self._held_sum

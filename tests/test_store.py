@@ -113,6 +113,7 @@ def test_a_gateway_alone_holds_reservations_in_memory(tmp_path):
         # r2 is still held: the counters returned count it as reserved.
         assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [
             (123, 0, 1), (123, 200, 1), (123, 200, 1)]
+        assert ledger.peek(LEVELS, "2026-11")[0][1][:3] == (123, 200, 1)
         assert ledger.release("r2") is True and ledger.held() == 0
         assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [0] * 3
 
@@ -196,6 +197,13 @@ def test_a_ledger_grown_by_another_process_is_read_on_the_request_path(tmp_path)
         assert writer.exitcode == 0
         counters, alone = reader.ledger.peek(LEVELS, "2026-11")
         assert [c[2] for c in counters] == [500] * 3 and alone
+        # Its own write keeps the view it reads from current; another process's write too.
+        reader.ledger.settle(None, LEVELS, "2026-11", 7)
+        assert [c[:3] for c in reader.ledger.peek(LEVELS, "2026-11")[0]] == [(507, 0, 501)] * 3
+        writer = ctx.Process(target=_fill_ledger, args=(str(tmp_path / "s"),))
+        writer.start()
+        writer.join(60)
+        assert [c[:3] for c in reader.ledger.peek(LEVELS, "2026-11")[0]] == [(1007, 0, 1001)] * 3
 
 
 def _fill_ledger(path: str) -> None:
