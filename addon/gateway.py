@@ -7,7 +7,6 @@ real cost.
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -93,8 +92,6 @@ class Gateway:
         self._accounts: dict[str, Account] = {}
         self._providers_by_host: dict[str, Provider | None] = {}
         self._unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
-        self._settling: list[tuple] = []  # settlements waiting for this loop iteration's commit
-        self._committed: asyncio.Future | None = None  # done when they are in the ledger
         self._grace_memory: dict[tuple[str, str], int] = {}  # when even the ledger is down
         self._derived_allow_hosts: list[str] | None = None
         self._maintenance: asyncio.Task | None = None
@@ -192,7 +189,6 @@ class Gateway:
             if task is not None:
                 task.cancel()
         self._maintenance = self._watch = None
-        self._commit_settling()
         self._retry_unsettled()
         self._close_store()
 
@@ -427,7 +423,8 @@ class Gateway:
             LARGE_BODY
         ):
             return self._settle_large(flow, flight)
-        return self._settle(flow, flight, None)
+        self._settle(flow, flight, None)
+        return None
 
     def error(self, flow: http.HTTPFlow):
         return self.response(flow)
@@ -443,15 +440,10 @@ class Gateway:
         except Exception:
             log.exception("aigw: reading usage failed; charging an estimate")
             usage = None
-        committed = self._settle(flow, flight, usage or False)
-        if committed is not None:
-            await committed
+        self._settle(flow, flight, usage or False)
 
-    def _settle(
-        self, flow: http.HTTPFlow, flight: Flight, usage: Usage | None | bool
-    ) -> asyncio.Future | None:
-        """Meter and charge; never raises (a failure charges the reserved estimate). Returns
-        what to await before the response goes on: the ledger commit that holds its cost."""
+    def _settle(self, flow: http.HTTPFlow, flight: Flight, usage: Usage | None | bool) -> None:
+        """Meter and charge; never raises (a failure charges the reserved estimate)."""
         response = flow.response
         try:
             if usage is None:
@@ -467,7 +459,9 @@ class Gateway:
         except Exception:
             log.exception("aigw: metering failed; charging the reserved estimate")
             usage, cost, estimated = None, flight.estimate_nusd, True
-        return self._record(flow, flight, cost, estimated, usage)
+        after = self._record(flow, flight, cost, estimated, usage)
+        if response is not None and flight.tap is None and after is not None:
+            _usage_headers(response, after, flight.month, cost)
 
     def _estimate_usage(self, flow: http.HTTPFlow, flight: Flight) -> Usage:
         """No usage reported: nothing if the provider never answered or refused the request,
@@ -489,11 +483,9 @@ class Gateway:
 
     def _record(
         self, flow: http.HTTPFlow, flight: Flight, cost: int, estimated: bool, usage: Usage | None
-    ) -> asyncio.Future | None:
-        """Write the request's cost to the ledger (or the grace ledger); never raises. In the
-        event loop, the settlements of one loop iteration share one ledger transaction (a group
-        commit) and the future returned is done when it has committed; outside one (tests
-        calling hooks directly) the settlement is written at once and None returned."""
+    ) -> LevelUsage | None:
+        """Write the request's cost to the ledger (or the grace ledger); never raises. Returns
+        the binding level after the write, for the response headers."""
         key = flight.account.identity.key if flight.account else None
         u = usage or Usage()
         entry = UsageRecord(
@@ -522,58 +514,15 @@ class Gateway:
         if flight.mode == "grace" or flight.account is None:
             self._grace_charge(flight, cost, entry)
             return None
-        settlement = (flow, flight, cost, entry)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._commit([settlement])
-            return None
-        self._settling.append(settlement)
-        if self._committed is None:
-            self._committed = loop.create_future()
-            loop.call_soon(self._commit_settling)
-        return self._committed
-
-    def _commit_settling(self) -> None:
-        settling, self._settling = self._settling, []
-        committed, self._committed = self._committed, None
-        try:
-            self._commit(settling)
-        finally:
-            if committed is not None and not committed.done():
-                with contextlib.suppress(RuntimeError):  # the loop is already closed
-                    committed.set_result(None)
-
-    def _commit(self, settling: list[tuple[http.HTTPFlow, Flight, int, UsageRecord]]) -> None:
-        """Settle requests in one ledger transaction, then add their x-gateway-* headers (a
-        stream's went out with its first bytes). Never raises: a failed write is retried."""
-        if not settling:
-            return
-        settlements = [
-            (flow.id, flight.account.levels, flight.month, cost, entry)
-            for flow, flight, cost, entry in settling
-            if flight.account is not None  # always: grace requests never get here
-        ]
-        if len(settlements) != len(settling):
-            raise AssertionError("a settlement without an account")
+        levels = flight.account.levels
         try:
             assert self.store is not None
-            afters = self.store.ledger.settle_many(settlements)
+            counters = self.store.ledger.settle(flow.id, levels, flight.month, cost, entry)
         except Exception as exc:
-            log.error("aigw: ledger write failed (%s); will retry %d settlements", exc,
-                      len(settlements))
-            for settlement in settlements:
-                log.error("aigw: unsettled, retrying: %s", settlement[4])
-            self._unsettled.extend(settlements)
-            return
-        for (flow, flight, cost, _), after in zip(settling, afters, strict=True):
-            response = flow.response
-            if response is not None and flight.tap is None and flight.account is not None:
-                try:
-                    level = binding_level(flight.account.budgets, after)
-                    _usage_headers(response, level, flight.month, cost)
-                except Exception:
-                    log.exception("aigw: could not add the usage headers")
+            log.error("aigw: ledger write failed (%s); will retry: %s", exc, entry)
+            self._unsettled.append((flow.id, levels, flight.month, cost, entry))
+            return None
+        return binding_level(flight.account.budgets, counters)
 
     # --- denials and failure modes --------------------------------------------------------
 

@@ -192,8 +192,6 @@ class UsageRecord(NamedTuple):
 
 
 Level = tuple[str, str]  # ("key" | "user" | "org", id)
-# What settling one request takes: its reservation id, levels, month, cost, usage record.
-Settlement = tuple[str | None, Sequence[Level], str, int, "UsageRecord | None"]
 
 
 @functools.lru_cache(maxsize=100_000)
@@ -710,73 +708,54 @@ class Ledger(_Part):
     ) -> list[Counter]:
         """Release a reservation (if still held), add the real cost and one request to each
         level, and log the request, in one transaction. Returns the counters after the write."""
-        return self.settle_many([(reservation_id, levels, month, cost_nusd, record)])[0]
+        keys = _counter_keys(month, levels)
+        entry = None if record is None else record.encode()
+        rid_held = reservation_id.encode() if reservation_id is not None else None
+        held = self._held.get(rid_held) if rid_held is not None else None
 
-    def settle_many(self, settlements: Sequence[Settlement]) -> list[list[Counter]]:
-        """`settle` several requests in one transaction (a group commit), in order: each
-        settlement's counters count those before it."""
-        prepared = []
-        held_now = self._held
-        for reservation_id, levels, month, cost_nusd, record in settlements:
-            rid = _enc(reservation_id) if reservation_id is not None else None
-            prepared.append((
-                reservation_id,
-                rid,
-                _counter_keys(month, levels),
-                cost_nusd,
-                None if record is None else record.encode(),
-                held_now.get(rid) if rid is not None else None,
-            ))
         written: list[int] = []
 
-        def apply(txn: lmdb.Transaction) -> list[list[Counter]]:
+        def apply(txn: lmdb.Transaction) -> list[Counter]:
             written.append(txn.id())
             get, put = txn.get, txn.put
-            usage, reservations, log_db = self._usage, self._reservations, self._log
-            pack, unpack = _COUNTER.pack, _COUNTER.unpack
+            usage = self._usage
+            released = 0
+            if reservation_id is not None and held is None:
+                rid = _enc(reservation_id)
+                raw = get(rid, db=self._reservations)
+                if raw is not None:
+                    released = int(raw[: raw.index(b"|")])  # the amount leads the record
+                    txn.delete(rid, db=self._reservations)
             now = _now_ms()
-            results = []
-            for reservation_id, rid, keys, cost, entry, held in prepared:
-                released = 0
-                if rid is not None and held is None:  # a held reservation has no record
-                    raw = get(rid, db=reservations)
-                    if raw is not None:
-                        released = int(raw[: raw.index(b"|")])  # the amount leads the record
-                        txn.delete(rid, db=reservations)
-                after = []
-                for k in keys:
-                    raw_counter = get(k, db=usage)
-                    used, reserved, requests, _ = unpack(raw_counter) if raw_counter else _ZERO
-                    reserved = reserved - released if reserved > released else 0
-                    put(k, pack(used + cost, reserved, requests + 1, now), db=usage)
-                    after.append(Counter(used + cost, reserved, requests + 1, now))
-                if entry is not None:
-                    suffix = reservation_id or os.urandom(6).hex()
-                    put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=log_db)
-                results.append(after)
-            return results
+            after = []
+            pack = _COUNTER.pack
+            for k in keys:
+                raw_counter = get(k, db=usage)
+                used, reserved, requests, _ = _COUNTER.unpack(raw_counter) if raw_counter else _ZERO
+                reserved = reserved - released if reserved > released else 0
+                put(k, pack(used + cost_nusd, reserved, requests + 1, now), db=usage)
+                after.append(Counter(used + cost_nusd, reserved, requests + 1, now))
+            if entry is not None:
+                suffix = reservation_id or os.urandom(6).hex()
+                put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
+            return after
 
         view_txnid = self._view_txnid
-        results = self._write_fast(apply)
+        after = self._write_fast(apply)
         if written[-1] == view_txnid + 1 and self._view_txnid == view_txnid:
             # Nobody committed between the view and this write: the view stays, with the
             # counters just written.
             view = self._view
-            for item, after in zip(prepared, results, strict=True):
-                for k, c in zip(item[2], after, strict=True):
-                    view[k] = tuple(c)
+            for k, c in zip(keys, after, strict=True):
+                view[k] = tuple(c)
             self._view_txnid = written[-1]
-        for item in prepared:
-            if item[5] is not None:
-                self._forget_held([(item[1], item[5])])
+        if held is not None:
+            self._forget_held([(rid_held, held)])
         held_sum = self._held_sum
         if held_sum:  # what this process still holds is reserved too
-            results = [
-                [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
-                 for k, c in zip(item[2], after, strict=True)]
-                for item, after in zip(prepared, results, strict=True)
-            ]
-        return results
+            after = [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
+                     for k, c in zip(keys, after, strict=True)]
+        return after
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""
