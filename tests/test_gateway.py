@@ -11,6 +11,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addon.gateway import Gateway
 from store import USD, Store, StoreUnavailable
 from store.money import month_of, utc_now
+from tests.support.elsewhere import in_another_process
 from tests.support.seed import seed
 
 PROVIDER_KEY = "sk-provider-fake-0000"
@@ -508,20 +509,13 @@ def test_a_restarted_gateway_releases_its_crashed_predecessors_reservations(tmp_
         gw.done()
 
 
-def _ledger_reservations(path: str, results) -> None:
+def _ledger_reservations(path: str) -> list[dict]:
     with Store(path) as store:
-        results.put(store.ledger.reservations())
+        return store.ledger.reservations()
 
 
 def reservations_seen_by_another_process(path) -> list[dict]:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    process = ctx.Process(target=_ledger_reservations, args=(str(path), results))
-    process.start()
-    process.join(60)
-    return results.get(timeout=5)
+    return in_another_process(_ledger_reservations, str(path))
 
 
 def test_alone_on_its_ledger_the_gateway_writes_no_reservation_per_request(gateway, tmp_path):

@@ -9,6 +9,7 @@ from store import USD, Store
 from store.db import Ledger, UsageRecord
 from store.money import month_of, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
+from tests.support.elsewhere import in_another_process
 
 
 def never(counters):
@@ -76,18 +77,13 @@ def alive(gateway, pid):
     return True
 
 
-def _reserved_elsewhere(path: str, results) -> None:
+def _reserved(path: str) -> list[int]:
     with Store(path) as store:
-        results.put([c.reserved_nusd for c in store.ledger.counters(LEVELS, "2026-11")])
+        return [c.reserved_nusd for c in store.ledger.counters(LEVELS, "2026-11")]
 
 
 def reserved_seen_by_another_process(path) -> list[int]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    process = ctx.Process(target=_reserved_elsewhere, args=(str(path), results))
-    process.start()
-    process.join(60)
-    return results.get(timeout=5)
+    return in_another_process(_reserved, str(path))
 
 
 def second_gateway(store: Store) -> Ledger:
