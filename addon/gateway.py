@@ -51,6 +51,7 @@ PEER_CHECK_S = 0.1  # how often a gateway alone on its ledger looks for others j
 PEER_GRACE_S = 0.5  # how long a joining gateway waits for their held reservations
 _GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
 PUBLISH_EVERY = 10  # held reservations are written every PUBLISH_EVERY * PEER_CHECK_S anyway
+HEARTBEAT_EVERY = 50  # a gateway refreshes its registration every HEARTBEAT_EVERY * PEER_CHECK_S
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -145,7 +146,7 @@ class Gateway:
         self._flusher.start()
         _GATEWAYS_HERE.add(self._owner["host"])
         try:
-            others = self.store.ledger.join(self._owner["host"], os.getpid(), self._is_live)
+            others = self.store.ledger.join(self._owner["host"], _process_info(), self._is_live)
         except StoreUnavailable as exc:
             log.error("aigw could not register on the ledger (%s); applying failure modes", exc)
             self._close_store()
@@ -637,33 +638,36 @@ class Gateway:
                 if self.store is not None and self.config is not None:
                     timeout_ms = self.config.policy.reservation_timeout_s * 1000
                     self.store.ledger.drop_held(int(time.time() * 1000) - timeout_ms)
-                    self.store.ledger.prune(self._is_live)
                 await asyncio.to_thread(self._release_stale)
             except Exception:
                 log.exception("aigw: maintenance failed")
 
     async def _watch_peers(self) -> None:
-        """Write held reservations to the ledger at once when another gateway shares it, and
-        every second anyway, so `aigw usage` shows what is in flight."""
+        """Keep this gateway's registration alive; write held reservations to the ledger at
+        once when another gateway shares it, and every second anyway, so `aigw usage` shows
+        what is in flight."""
         ticks = 0
         while True:
             await asyncio.sleep(PEER_CHECK_S)
             ticks += 1
             ledger = self.store.ledger if self.store is not None else None
-            if ledger is None or not ledger.held():
+            if ledger is None:
                 continue
             try:
-                if ticks % PUBLISH_EVERY == 0 or not ledger.alone():
+                if ticks % HEARTBEAT_EVERY == 0:
+                    ledger.heartbeat()
+                if ledger.held() and (ticks % PUBLISH_EVERY == 0 or not ledger.alone()):
                     ledger.publish()
             except Exception:
                 log.exception("aigw: could not write held reservations; retrying")
 
-    def _is_live(self, gateway: str, pid: int) -> bool:
-        """Whether a registered gateway process still runs: on this host, its pid is checked;
-        another host's (a shared file system) is trusted."""
-        host = gateway.split("/")[0]
-        if host != self._owner["host"].split("/")[0]:
+    def _is_live(self, gateway: str, entry: dict) -> bool:
+        """Whether a registered gateway whose heartbeat is recent still runs. Its pid tells
+        only in our own pid namespace on this host; elsewhere (another host, another
+        container) the heartbeat alone decides."""
+        if entry.get("host") != socket.gethostname() or entry.get("pidns") != _PIDNS:
             return True
+        pid = entry.get("pid")
         if pid == os.getpid():  # ours: a gateway of this process, or a reused pid's
             return gateway in _GATEWAYS_HERE
         return _pid_alive(pid)
@@ -678,23 +682,18 @@ class Gateway:
                 self._unsettled.append((reservation_id, levels, month, cost, entry))
 
     def _release_stale(self) -> int:
-        """Release reservations left by crashed gateways on this host (at once) and any older
-        than the configured timeout."""
+        """Release reservations of gateways no longer registered (crashed, or stopped before
+        their requests ended) and any older than the configured timeout."""
         if self.store is None or self.config is None:
             return 0
         timeout_ms = self.config.policy.reservation_timeout_s * 1000
         now_ms = int(time.time() * 1000)
-        mine = self._owner["host"]
-        hostname = mine.split("/")[0]
+        live = set(self.store.ledger.gateways())
 
         def is_stale(record: dict) -> bool:
             if now_ms - int(record.get("created_ms", 0)) > timeout_ms:
                 return True
-            owner = str(record.get("host", ""))
-            if owner == mine or owner.split("/")[0] != hostname:
-                return False  # ours (settled by our hooks), or another host's: wait for timeout
-            pid = record.get("pid")
-            return pid == os.getpid() or not _pid_alive(pid)  # a reused pid is a restart
+            return str(record.get("host", "")) not in live
 
         return self.store.ledger.release_stale(is_stale)
 
@@ -723,6 +722,21 @@ def _no_credential(provider: Provider) -> Denial:
         f"The gateway has no credential for provider {provider.name!r}.",
         headers=(("x-should-retry", "false"),),
     )
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+_PIDNS = _pid_namespace()
+
+
+def _process_info() -> dict:
+    """What another gateway needs to tell whether this process still runs."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pidns": _PIDNS}
 
 
 def _pid_alive(pid) -> bool:

@@ -50,6 +50,8 @@ _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 RESOLVE_CACHE_SIZE = 200_000
 _GATEWAYS = b"gateways"  # ledger meta: the gateway processes using this ledger
+GATEWAY_TIMEOUT_S = 30.0  # a registered gateway without a heartbeat for this long is gone
+IsLive = Callable[[str, dict], bool]  # whether a registered gateway (name, entry) still runs
 
 
 class StoreError(Exception):
@@ -470,8 +472,9 @@ class Ledger(_Part):
         # amount, created_ms), and their sum per counter key.
         self._held: dict[bytes, tuple[list[bytes], int, int]] = {}
         self._held_sum: dict[bytes, int] = {}
-        self._gateway = ("", 0)  # this process's registration (see `join`)
-        self._solo: bytes | None = None  # the registry when this gateway is alone on the ledger
+        self._gateway = ("", 0)  # this process's registration (see `join`): name, pid
+        self._gateway_info: dict[str, Any] = {}
+        self._is_live: IsLive | None = None
         # The counters read or written since the last commit, so a request reads only what it has
         # not seen: valid while the environment's transaction id is `_view_txnid`.
         self._view: dict[bytes, tuple] = {}
@@ -480,32 +483,30 @@ class Ledger(_Part):
 
     # --- the gateways sharing this ledger ----------------------------------------------------
 
-    def join(self, gateway: str, pid: int, is_live: Callable[[str, int], bool]) -> list[str]:
-        """Register a gateway process (`gateway`: a unique name) as a user of this ledger and
-        drop the registrations `is_live(name, pid)` rejects. Returns the other gateways."""
+    def join(self, gateway: str, info: dict[str, Any], is_live: IsLive) -> list[str]:
+        """Register a gateway process (`gateway`: a unique name; `info`: what `is_live` needs
+        to judge it, e.g. its pid) as a user of this ledger, and drop the registrations
+        `is_live(name, entry)` rejects. Each entry carries `seen`, the time of its last
+        heartbeat. Returns the other live gateways."""
+        self._gateway = (gateway, int(info.get("pid", 0)))
+        self._gateway_info = dict(info)
+        self._is_live = is_live
+        return self.heartbeat()
 
-        def apply(txn: lmdb.Transaction) -> list[str]:
-            live = {g: p for g, p in self._registry(txn).items() if g != gateway and is_live(g, p)}
-            others = sorted(live)
-            live[gateway] = pid
-            txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS), db=self._meta)
-            return others
-
-        others = self._env.write(apply)
-        self._gateway = (gateway, pid)
-        self._solo = orjson.dumps({gateway: pid}, option=orjson.OPT_SORT_KEYS)
-        return others
-
-    def prune(self, is_live: Callable[[str, int], bool]) -> list[str]:
-        """Drop registrations of gateways `is_live` rejects (crashed ones); returns the rest."""
+    def heartbeat(self) -> list[str]:
+        """Refresh this gateway's registration (restoring it if another process dropped it)
+        and drop dead ones; returns the other live gateways."""
+        gateway = self._gateway[0]
+        if not gateway:
+            return []
 
         def apply(txn: lmdb.Transaction) -> list[str]:
             current = self._registry(txn)
-            live = {g: p for g, p in current.items() if g == self._gateway[0] or is_live(g, p)}
-            if live != current:
-                txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
-                        db=self._meta)
-            return sorted(live)
+            live = {g: e for g, e in current.items() if g != gateway and self._live(g, e)}
+            others = sorted(live)
+            live[gateway] = {**self._gateway_info, "seen": time.time()}
+            txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS), db=self._meta)
+            return others
 
         return self._env.write(apply)
 
@@ -514,28 +515,42 @@ class Ledger(_Part):
         gateway = self._gateway[0]
         if not gateway:
             return
-        self.publish()
+        try:
+            self.publish()
+        finally:
+            def apply(txn: lmdb.Transaction) -> None:
+                live = self._registry(txn)
+                if live.pop(gateway, None) is not None:
+                    txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
+                            db=self._meta)
 
-        def apply(txn: lmdb.Transaction) -> None:
-            live = self._registry(txn)
-            if live.pop(gateway, None) is not None:
-                txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
-                        db=self._meta)
-
-        self._env.write(apply)
-        self._gateway, self._solo = ("", 0), None
+            self._gateway = ("", 0)
+            self._env.write(apply)
 
     def gateways(self) -> list[str]:
-        """The gateway processes registered on this ledger."""
-        return sorted(self._env.read(self._registry))
+        """The live gateway processes registered on this ledger."""
+        return sorted(g for g, e in self._env.read(self._registry).items() if self._live(g, e))
 
     def alone(self) -> bool:
-        """Whether this gateway is the only one registered on the ledger."""
-        solo = self._solo
-        return solo is not None and self._env.read(
-            lambda txn: txn.get(_GATEWAYS, db=self._meta)) == solo
+        """Whether this gateway is the only live one registered on the ledger."""
+        return self._env.read(self._alone_in)
 
-    def _registry(self, txn: lmdb.Transaction) -> dict[str, int]:
+    def _alone_in(self, txn: lmdb.Transaction) -> bool:
+        gateway = self._gateway[0]
+        registry = self._registry(txn)
+        return bool(gateway) and gateway in registry and not any(
+            g != gateway and self._live(g, e) for g, e in registry.items())
+
+    def _live(self, gateway: str, entry: Any) -> bool:
+        if gateway == self._gateway[0]:
+            return True
+        if not isinstance(entry, dict) or time.time() - float(entry.get("seen", 0)) > (
+            GATEWAY_TIMEOUT_S
+        ):
+            return False  # no heartbeat for too long: crashed, or a registry of another format
+        return self._is_live is None or self._is_live(gateway, entry)
+
+    def _registry(self, txn: lmdb.Transaction) -> dict[str, Any]:
         raw = txn.get(_GATEWAYS, db=self._meta)
         return orjson.loads(raw) if raw else {}
 
@@ -569,9 +584,9 @@ class Ledger(_Part):
         view = self._view
         if txn.id() != self._view_txnid:
             view.clear()
+            self._view_txnid = -1  # until the view is whole again
+            self._view_alone = self._alone_in(txn)
             self._view_txnid = txn.id()
-            self._view_alone = (self._solo is not None
-                                and txn.get(_GATEWAYS, db=self._meta) == self._solo)
         for k in keys:
             if k not in view:
                 raw = txn.get(k, db=self._usage)

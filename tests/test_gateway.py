@@ -541,3 +541,20 @@ def test_alone_on_its_ledger_the_gateway_writes_no_reservation_per_request(gatew
     assert before == []
     assert len(after) == 1 and after[0]["levels"][0] == ["key", s.key_id]
     assert reservations_seen_by_another_process(tmp_path / "store") == []
+
+
+def test_liveness_trusts_a_pid_only_in_our_own_pid_namespace():
+    """Two containers sharing a host name and a volume both run mitmdump as pid 1: a pid
+    proves nothing across pid namespaces, so only the heartbeat decides there."""
+    import os
+    import socket
+
+    from addon.gateway import _PIDNS
+
+    gw = Gateway()
+    ours = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _PIDNS}
+    assert gw._is_live("other/instance", {**ours, "pidns": "pid:[4026599999]"})
+    assert gw._is_live("elsewhere/x", {**ours, "host": "another-host"})
+    # In our namespace, our own pid under another name is a predecessor that reused it.
+    assert not gw._is_live("old/instance", ours)
+    assert not gw._is_live("gone/instance", {**ours, "pid": 2**22 + 12345})

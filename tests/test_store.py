@@ -2,11 +2,12 @@
 
 import json
 import multiprocessing
+import time
 
 import pytest
 
 from store import USD, Store
-from store.db import Ledger, UsageRecord
+from store.db import GATEWAY_TIMEOUT_S, Ledger, UsageRecord
 from store.money import month_of, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 from tests.support.elsewhere import in_another_process
@@ -73,7 +74,7 @@ def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
 LEVELS = [("key", "k"), ("user", "u"), ("org", "o")]
 
 
-def alive(gateway, pid):
+def alive(gateway, entry):
     return True
 
 
@@ -96,7 +97,7 @@ def test_a_gateway_alone_holds_reservations_in_memory(tmp_path):
     settling it charges the cost and nothing else."""
     with Store(tmp_path / "s") as store:
         ledger = store.ledger
-        assert ledger.join("host/a", 101, alive) == []
+        assert ledger.join("host/a", {"pid": 101}, alive) == []
         counters, alone = ledger.peek(LEVELS, "2026-11")
         assert alone and counters == [(0, 0, 0, 0)] * 3
         ledger.hold("r1", LEVELS, "2026-11", 500)
@@ -117,9 +118,9 @@ def test_a_gateway_alone_holds_reservations_in_memory(tmp_path):
 def test_held_reservations_are_published_for_other_gateways(tmp_path):
     with Store(tmp_path / "s") as store:
         a, b = store.ledger, second_gateway(store)
-        a.join("host/a", 101, alive)
+        a.join("host/a", {"pid": 101}, alive)
         a.hold("r1", LEVELS, "2026-11", 500)
-        assert b.join("host/b", 102, alive) == ["host/a"]
+        assert b.join("host/b", {"pid": 102}, alive) == ["host/a"]
         assert not a.alone() and a.peek(LEVELS, "2026-11")[1] is False
         assert a.publish() == 1 and a.held() == 0
         assert [c.reserved_nusd for c in b.counters(LEVELS, "2026-11")] == [500] * 3
@@ -134,7 +135,7 @@ def test_held_reservations_are_published_for_other_gateways(tmp_path):
 def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
     with Store(tmp_path / "s") as store:
         ledger = store.ledger
-        ledger.join("host/a", 101, alive)
+        ledger.join("host/a", {"pid": 101}, alive)
         ledger.hold("r1", LEVELS, "2026-11", 500)
         seen = []
         ledger.reserve("r2", LEVELS, "2026-11", 300, lambda c: seen.append(c) or None)
@@ -143,16 +144,26 @@ def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
     assert reserved_seen_by_another_process(tmp_path / "s") == [800] * 3
 
 
-def test_registrations_of_dead_gateways_are_dropped(tmp_path):
+def test_registrations_of_dead_gateways_are_dropped(tmp_path, monkeypatch):
     with Store(tmp_path / "s") as store:
         a, b = store.ledger, second_gateway(store)
-        a.join("host/a", 101, alive)
-        b.join("host/b", 102, alive)
+        dead: set[int] = set()
+        a.join("host/a", {"pid": 101}, lambda gateway, entry: entry["pid"] not in dead)
+        b.join("host/b", {"pid": 102}, alive)
         assert a.gateways() == ["host/a", "host/b"] and not a.alone()
-        assert a.prune(lambda gateway, pid: pid != 102) == ["host/a"]
-        assert a.alone()
-        b.join("host/b", 103, alive)
+        dead.add(102)  # the liveness check (a pid, on the same host) says b is gone
+        assert a.heartbeat() == [] and a.alone()
+        # b still runs after all: its heartbeat restores its registration.
+        dead.clear()
+        assert b.heartbeat() == ["host/a"] and not a.alone()
         b.leave()  # a clean exit removes the registration
+        assert a.gateways() == ["host/a"] and a.alone()
+        # A gateway whose heartbeat stopped is gone once GATEWAY_TIMEOUT_S has passed.
+        b.join("host/b", {"pid": 103}, alive)
+        assert not a.alone()
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + GATEWAY_TIMEOUT_S + 1)
+        a.heartbeat()
         assert a.gateways() == ["host/a"] and a.alone()
 
 
@@ -184,7 +195,7 @@ def test_a_map_grown_by_another_process_is_picked_up(tmp_path):
 
 def test_a_ledger_grown_by_another_process_is_read_on_the_request_path(tmp_path):
     with Store(tmp_path / "s", map_size=256 * 1024) as reader:
-        reader.ledger.join("host/a", 101, alive)
+        reader.ledger.join("host/a", {"pid": 101}, alive)
         assert reader.ledger.peek(LEVELS, "2026-11") == ([(0, 0, 0, 0)] * 3, True)
         ctx = multiprocessing.get_context("spawn")
         writer = ctx.Process(target=_fill_ledger, args=(str(tmp_path / "s"),))
