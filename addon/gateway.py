@@ -48,7 +48,7 @@ log = logging.getLogger("aigw")
 LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
 MAINTENANCE_INTERVAL_S = 30
 PEER_CHECK_S = 0.1  # how often a gateway alone on its ledger looks for others joining
-PEER_GRACE_S = 0.5  # how long a joining gateway waits for their held reservations
+PEER_WAIT_MAX_S = 5.0  # how long a joining gateway waits at most for the others' answer
 _GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
 PUBLISH_EVERY = 10  # held reservations are written every PUBLISH_EVERY * PEER_CHECK_S anyway
 HEARTBEAT_EVERY = 50  # a gateway refreshes its registration every HEARTBEAT_EVERY * PEER_CHECK_S
@@ -97,7 +97,9 @@ class Gateway:
         self._derived_allow_hosts: list[str] | None = None
         self._maintenance: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
-        self._peers_settled_at = 0.0  # monotonic time before which a joining gateway waits
+        self._peers_settled_at = 0.0  # until then, a joining gateway waits for the others
+        self._joined_at = 0.0
+        self._peers_acked: frozenset[str] = frozenset()  # the others we said we share with
         # Reservations name their owner, so a restarted gateway can release a crashed one's.
         self._instance = secrets.token_hex(4)
         self._owner = {"pid": os.getpid(), "host": f"{socket.gethostname()}/{self._instance}"}
@@ -154,7 +156,8 @@ class Gateway:
         if others:
             # A gateway that was alone holds its reservations in memory until it sees us join
             # (PEER_CHECK_S): decide nothing before they are in the ledger.
-            self._peers_settled_at = time.monotonic() + PEER_GRACE_S
+            self._joined_at = time.time()
+            self._peers_settled_at = time.monotonic() + PEER_WAIT_MAX_S
             log.info("aigw shares its ledger with %d other gateway(s)", len(others))
         released = self._release_stale()
         log.info(
@@ -211,15 +214,25 @@ class Gateway:
 
     async def _decide_later(self, flow: http.HTTPFlow, provider: Provider, raw: bytes) -> None:
         """A large body is parsed off the event loop; a gateway that just joined others on
-        the ledger first lets them write the reservations they held."""
-        wait = self._peers_settled_at - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        else:
-            self._peers_settled_at = 0.0
+        the ledger first waits until they have written the reservations they held."""
+        if self._peers_settled_at:
+            await self._wait_for_peers()
         body = await asyncio.to_thread(parse_json, raw) if len(raw) > LARGE_BODY else (
             parse_json(raw))
         self._decide(flow, provider, raw, body)
+
+    async def _wait_for_peers(self) -> None:
+        while time.monotonic() < self._peers_settled_at:
+            try:
+                if self.store is None or self.store.ledger.caught_up(self._joined_at):
+                    break
+            except StoreUnavailable:
+                break  # the decision will take the failure mode
+            await asyncio.sleep(PEER_CHECK_S / 2)
+        else:
+            log.warning("aigw: the other gateways did not answer in %.0fs; deciding anyway",
+                        PEER_WAIT_MAX_S)
+        self._peers_settled_at = 0.0
 
     def _provider(self, host: str) -> Provider | None:
         try:
@@ -654,10 +667,16 @@ class Gateway:
             if ledger is None:
                 continue
             try:
-                if ticks % HEARTBEAT_EVERY == 0:
-                    ledger.heartbeat()
-                if ledger.held() and (ticks % PUBLISH_EVERY == 0 or not ledger.alone()):
+                others = frozenset(ledger.gateways()) - {self._owner["host"]}
+                if others - self._peers_acked:
+                    # Someone joined: write what we hold, then tell them (caught_up).
                     ledger.publish()
+                    ledger.heartbeat(shared=True)
+                elif ticks % HEARTBEAT_EVERY == 0:
+                    ledger.heartbeat()
+                if ledger.held() and (ticks % PUBLISH_EVERY == 0 or others):
+                    ledger.publish()
+                self._peers_acked = others
             except Exception:
                 log.exception("aigw: could not write held reservations; retrying")
 

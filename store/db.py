@@ -493,12 +493,16 @@ class Ledger(_Part):
         self._is_live = is_live
         return self.heartbeat()
 
-    def heartbeat(self) -> list[str]:
+    def heartbeat(self, *, shared: bool = False) -> list[str]:
         """Refresh this gateway's registration (restoring it if another process dropped it)
-        and drop dead ones; returns the other live gateways."""
+        and drop dead ones; returns the other live gateways. `shared`: also record that this
+        gateway now knows it shares the ledger and holds nothing unwritten (see
+        `caught_up`)."""
         gateway = self._gateway[0]
         if not gateway:
             return []
+        if shared:
+            self._gateway_info["shared_at"] = time.time()
 
         def apply(txn: lmdb.Transaction) -> list[str]:
             current = self._registry(txn)
@@ -526,6 +530,17 @@ class Ledger(_Part):
 
             self._gateway = ("", 0)
             self._env.write(apply)
+
+    def caught_up(self, since: float) -> bool:
+        """Whether every other live gateway has said it shares the ledger (`heartbeat(shared=
+        True)`) since `since`: what it held in memory before is in the ledger."""
+        gateway = self._gateway[0]
+        registry = self._env.read(self._registry)
+        return all(
+            float(e.get("shared_at", 0)) >= since
+            for g, e in registry.items()
+            if g != gateway and self._live(g, e)
+        )
 
     def gateways(self) -> list[str]:
         """The live gateway processes registered on this ledger."""

@@ -132,6 +132,20 @@ def test_held_reservations_are_published_for_other_gateways(tmp_path):
         assert b.reservations() == []
 
 
+def test_a_joining_gateway_learns_when_the_others_have_written_what_they_held(tmp_path):
+    with Store(tmp_path / "s") as store:
+        a, b = store.ledger, second_gateway(store)
+        a.join("host/a", {"pid": 101}, alive)
+        a.hold("r1", LEVELS, "2026-11", 500)
+        joined = time.time()
+        b.join("host/b", {"pid": 102}, alive)
+        assert not b.caught_up(joined)
+        a.publish()
+        a.heartbeat(shared=True)  # what a gateway's watcher does when it sees b join
+        assert b.caught_up(joined)
+        assert [c.reserved_nusd for c in b.counters(LEVELS, "2026-11")] == [500] * 3
+
+
 def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
     with Store(tmp_path / "s") as store:
         ledger = store.ledger
