@@ -49,9 +49,9 @@ LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
 MAINTENANCE_INTERVAL_S = 30
 PEER_CHECK_S = 0.1  # how often a gateway alone on its ledger looks for others joining
 PEER_WAIT_MAX_S = 5.0  # how long a joining gateway waits at most for the others' answer
-_GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
 PUBLISH_EVERY = 10  # held reservations are written every PUBLISH_EVERY * PEER_CHECK_S anyway
 HEARTBEAT_EVERY = 50  # a gateway refreshes its registration every HEARTBEAT_EVERY * PEER_CHECK_S
+_GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -226,8 +226,9 @@ class Gateway:
             try:
                 if self.store is None or self.store.ledger.caught_up(self._joined_at):
                     break
-            except StoreUnavailable:
-                break  # the decision will take the failure mode
+            except Exception:  # the decision that follows meets the fault and decides
+                log.exception("aigw: could not read the other gateways' registrations")
+                break
             await asyncio.sleep(PEER_CHECK_S / 2)
         else:
             log.warning("aigw: the other gateways did not answer in %.0fs; deciding anyway",
