@@ -685,7 +685,7 @@ class Gateway:
         """Whether a registered gateway whose heartbeat is recent still runs. Its pid tells
         only in our own pid namespace on this host; elsewhere (another host, another
         container) the heartbeat alone decides."""
-        if entry.get("host") != socket.gethostname() or entry.get("pidns") != _PIDNS:
+        if entry.get("host") != _HOSTNAME or entry.get("pidns") != _PIDNS:
             return True
         pid = entry.get("pid")
         if pid == os.getpid():  # ours: a gateway of this process, or a reused pid's
@@ -752,11 +752,12 @@ def _pid_namespace() -> str | None:
 
 
 _PIDNS = _pid_namespace()
+_HOSTNAME = socket.gethostname()
 
 
 def _process_info() -> dict:
     """What another gateway needs to tell whether this process still runs."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "pidns": _PIDNS}
+    return {"pid": os.getpid(), "host": _HOSTNAME, "pidns": _PIDNS}
 
 
 def _pid_alive(pid) -> bool:

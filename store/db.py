@@ -694,6 +694,7 @@ class Ledger(_Part):
         usage, unpack, pack = self._usage, _COUNTER.unpack, _COUNTER.pack
 
         snapshot = list(self._held.items())
+        written: list[tuple[int, list[tuple[bytes, tuple]]]] = []
 
         def apply(txn: lmdb.Transaction) -> T | None:
             if snapshot:  # others must see this process's held reservations from now on
@@ -704,15 +705,26 @@ class Ledger(_Part):
                 raw = get(k, db=usage)
                 counters.append(Counter._make(unpack(raw)) if raw else _ZERO)
             reason = refuse(counters)
+            new = []
             if reason is None:
                 now = _now_ms()
                 put = txn.put
                 for k, c in zip(keys, counters, strict=True):
-                    put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
+                    value = (c[0], c[1] + amount_nusd, c[2], now)
+                    put(k, pack(*value), db=usage)
+                    new.append((k, value))
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
+            written.append((txn.id(), new))
             return reason
 
+        view_txnid = self._view_txnid
         reason = self._write_fast(apply)
+        txnid, new = written[-1]
+        if new and not snapshot and txnid == view_txnid + 1 and self._view_txnid == view_txnid:
+            view = self._view  # nobody committed in between: the view stays, with these counters
+            for k, value in new:
+                view[k] = value
+            self._view_txnid = txnid
         if snapshot:
             self._forget_held(snapshot)
         return reason

@@ -155,7 +155,13 @@ def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
         ledger.reserve("r2", LEVELS, "2026-11", 300, lambda c: seen.append(c) or None)
         assert [c.reserved_nusd for c in seen[-1]] == [500] * 3  # the held one was counted
         assert ledger.held() == 0
-    assert reserved_seen_by_another_process(tmp_path / "s") == [800] * 3
+        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [800] * 3
+        ledger.reserve("r3", LEVELS, "2026-11", 100, never)  # keeps the view it reads from
+        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [900] * 3
+        ledger.reserve("r4", LEVELS, "2026-11", 100, lambda c: "full")  # refused: no change
+        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [900] * 3
+        ledger.release("r3")
+    assert reserved_seen_by_another_process(tmp_path / "s") == [800] * 3  # r1 and r2
 
 
 def test_registrations_of_dead_gateways_are_dropped(tmp_path, monkeypatch):
