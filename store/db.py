@@ -470,7 +470,7 @@ class Ledger(_Part):
         self._meta = env.dbs["meta"]
         # Reservations of this process not yet written (see `hold`): id -> (counter keys,
         # amount, created_ms), and their sum per counter key.
-        self._held: dict[bytes, tuple[list[bytes], int, int]] = {}
+        self._held: dict[bytes, tuple[tuple[bytes, ...], int, int]] = {}
         self._held_sum: dict[bytes, int] = {}
         self._gateway = ("", 0)  # this process's registration (see `join`): name, pid
         self._gateway_info: dict[str, Any] = {}
