@@ -147,6 +147,7 @@ class Gateway:
         self._flusher = Flusher(self.store, self.config.policy.flush_interval_s)
         self._flusher.start()
         _GATEWAYS_HERE.add(self._owner["host"])
+        self._peers_acked = frozenset()
         try:
             others = self.store.ledger.join(self._owner["host"], _process_info(), self._is_live)
         except StoreUnavailable as exc:
@@ -679,7 +680,8 @@ class Gateway:
                     ledger.publish()
                 self._peers_acked = others
             except Exception:
-                log.exception("aigw: could not write held reservations; retrying")
+                log.exception("aigw: could not update the ledger registration or write held "
+                              "reservations; retrying")
 
     def _is_live(self, gateway: str, entry: dict) -> bool:
         """Whether a registered gateway whose heartbeat is recent still runs. Its pid tells
