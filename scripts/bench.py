@@ -1744,42 +1744,27 @@ def main(argv: list[str]) -> int:
         f"{info['os']}, Python {info['python']}, mitmproxy {info['mitmproxy']}, "
         f"lmdb {info['lmdb']}")
     report = Report()
-    if args.only in (None, "hotpath"):
-        say()
-        say(load_note())
-        hot_path(s, report, args.profile)
-    if args.only in (None, "throughput"):
-        say()
-        say(load_note())
-        try:
-            throughput(s, report)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            report.invalid = True
-            say(f"!! throughput run failed: {exc}")
-    if args.only in (None, "throughput-tls"):
-        say()
-        say(load_note())
-        try:
-            throughput(s, report, tls=True)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            report.invalid = True
-            say(f"!! HTTPS throughput run failed: {exc}")
-    if args.only in (None, "stream"):
+    failures = (RuntimeError, subprocess.TimeoutExpired)
+    sections = [  # --only name, what a failure is called, the run, what counts as its failure
+        ("hotpath", "", lambda: hot_path(s, report, args.profile), ()),
+        ("throughput", "throughput run", lambda: throughput(s, report), failures),
+        ("throughput-tls", "HTTPS throughput run", lambda: throughput(s, report, tls=True),
+         failures),
+        ("stream", "stream run", lambda: streams(s, report), failures),
+        # a failed pass (SyncError), the fake's process, ...
+        ("sync", "sync run", lambda: sync_bench(s, report), (Exception,)),
+    ]
+    for name, what, run, caught in sections:
+        if args.only not in (None, name):
+            continue
         say()
         say(load_note())
         try:
-            streams(s, report)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            run()
+        except caught as exc:
             report.invalid = True
-            say(f"!! stream run failed: {exc}")
-    if args.only in (None, "sync"):
-        say()
-        say(load_note())
-        try:
-            sync_bench(s, report)
-        except Exception as exc:  # a failed pass (SyncError), the fake's process, ...
-            report.invalid = True
-            say(f"!! sync run failed: {type(exc).__name__}: {exc}")
+            detail = f"{type(exc).__name__}: {exc}" if name == "sync" else str(exc)
+            say(f"!! {what} failed: {detail}")
     say()
     say(f"== summary ({time.monotonic() - started:.0f} s) ==")
     say("| measure | result | target | |")

@@ -509,7 +509,7 @@ class Ledger(_Part):
             live = {g: e for g, e in current.items() if g != gateway and self._live(g, e)}
             others = sorted(live)
             live[gateway] = {**self._gateway_info, "seen": time.time()}
-            txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS), db=self._meta)
+            self._put_registry(txn, live)
             return others
 
         return self._env.write(apply)
@@ -525,8 +525,7 @@ class Ledger(_Part):
             def apply(txn: lmdb.Transaction) -> None:
                 live = self._registry(txn)
                 if live.pop(gateway, None) is not None:
-                    txn.put(_GATEWAYS, orjson.dumps(live, option=orjson.OPT_SORT_KEYS),
-                            db=self._meta)
+                    self._put_registry(txn, live)
 
             self._gateway = ("", 0)
             self._env.write(apply)
@@ -569,6 +568,9 @@ class Ledger(_Part):
         raw = txn.get(_GATEWAYS, db=self._meta)
         return orjson.loads(raw) if raw else {}
 
+    def _put_registry(self, txn: lmdb.Transaction, registry: dict[str, Any]) -> None:
+        txn.put(_GATEWAYS, orjson.dumps(registry, option=orjson.OPT_SORT_KEYS), db=self._meta)
+
     # --- reservations held in memory ----------------------------------------------------------
 
     def peek(self, levels: Sequence[Level], month: str) -> tuple[list[tuple], bool]:
@@ -607,6 +609,15 @@ class Ledger(_Part):
                 raw = txn.get(k, db=self._usage)
                 view[k] = _COUNTER.unpack(raw) if raw else _ZERO
         return view
+
+    def _keep_view(self, view_txnid: int, txnid: int, written: list[tuple[bytes, tuple]]) -> None:
+        """After our own commit `txnid` of `written` counters: when nobody committed between
+        the view (as of `view_txnid`) and it, the view stays valid, with those counters."""
+        if txnid == view_txnid + 1 and self._view_txnid == view_txnid:
+            view = self._view
+            for k, value in written:
+                view[k] = value
+            self._view_txnid = txnid
 
     def hold(
         self, reservation_id: str, levels: Sequence[Level], month: str, amount_nusd: int
@@ -720,11 +731,8 @@ class Ledger(_Part):
         view_txnid = self._view_txnid
         reason = self._write_fast(apply)
         txnid, new = written[-1]
-        if new and not snapshot and txnid == view_txnid + 1 and self._view_txnid == view_txnid:
-            view = self._view  # nobody committed in between: the view stays, with these counters
-            for k, value in new:
-                view[k] = value
-            self._view_txnid = txnid
+        if new and not snapshot:
+            self._keep_view(view_txnid, txnid, new)
         if snapshot:
             self._forget_held(snapshot)
         return reason
@@ -784,13 +792,8 @@ class Ledger(_Part):
 
         view_txnid = self._view_txnid
         after = self._write_fast(apply)
-        if written[-1] == view_txnid + 1 and self._view_txnid == view_txnid:
-            # Nobody committed between the view and this write: the view stays, with the
-            # counters just written.
-            view = self._view
-            for k, c in zip(keys, after, strict=True):
-                view[k] = tuple(c)
-            self._view_txnid = written[-1]
+        self._keep_view(view_txnid, written[-1],
+                        [(k, tuple(c)) for k, c in zip(keys, after, strict=True)])
         if held is not None:
             self._forget_held([(rid_held, held)])
         held_sum = self._held_sum
