@@ -7,6 +7,7 @@ real cost.
 """
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ from addon.policy import (
     budgets_of,
     check_identity,
     decide_budgets,
+    model_not_allowed,
     unauthorized,
 )
 from addon.providers import Denial, Usage
@@ -35,6 +37,7 @@ from store.money import (
     day_of,
     from_usd,
     month_of,
+    month_span,
     seconds_to_day_end,
     to_usd,
     usd_text,
@@ -62,6 +65,8 @@ class Account:
     month: str
     budgets: tuple[Budget, ...]
     levels: tuple[Level, ...]
+    user_id: str
+    allowed_models: frozenset[str]  # empty: any model
     secrets: dict[str, str | None] = field(default_factory=dict)  # provider name -> credential
 
 
@@ -100,6 +105,8 @@ class Gateway:
         self._peers_settled_at = 0.0  # until then, a joining gateway waits for the others
         self._joined_at = 0.0
         self._peers_acked: frozenset[str] = frozenset()  # the others we said we share with
+        self._month: tuple[str, float, float] = ("", 0.0, 0.0)  # name, start, end (UNIX times)
+        self._max_staleness_s: float | None = None
         # Reservations name their owner, so a restarted gateway can release a crashed one's.
         self._instance = secrets.token_hex(4)
         self._owner = {"pid": os.getpid(), "host": f"{socket.gethostname()}/{self._instance}"}
@@ -122,6 +129,7 @@ class Gateway:
                 raise exceptions.OptionsError(str(exc)) from None
             self._close_store()
             self.config = config
+            self._max_staleness_s = config.policy.max_staleness_s
             self._providers_by_host.clear()
             self._accounts.clear()
             self._open_store()
@@ -274,29 +282,37 @@ class Gateway:
         if self.store is None:
             return self._unavailable(flow, provider, None, "store unavailable", credential)
         key_hash = self.store.hash(credential)
-        now = utc_now()
-        month = month_of(now)
+        now = time.time()
+        month = self._month_at(now)
         try:
             identity = self.store.records.resolve(key_hash, month)
         except StoreUnavailable as exc:
             return self._unavailable(flow, provider, None, str(exc), credential)
-        if identity.key is None and not looks_like_gateway_key(credential):
-            if self.config.policy.unknown_credentials == "passthrough":
-                flow.metadata["aigw"] = {"decision": "passthrough"}
-                return None
-        denial = check_identity(identity, model)
-        if denial is not None:
-            return self._deny(flow, provider, denial)
+        account = self._accounts.get(key_hash)
+        if account is None or account.identity is not identity or account.month != month:
+            # A key not seen since its records last changed: check them all.
+            if identity.key is None and not looks_like_gateway_key(credential):
+                if self.config.policy.unknown_credentials == "passthrough":
+                    flow.metadata["aigw"] = {"decision": "passthrough"}
+                    return None
+            denial = check_identity(identity, model)
+            if denial is not None:
+                return self._deny(flow, provider, denial)
+            known["user_id"] = identity.key.user_id if identity.key else None
+            if identity.org is None:
+                return self._unavailable(flow, provider, None, "organization record missing",
+                                         credential, known["user_id"])
+            account = self._account(key_hash, identity, month)
         org = known["org"] = identity.org
-        known["user_id"] = identity.key.user_id if identity.key else None
-        if org is None:
-            return self._unavailable(flow, provider, None, "organization record missing",
-                                     credential, known["user_id"])
-        stale = self._staleness(now)
-        if stale:
-            return self._unavailable(flow, provider, org, stale, credential, known["user_id"])
+        known["user_id"] = account.user_id
+        assert org is not None
+        if account.allowed_models and model and model not in account.allowed_models:
+            return self._deny(flow, provider, model_not_allowed(org.org_id, model))
+        if self._max_staleness_s is not None:
+            stale = self._staleness(now)
+            if stale:
+                return self._unavailable(flow, provider, org, stale, credential, account.user_id)
 
-        account = self._account(key_hash, identity, month)
         input_tokens = estimate_tokens(len(raw))
         max_output = adapter.max_output_tokens(request, body)
         estimate = self.config.pricing.price(model).cost_nusd(
@@ -377,29 +393,37 @@ class Gateway:
         )
         return denial, seen[-1]
 
-    def _staleness(self, now) -> str | None:
+    def _staleness(self, now: float) -> str | None:
         """Why the replica is too old to decide on, if it is (policy.max_staleness_s)."""
-        assert self.config is not None and self.store is not None
-        limit = self.config.policy.max_staleness_s
+        assert self.store is not None
+        limit = self._max_staleness_s
         if limit is None:
             return None
         last = self.store.records.last_sync()
         if last is None:
             return "the store has never completed a sync pass"
-        age = now.timestamp() - float(last.get("finished_at", 0))
+        age = now - float(last.get("finished_at", 0))
         if age > limit:
             return f"the last complete sync pass is {age:.0f}s old (max_staleness_s {limit})"
         return None
 
     def _account(self, key_hash: str, identity: Identity, month: str) -> Account:
-        account = self._accounts.get(key_hash)
-        if account is None or account.identity is not identity or account.month != month:
-            budgets = budgets_of(identity, month)
-            account = Account(identity, month, budgets, tuple(b.ledger_level for b in budgets))
-            if len(self._accounts) >= 200_000:
-                self._accounts.clear()
-            self._accounts[key_hash] = account
+        """What the request path keeps of a key whose records passed `check_identity`."""
+        assert identity.key is not None and identity.org is not None
+        budgets = budgets_of(identity, month)
+        account = Account(identity, month, budgets, tuple(b.ledger_level for b in budgets),
+                          identity.key.user_id, frozenset(identity.org.allowed_models or ()))
+        if len(self._accounts) >= 200_000:
+            self._accounts.clear()
+        self._accounts[key_hash] = account
         return account
+
+    def _month_at(self, now: float) -> str:
+        """The UTC month of `now`, recomputed only when a month ends."""
+        name, start, end = self._month
+        if not start <= now < end:
+            name, start, end = self._month = month_span(now)
+        return name
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         flight = self._flights.get(flow.id)
@@ -774,6 +798,12 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
+def _limit_text(nusd: int) -> bytes:
+    """A limit as header text: the same few values again and again."""
+    return usd_text(nusd).encode()
+
+
 def _usage_headers(
     response: http.Response, level: LevelUsage | None, month: str, cost: int | None = None
 ) -> None:
@@ -789,7 +819,7 @@ def _usage_headers(
     if level.limit_nusd is not None:
         remaining = level.limit_nusd - level.used_nusd - level.reserved_nusd
         added += (
-            (b"x-gateway-limit-usd", usd_text(level.limit_nusd).encode()),
+            (b"x-gateway-limit-usd", _limit_text(level.limit_nusd)),
             (b"x-gateway-remaining-usd", usd_text(remaining if remaining > 0 else 0).encode()),
         )
     if cost is not None:

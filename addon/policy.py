@@ -106,19 +106,20 @@ def check_identity(identity: Identity, model: str | None) -> Denial | None:
         return unauthorized(f"The user {identity.user.user_id} is {identity.user.status}.")
     org = identity.org
     if org is not None and org.allowed_models and model and model not in org.allowed_models:
-        return Denial(
-            403,
-            "model_not_allowed",
-            f"The model {model!r} is not allowed for organization {org.org_id}.",
-        )
+        return model_not_allowed(org.org_id, model)
     return None
+
+
+def model_not_allowed(org_id: str, model: str) -> Denial:
+    return Denial(403, "model_not_allowed",
+                  f"The model {model!r} is not allowed for organization {org_id}.")
 
 
 def decide_budgets(
     budgets: Sequence[Budget],
     counters: Sequence[Counter],
     estimate_nusd: int,
-    now: datetime,
+    now: datetime | float,
     month: str,
 ) -> Denial | None:
     """None to admit the request at every level, else the denial. Denied when:
@@ -155,7 +156,7 @@ def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> Lev
     return None if best is None else best[0].usage(best[1])
 
 
-def quota_denial(lv: LevelUsage, now: datetime, month: str) -> Denial:
+def quota_denial(lv: LevelUsage, now: datetime | float, month: str) -> Denial:
     used, limit = to_usd(lv.used_nusd), to_usd(lv.limit_nusd or 0)
     error_type = QUOTA_ERROR_TYPES[lv.level]
     message = (

@@ -121,7 +121,8 @@ class Settings:
     concurrency: int = 16
     duration: float = 5.0
     round_warmup: float = 0.5
-    rounds: int = 5
+    rounds: int = 3
+    pairs: int = 3  # bare and addon processes each, for throughput
     stream_events: int = 10_000
     stream_rounds: int = 5
     streams_per_round: int = 5
@@ -129,7 +130,7 @@ class Settings:
     sync_keys: int = 100_000
 
 
-QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2,
+QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2, pairs=2,
                  stream_events=2_000, stream_rounds=2, stream_mb=20, sync_keys=10_000)
 
 
@@ -635,34 +636,45 @@ def start_upstream(procs: Processes, tls: bool = False) -> int:
 @dataclass
 class Proxy:
     name: str
+    kind: str  # "bare" | "addon"
     port: int
     proc: subprocess.Popen
     log: Path
+    confdir: Path
+    store: Path | None  # the addon's store
 
 
-def start_proxies(procs: Processes, tmp: Path, store_path: Path,
-                  bare_extra: list[str], both_extra: tuple[str, ...] | list[str] = ()
-                  ) -> tuple[Proxy, Proxy]:
-    """Bare mitmdump (with `bare_extra` options) and mitmdump with the addon on `store_path`,
-    both listening on loopback, both with the `both_extra` options."""
-    config = tmp / "mitm.yaml"
-    config.write_text(THROUGHPUT_CONFIG % {"store": store_path, "env": PROVIDER_ENV})
+def start_proxies(procs: Processes, tmp: Path, bare_extra: list[str],
+                  both_extra: tuple[str, ...] | list[str] = (), pairs: int = 1
+                  ) -> list[tuple[Proxy, Proxy]]:
+    """`pairs` of bare mitmdump (with `bare_extra` options) and mitmdump with the addon, all
+    listening on loopback with the `both_extra` options. Each addon has a store of its own,
+    seeded with the bench key (several on one store would share their ledger, a different
+    mode): `Proxy.store`."""
     env = {**os.environ, PROVIDER_ENV: PROVIDER_SECRET}
-    bare_port, addon_port = free_port(), free_port()
-    while addon_port == bare_port:
-        addon_port = free_port()
-    bare_log, addon_log = tmp / "bare.log", tmp / "addon.log"
-    (tmp / "confdir-bare").mkdir()
-    (tmp / "confdir-addon").mkdir()
-    bare = start_mitmdump(procs, "bare mitmdump", bare_port, tmp / "confdir-bare", bare_log,
-                          [*both_extra, *bare_extra], env)
-    addon = start_mitmdump(procs, "mitmdump with the addon", addon_port, tmp / "confdir-addon",
-                           addon_log,
-                           [*both_extra, "-s", str(ROOT / "addon" / "gateway.py"),
-                            "--set", f"aigw_config={config}"], env)
-    wait_listening(bare_port, bare, "bare mitmdump", bare_log)
-    wait_listening(addon_port, addon, "mitmdump with the addon", addon_log)
-    return (Proxy("bare", bare_port, bare, bare_log), Proxy("addon", addon_port, addon, addon_log))
+    started = []
+    for n in range(1, pairs + 1):
+        store_path = tmp / f"store{n}"
+        seed_throughput_store(store_path)
+        config = tmp / f"mitm{n}.yaml"
+        config.write_text(THROUGHPUT_CONFIG % {"store": store_path, "env": PROVIDER_ENV})
+        pair = []
+        for kind, extra in (
+            ("bare", [*both_extra, *bare_extra]),
+            ("addon", [*both_extra, "-s", str(ROOT / "addon" / "gateway.py"),
+                       "--set", f"aigw_config={config}"]),
+        ):
+            name = f"{kind}{n}" if pairs > 1 else kind
+            port, log, confdir = free_port(), tmp / f"{name}.log", tmp / f"confdir-{name}"
+            confdir.mkdir()
+            proc = start_mitmdump(procs, f"mitmdump {name}", port, confdir, log, extra, env)
+            pair.append(Proxy(name, kind, port, proc, log, confdir,
+                              store_path if kind == "addon" else None))
+        started.append(tuple(pair))
+    for pair in started:
+        for proxy in pair:
+            wait_listening(proxy.port, proxy.proc, f"mitmdump {proxy.name}", proxy.log)
+    return started
 
 
 def show_logs(*proxies: Proxy) -> None:
@@ -677,68 +689,83 @@ def show_logs(*proxies: Proxy) -> None:
 def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
                 tls: bool = False) -> None:
     up_port = start_upstream(procs, tls)
-    store_path = tmp / "store"
-    _org, _user, key_id = seed_throughput_store(store_path)
     # start_mitmdump already sets connection_strategy=lazy (mitmdump refuses it twice).
     both = ["--set", "ssl_insecure=true"] if tls else []
-    bare_proxy, addon_proxy = start_proxies(procs, tmp, store_path, [], both)
-    bare, addon = bare_proxy.proc, addon_proxy.proc
-    bare_port, addon_port = bare_proxy.port, addon_proxy.port
-    cas = {"bare": None, "addon": None}
-    if tls:
-        for name in cas:
-            cas[name] = tmp / f"confdir-{name}" / "mitmproxy-ca-cert.pem"
-            if not cas[name].exists():
-                raise RuntimeError(f"{name} mitmdump wrote no CA certificate at {cas[name]}")
+    pairs = start_proxies(procs, tmp, [], both, pairs=s.pairs)
+    proxies = [proxy for pair in pairs for proxy in pair]
+    for proxy in proxies:
+        if tls and not (proxy.confdir / "mitmproxy-ca-cert.pem").exists():
+            raise RuntimeError(f"mitmdump {proxy.name} wrote no CA certificate in {proxy.confdir}")
     label = "https " if tls else ""
-    say(f"{label}upstream 127.0.0.1:{up_port}; bare mitmdump :{bare_port}; "
-        f"mitmdump -s addon/gateway.py :{addon_port}")
+    say(f"{label}upstream 127.0.0.1:{up_port}; " + ", ".join(
+        f"{p.name} :{p.port}" for p in proxies))
 
-    rates: dict[str, list[float]] = {"bare": [], "addon": []}
-    cpu_per_request: dict[str, list[float]] = {"bare": [], "addon": []}
+    # A fresh mitmdump is slower in its first seconds: one unmeasured round each first.
+    warm = replace(s, duration=1.0)
     sent_through_addon = 0
+    for proxy in proxies:
+        r = run_loadgen(proxy.port, up_port, BENCH_KEY if proxy.kind == "addon"
+                        else "sk-bench-client-fake", warm,
+                        proxy.confdir / "mitmproxy-ca-cert.pem" if tls else None)
+        if proxy.kind == "addon":
+            sent_through_addon += r["total_ok"]
+
+    rates: dict[str, list[float]] = {p.name: [] for p in proxies}
+    cpu_per_request: dict[str, list[float]] = {"bare": [], "addon": []}
+    sequence: list[tuple[str, float]] = []  # (kind, req/s) in the order measured
     errors = 0
-    plan = [("bare", bare_port, bare), ("addon", addon_port, addon)] * s.rounds
-    for n, (kind, port, proc) in enumerate(plan, start=1):
+    # bare, addon, bare, addon, ..., bare: each addon round is compared with the bare rounds
+    # either side of it, so the machine's drift between rounds cancels out.
+    plan = proxies * s.rounds + [proxies[0]]
+    for n, proxy in enumerate(plan, start=1):
         # The bare proxy gets a key too, so both see the same bytes.
-        key = BENCH_KEY if kind == "addon" else "sk-bench-client-fake"
-        cpu_before = cpu_seconds(proc.pid)
-        r = run_loadgen(port, up_port, key, s, cas[kind])
-        cpu_after = cpu_seconds(proc.pid)
-        rates[kind].append(r["rps"])
+        key = BENCH_KEY if proxy.kind == "addon" else "sk-bench-client-fake"
+        ca = proxy.confdir / "mitmproxy-ca-cert.pem" if tls else None
+        cpu_before = cpu_seconds(proxy.proc.pid)
+        r = run_loadgen(proxy.port, up_port, key, s, ca)
+        cpu_after = cpu_seconds(proxy.proc.pid)
+        rates[proxy.name].append(r["rps"])
+        sequence.append((proxy.kind, r["rps"]))
         answered = r["total_ok"] + sum(v for k, v in r["statuses"].items() if k != "200")
         cpu_note = ""
         if cpu_before is not None and cpu_after is not None and answered:
             per_request = (cpu_after - cpu_before) / answered * 1e6
-            cpu_per_request[kind].append(per_request)
+            cpu_per_request[proxy.kind].append(per_request)
             cpu_note = f"  mitmdump CPU {per_request:6.0f} us/req"
         bad = r["errors"] + sum(v for k, v in r["statuses"].items() if k != "200")
         errors += bad
-        if kind == "addon":
+        if proxy.kind == "addon":
             sent_through_addon += r["total_ok"]
         note = f"{r['window_ok']:,} ok in the window, {r['total_ok']:,} ok in all"
-        if kind == "addon":
+        if proxy.kind == "addon":
             note += f", {r['gateway_headers']:,} with x-gateway-* headers"
-        say(f"{label}round {n:2d}  {kind:<5} {r['rps']:8.1f} req/s{cpu_note}   ({note})")
+        say(f"{label}round {n:2d}  {proxy.name:<6} {r['rps']:8.1f} req/s{cpu_note}   ({note})")
         if bad:
-            say(f"!! round {n} ({kind}): {bad} failed requests: statuses {r['statuses']}, "
+            say(f"!! round {n} ({proxy.name}): {bad} failed requests: statuses {r['statuses']}, "
                 f"exceptions {r['exceptions']}")
-        if kind == "addon" and r["gateway_headers"] != r["total_ok"]:
+        if proxy.kind == "addon" and r["gateway_headers"] != r["total_ok"]:
             report.invalid = True
             say(f"!! round {n}: {r['total_ok'] - r['gateway_headers']} addon responses had no "
                 f"x-gateway-* headers: they did not go through the gateway")
-    procs.stop(addon)
-    procs.stop(bare)
-    show_logs(bare_proxy, addon_proxy)
+    for proxy in proxies:
+        procs.stop(proxy.proc)
+    show_logs(*proxies)
 
-    bare_med, addon_med = _median(rates["bare"]), _median(rates["addon"])
-    ratio = addon_med / bare_med if bare_med else 0.0
+    by_kind = {kind: [x for p in proxies if p.kind == kind for x in rates[p.name]]
+               for kind in ("bare", "addon")}
+    bare_med, addon_med = _median(by_kind["bare"]), _median(by_kind["addon"])
+    paired = paired_ratios(sequence)
+    ratio = _median(paired)
     ok = ratio >= RATIO_TARGET
     report.failed |= not ok
-    spread = "; ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items() if v)
-    say(f"{label}median: bare {bare_med:.1f} req/s, addon {addon_med:.1f} req/s "
-        f"(range {spread})")
-    say(f"{label}ratio addon/bare {ratio:.3f} (target >= {RATIO_TARGET}): "
+    per_process = ", ".join(f"{p.name} {_median(rates[p.name]):.0f}" for p in proxies)
+    say(f"{label}median req/s of each process: {per_process}")
+    say(f"{label}median of all rounds: bare {bare_med:.1f} req/s, addon {addon_med:.1f} req/s "
+        f"(ratio of medians {addon_med / bare_med if bare_med else 0:.3f})")
+    quartiles = (f" (quartiles {percentile(sorted(paired), 0.25):.3f}-"
+                 f"{percentile(sorted(paired), 0.75):.3f})" if paired else "")
+    say(f"{label}ratio addon/bare, median of {len(paired)} addon rounds each over the mean of "
+        f"the bare rounds either side: {ratio:.3f}{quartiles} (target >= {RATIO_TARGET}): "
         f"{'PASS' if ok else 'FAIL'}")
     cpu_bare, cpu_addon = _median(cpu_per_request["bare"]), _median(cpu_per_request["addon"])
     if cpu_bare and cpu_addon:
@@ -749,22 +776,41 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
         report.invalid = True
         say(f"!! {errors} requests failed across the rounds: the figures are not valid")
 
-    month, metered, used_nusd, in_flight = ledger_count(store_path, key_id)
+    metered = used_nusd = in_flight = 0
+    month = ""
+    for proxy in proxies:
+        if proxy.store is not None:
+            month, count, used, left = ledger_count(proxy.store, "key_bench")
+            metered, used_nusd, in_flight = metered + count, used_nusd + used, in_flight + left
     match = metered == sent_through_addon and in_flight == 0
-    say(f"{label}ledger: key {key_id} metered {metered:,} requests in {month} "
+    say(f"{label}ledgers: key key_bench metered {metered:,} requests in {month} "
         f"(${used_nusd / 1e9:.6f}); the load generator got {sent_through_addon:,} answers "
         f"through the addon; reservations left: {in_flight}: {'OK' if match else 'MISMATCH'}")
     if not match:
         report.invalid = True
     over = " over HTTPS" if tls else ""
     report.lines.append(
-        f"| throughput{over}: addon / bare, median of {s.rounds} interleaved rounds "
-        f"({s.concurrency} conns) | {addon_med:.0f} / {bare_med:.0f} req/s = {ratio:.3f} "
-        f"| >= {RATIO_TARGET} | {'PASS' if ok else 'FAIL'} |")
+        f"| throughput{over}: addon / bare, median of paired rounds ({s.rounds} rounds of "
+        f"{s.pairs} processes each, {s.concurrency} conns) | {addon_med:.0f} / {bare_med:.0f} "
+        f"req/s; paired {ratio:.3f} | >= {RATIO_TARGET} | {'PASS' if ok else 'FAIL'} |")
     if cpu_bare and cpu_addon:
         report.lines.append(
             f"| mitmdump CPU per request{over}: addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} us "
             f"(+{cpu_addon - cpu_bare:.0f} us) | - | |")
+
+
+def paired_ratios(sequence: list[tuple[str, float]]) -> list[float]:
+    """Each addon round's rate over the mean of the nearest bare rounds before and after it."""
+    ratios = []
+    for i, (kind, rate) in enumerate(sequence):
+        if kind != "addon":
+            continue
+        before = next((r for k, r in reversed(sequence[:i]) if k == "bare"), None)
+        after = next((r for k, r in sequence[i + 1:] if k == "bare"), None)
+        around = [r for r in (before, after) if r]
+        if around:
+            ratios.append(rate / (sum(around) / len(around)))
+    return ratios
 
 
 def _median(values: list[float]) -> float:
@@ -932,9 +978,9 @@ def streams(s: Settings, report: Report) -> None:
 
 def _streams(s: Settings, report: Report, procs: Processes, tmp: Path, size: int) -> None:
     up_port = start_upstream(procs)
-    store_path = tmp / "store"
-    _org, _user, key_id = seed_throughput_store(store_path)
-    bare, addon = start_proxies(procs, tmp, store_path, ["--set", "stream_large_bodies=1"])
+    ((bare, addon),) = start_proxies(procs, tmp, ["--set", "stream_large_bodies=1"])
+    store_path, key_id = addon.store, "key_bench"
+    assert store_path is not None
     say(f"upstream 127.0.0.1:{up_port}; bare mitmdump --set stream_large_bodies=1 :{bare.port}; "
         f"mitmdump -s addon/gateway.py :{addon.port}")
     timeout = 60.0
@@ -1680,8 +1726,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
         "mitmdump; a sync from the fake Cloudflare KV API.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds each, "
-                        "2k-event streams, a 20 MB stream, a 10k-key sync")
+                        help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds of 2 "
+                        "processes each, 2k-event streams, a 20 MB stream, a 10k-key sync")
     parser.add_argument("--only",
                         choices=("hotpath", "throughput", "throughput-tls", "stream", "sync"),
                         help="run one of the benchmarks (throughput-tls: the throughput one "
@@ -1692,6 +1738,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--keys", type=int, help="keys in the hot path's store")
     parser.add_argument("--requests", type=int, help="timed requests on the hot path")
     parser.add_argument("--rounds", type=int, help="throughput rounds per proxy")
+    parser.add_argument("--pairs", type=int,
+                        help="throughput: bare and addon mitmdump processes each (default 3)")
     parser.add_argument("--duration", type=float, help="seconds per throughput round")
     parser.add_argument("--concurrency", type=int, help="load generator connections")
     parser.add_argument("--stream-events", type=int, help="content events of the timed streams")
@@ -1701,7 +1749,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         help=f"keys in the sync namespace (> {SYNC_ORGS + SYNC_USERS:,})")
     args = parser.parse_args(argv)
     s = replace(QUICK) if args.quick else Settings()
-    for name in ("keys", "requests", "rounds", "duration", "concurrency", "stream_events",
+    for name in ("keys", "requests", "rounds", "pairs", "duration", "concurrency", "stream_events",
                  "stream_rounds", "stream_mb", "sync_keys"):
         value = getattr(args, name)
         if value is not None:
@@ -1711,6 +1759,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     s.keys = min(s.keys, 10_000_000)
     s.requests = min(s.requests, 1_000_000)
     s.rounds = min(s.rounds, 20)
+    s.pairs = min(s.pairs, 6)
     s.duration = min(s.duration, 60.0)
     s.concurrency = min(s.concurrency, 256)
     s.stream_events = min(s.stream_events, 1_000_000)

@@ -610,7 +610,8 @@ class Ledger(_Part):
                 view[k] = _COUNTER.unpack(raw) if raw else _ZERO
         return view
 
-    def _keep_view(self, view_txnid: int, txnid: int, written: list[tuple[bytes, tuple]]) -> None:
+    def _keep_view(self, view_txnid: int, txnid: int, written: Iterable[tuple[bytes, tuple]]
+                   ) -> None:
         """After our own commit `txnid` of `written` counters: when nobody committed between
         the view (as of `view_txnid`) and it, the view stays valid, with those counters."""
         if txnid == view_txnid + 1 and self._view_txnid == view_txnid:
@@ -765,7 +766,7 @@ class Ledger(_Part):
 
         written: list[int] = []
 
-        def apply(txn: lmdb.Transaction) -> list[Counter]:
+        def apply(txn: lmdb.Transaction) -> list[tuple]:
             written.append(txn.id())
             get, put = txn.get, txn.put
             usage = self._usage
@@ -778,13 +779,14 @@ class Ledger(_Part):
                     txn.delete(rid, db=self._reservations)
             now = _now_ms()
             after = []
-            pack = _COUNTER.pack
+            pack, unpack = _COUNTER.pack, _COUNTER.unpack
             for k in keys:
                 raw_counter = get(k, db=usage)
-                used, reserved, requests, _ = _COUNTER.unpack(raw_counter) if raw_counter else _ZERO
-                reserved = reserved - released if reserved > released else 0
-                put(k, pack(used + cost_nusd, reserved, requests + 1, now), db=usage)
-                after.append(Counter(used + cost_nusd, reserved, requests + 1, now))
+                used, reserved, requests, _ = unpack(raw_counter) if raw_counter else _ZERO
+                value = (used + cost_nusd, reserved - released if reserved > released else 0,
+                         requests + 1, now)
+                put(k, pack(*value), db=usage)
+                after.append(value)
             if entry is not None:
                 suffix = reservation_id or os.urandom(6).hex()
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
@@ -792,15 +794,12 @@ class Ledger(_Part):
 
         view_txnid = self._view_txnid
         after = self._write_fast(apply)
-        self._keep_view(view_txnid, written[-1],
-                        [(k, tuple(c)) for k, c in zip(keys, after, strict=True)])
+        self._keep_view(view_txnid, written[-1], zip(keys, after, strict=True))
         if held is not None:
             self._forget_held([(rid_held, held)])
-        held_sum = self._held_sum
-        if held_sum:  # what this process still holds is reserved too
-            after = [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
-                     for k, c in zip(keys, after, strict=True)]
-        return after
+        held_sum = self._held_sum  # what this process still holds is reserved too
+        return [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
+                for k, c in zip(keys, after, strict=True)]
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""

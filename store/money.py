@@ -37,12 +37,23 @@ def month_of(now: datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}"
 
 
+def month_span(now_s: float) -> tuple[str, float, float]:
+    """The UTC month of a UNIX time, with its start and end as UNIX times (for a cache that
+    holds until the month changes)."""
+    now = datetime.fromtimestamp(now_s, UTC)
+    start = datetime(now.year, now.month, 1, tzinfo=UTC).timestamp()
+    days = calendar.monthrange(now.year, now.month)[1]
+    return month_of(now), start, start + days * 86400
+
+
 def day_of(now: datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}-{now.day:02d}"
 
 
-def seconds_to_month_end(now: datetime) -> int:
-    """Whole seconds until the next UTC month begins (at least 1)."""
+def seconds_to_month_end(now: datetime | float) -> int:
+    """Whole seconds until the next UTC month begins (at least 1); `now` may be a UNIX time."""
+    if not isinstance(now, datetime):
+        now = datetime.fromtimestamp(now, UTC)
     last_day = calendar.monthrange(now.year, now.month)[1]
     end = datetime(now.year, now.month, last_day, tzinfo=UTC).timestamp() + 86400
     return max(1, math.ceil(end - now.timestamp()))

@@ -96,8 +96,8 @@ class Adapter:
 
     def is_stream(self, request: http.Request, response: http.Response) -> bool:
         """Whether the response is a stream to meter event by event (never buffered)."""
-        content_type = response.headers.get("content-type", "")
-        return content_type.startswith("text/event-stream")
+        content_type = header(response, b"content-type")
+        return content_type is not None and content_type.startswith("text/event-stream")
 
     def stream_framing(self, request: http.Request, response: http.Response) -> str:
         """`sse` or `json_array`."""
