@@ -10,6 +10,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
 from store import USD, Store, StoreUnavailable
+from store.admin import revoke_key, update_user
 from store.money import month_of, utc_now
 from tests.support.elsewhere import in_another_process
 from tests.support.seed import seed
@@ -235,6 +236,35 @@ def test_model_not_allowed_is_403(gateway):
     run(gw.request(flow))
     assert flow.response.status_code == 403
     assert json.loads(flow.response.content)["error"]["code"] == "model_not_allowed"
+
+
+def test_a_known_keys_cached_account_still_follows_its_records(gateway):
+    """After a first request the key's account is cached: the model list is still checked per
+    request, and a change of its records (a revocation, a suspended user) applies at once."""
+    gw = gateway()
+    s = seed(gw.store, allowed_models=["gpt-4o-mini"])
+    allowed = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 10}
+    first = chat_flow(s.api_key, allowed)
+    run(gw.request(first))
+    assert first.response is None
+    forward(gw, first, openai_response(prompt=10, completion=10))
+    other_model = chat_flow(s.api_key)  # gpt-4o
+    run(gw.request(other_model))
+    assert other_model.response.status_code == 403
+    again = chat_flow(s.api_key, allowed)
+    run(gw.request(again))
+    assert again.response is None
+    forward(gw, again, openai_response(prompt=10, completion=10))
+
+    update_user(gw.store, s.user_id, status="suspended")
+    suspended = chat_flow(s.api_key, allowed)
+    run(gw.request(suspended))
+    assert suspended.response.status_code == 401
+    update_user(gw.store, s.user_id, status="active")
+    revoke_key(gw.store, s.key_id)
+    revoked = chat_flow(s.api_key, allowed)
+    run(gw.request(revoked))
+    assert revoked.response.status_code == 401
 
 
 def test_missing_org_fails_closed_with_503(gateway):

@@ -8,7 +8,7 @@ import pytest
 
 from store import USD, Store
 from store.db import GATEWAY_TIMEOUT_S, Ledger, UsageRecord
-from store.money import month_of, seconds_to_month_end, usd_text
+from store.money import month_of, month_span, seconds_to_month_end, usd_text
 from store.records import ApiKey, Org, RecordError, normalize_failure_mode
 from tests.support.elsewhere import in_another_process
 
@@ -276,6 +276,14 @@ def test_money_text_and_month_helpers():
     assert usd_text(0) == "0"
     now = datetime(2026, 12, 31, 23, 59, 0, tzinfo=UTC)
     assert month_of(now) == "2026-12" and seconds_to_month_end(now) == 60
+    assert seconds_to_month_end(now.timestamp()) == 60
+    # The request path's month cache: a month's span, ending where the next one starts.
+    name, start, end = month_span(now.timestamp())
+    assert name == "2026-12" and start == datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert end == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert month_span(end)[0] == "2027-01" and month_span(end - 0.001)[0] == "2026-12"
+    leap = datetime(2028, 2, 1, tzinfo=UTC).timestamp()
+    assert month_span(leap)[2] - leap == 29 * 86400
 
 
 def test_the_store_layer_never_imports_mitmproxy():
