@@ -4,13 +4,16 @@
    driven with mitmproxy's taddons/tflow, against a store of 100,000 keys: p50/p99/p99.9/max in
    microseconds. Each request is then settled through the `response` hook with a canned OpenAI
    answer, timed separately. Target: request hook p99 <= 50 us.
-2. Throughput: a local upstream on 127.0.0.1, then bare mitmdump and mitmdump with the addon side
-   by side; a load generator in its own process drives them in interleaved rounds (bare, addon,
-   bare, addon, ...) because this machine is noisy. Prints req/s per round, the medians and the
-   ratio addon/bare. Target: ratio >= 0.95. Afterwards the store's ledger must have metered every
-   request the load generator sent through the addon. Then the same over HTTPS
-   (`--only throughput-tls`): CONNECT, TLS intercepted with each mitmdump's CA, TLS to an upstream
-   with a self-signed certificate made at start (`ssl_insecure`); handshakes during the warm-up.
+2. Throughput: a local upstream on 127.0.0.1, then three bare mitmdump processes and three with
+   the addon (each on a store of its own; identical processes differ by several percent here),
+   each warmed up unmeasured. A load generator in its own process drives them in turn, bare and
+   addon alternating, because this machine is noisy and drifts. Prints req/s per round, the
+   medians and the ratio addon/bare: the median, over the addon rounds, of each one's req/s over
+   the mean of the bare rounds just before and after it. Target: ratio >= 0.95. Afterwards the
+   stores' ledgers must have metered every request the load generator sent through the addon.
+   Then the same over HTTPS (`--only throughput-tls`): CONNECT, TLS intercepted with each
+   mitmdump's CA, TLS to an upstream with a self-signed certificate made at start
+   (`ssl_insecure`); handshakes during the warm-up.
 3. Streams: a long OpenAI chat-completions SSE stream (N content events with `"usage": null`, then
    the usage event the client asked for with include_usage) from the same upstream through bare
    mitmdump (`--set stream_large_bodies=1`: bare mitmdump otherwise buffers the whole body) and
