@@ -88,6 +88,14 @@ def test_user_create_update_show(store, org):
         admin.update_user(store, user["user_id"], status="deleted")
 
 
+def test_key_hashes_match_the_published_vectors():
+    # BLAKE3's and SHA-256's digests of the empty input, as their specifications publish them:
+    # the Workers gateway's records are found under these hex digests.
+    assert hash_key("") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert hash_key("", "sha256") == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+
+
 def test_key_create_stores_only_the_hash(store, user):
     key = admin.create_key(store, user["user_id"], "laptop", 5)
     raw = key["api_key"]
