@@ -254,7 +254,8 @@ class Records(_Part):
 
         Answers are cached until the records change: any committed write (an admin command, a
         sync pass) moves the environment's transaction id and empties the cache, so a
-        revocation is seen by the next request."""
+        revocation is seen by the next request. Until then a key's answer is the same object:
+        the gateway keeps what it derived from it (and the checks it passed) while it is."""
         try:  # the common case: a key seen since the last commit
             with self._env.env.begin() as txn:
                 if txn.id() == self._cache_txnid and month == self._cache_month:

@@ -2,6 +2,7 @@
 
 import calendar
 import math
+import time
 from datetime import UTC, datetime
 
 USD = 1_000_000_000  # nano-dollars per dollar
@@ -40,10 +41,10 @@ def month_of(now: datetime) -> str:
 def month_span(now_s: float) -> tuple[str, float, float]:
     """The UTC month of a UNIX time, with its start and end as UNIX times (for a cache that
     holds until the month changes)."""
-    now = datetime.fromtimestamp(now_s, UTC)
-    start = datetime(now.year, now.month, 1, tzinfo=UTC).timestamp()
-    days = calendar.monthrange(now.year, now.month)[1]
-    return month_of(now), start, start + days * 86400
+    now = time.gmtime(now_s)  # truncates: datetime.fromtimestamp would round up near a month end
+    start = datetime(now.tm_year, now.tm_mon, 1, tzinfo=UTC).timestamp()
+    days = calendar.monthrange(now.tm_year, now.tm_mon)[1]
+    return f"{now.tm_year:04d}-{now.tm_mon:02d}", start, start + days * 86400
 
 
 def day_of(now: datetime) -> str:

@@ -1,6 +1,7 @@
 """The LMDB store: atomic reservations across processes, map growth, months, record parsing."""
 
 import json
+import math
 import multiprocessing
 import time
 
@@ -282,6 +283,7 @@ def test_money_text_and_month_helpers():
     assert name == "2026-12" and start == datetime(2026, 12, 1, tzinfo=UTC).timestamp()
     assert end == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
     assert month_span(end)[0] == "2027-01" and month_span(end - 0.001)[0] == "2026-12"
+    assert month_span(math.nextafter(end, 0))[0] == "2026-12"  # no rounding up into January
     leap = datetime(2028, 2, 1, tzinfo=UTC).timestamp()
     assert month_span(leap)[2] - leap == 29 * 86400
 
