@@ -96,6 +96,7 @@ class Gateway:
         self._flusher: Flusher | None = None
         self._flights: dict[str, Flight] = {}
         self._accounts: dict[str, Account] = {}
+        self._budgets: dict[tuple, Budget] = {}  # one per level, limit and outside usage
         self._providers_by_host: dict[str, Provider | None] = {}
         self._unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
         self._grace_memory: dict[tuple[str, str], int] = {}  # when even the ledger is down
@@ -132,6 +133,7 @@ class Gateway:
             self._max_staleness_s = config.policy.max_staleness_s
             self._providers_by_host.clear()
             self._accounts.clear()
+            self._budgets.clear()
             self._open_store()
         # Intercept only the providers' hosts; everything else is tunnelled untouched.
         if self.config is not None and (
@@ -410,11 +412,16 @@ class Gateway:
     def _account(self, key_hash: str, identity: Identity, month: str) -> Account:
         """What the request path keeps of a key whose records passed `check_identity`."""
         assert identity.key is not None and identity.org is not None
-        budgets = budgets_of(identity, month)
-        account = Account(identity, month, budgets, tuple(b.ledger_level for b in budgets),
-                          identity.key.user_id, frozenset(identity.org.allowed_models or ()))
         if len(self._accounts) >= 200_000:
             self._accounts.clear()
+        if len(self._budgets) >= 200_000:  # outside usage moves with every sync pass
+            self._budgets.clear()
+        # The keys of one user or org share its budget: fewer objects for the collector to walk.
+        budgets = tuple(self._budgets.setdefault(
+            (b.level, b.id, b.limit_nusd, b.external_nusd, b.external_requests), b)
+            for b in budgets_of(identity, month))
+        account = Account(identity, month, budgets, tuple(b.ledger_level for b in budgets),
+                          identity.key.user_id, frozenset(identity.org.allowed_models or ()))
         self._accounts[key_hash] = account
         return account
 

@@ -240,6 +240,7 @@ class Records(_Part):
         self._cache_month = ""
         self._last_sync: dict | None = None
         self._parse_cache: dict[tuple, Any] = {}
+        self._level_cache: dict[tuple[str, str], tuple] = {}  # for the snapshot of `_cache`
 
     def get(self, key: str) -> bytes | None:
         return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
@@ -269,6 +270,7 @@ class Records(_Part):
             txnid = txn.id()
             if txnid != self._cache_txnid or month != self._cache_month:
                 self._cache.clear()
+                self._level_cache.clear()
                 self._cache_txnid, self._cache_month = txnid, month
                 raw_sync = txn.get(b"last_sync", db=self._meta)
                 self._last_sync = orjson.loads(raw_sync) if raw_sync else None
@@ -277,32 +279,18 @@ class Records(_Part):
                 if hit is not None:
                     return hit
 
-            def get(k: str) -> bytes | None:
-                return txn.get(k.encode(), db=self._db)
-
-            raw_key = get(apikey_key(key_hash))
+            raw_key = txn.get(apikey_key(key_hash).encode(), db=self._db)
             if raw_key is None:
                 identity = Identity(key_hash, None, None, None, None, None)
             else:
                 key = ApiKey.parse(key_hash, raw_key)
-                user = self._parsed(User, key.user_id, get(user_config_key(key.user_id)))
+                user, user_quota, user_remote = self._level(txn, "user", key.user_id, month)
                 org_id = key.org_id or (user.org_id if user else None)
-                org = self._parsed(Org, org_id, get(org_config_key(org_id))) if org_id else None
-                remote = self._remote
-                identity = Identity(
-                    key_hash,
-                    key,
-                    user,
-                    org,
-                    self._parsed(QuotaRecord, None, get(user_quota_key(key.user_id))),
-                    self._parsed(QuotaRecord, None, get(org_quota_key(org_id)))
-                    if org_id else None,
-                    (
-                        _remote_sum(txn, remote, month, "key", key.key_id),
-                        _remote_sum(txn, remote, month, "user", key.user_id),
-                        _remote_sum(txn, remote, month, "org", org_id) if org_id else (0, 0),
-                    ),
-                )
+                org, org_quota, org_remote = (
+                    self._level(txn, "org", org_id, month) if org_id else (None, None, (0, 0)))
+                key_remote = _remote_sum(txn, self._remote, month, "key", key.key_id)
+                identity = Identity(key_hash, key, user, org, user_quota, org_quota,
+                                    (key_remote, user_remote, org_remote))
             if len(self._cache) >= RESOLVE_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key_hash] = identity
@@ -358,6 +346,26 @@ class Records(_Part):
         return self._env.read(
             lambda txn: {k.decode(): v.decode() for k, v in txn.cursor(db=self._stamps)}
         )
+
+    def _level(self, txn: lmdb.Transaction, level: str, level_id: str, month: str) -> tuple:
+        """A user's or an org's record, quota record and other nodes' totals, read once per
+        snapshot of the records (`resolve` empties this cache when they change): the keys of
+        one user or org share them."""
+        cached = self._level_cache.get((level, level_id))
+        if cached is None:
+            kind, config_key, quota_key = (
+                (User, user_config_key, user_quota_key) if level == "user"
+                else (Org, org_config_key, org_quota_key))
+            get, db = txn.get, self._db
+            cached = (
+                self._parsed(kind, level_id, get(config_key(level_id).encode(), db=db)),
+                self._parsed(QuotaRecord, None, get(quota_key(level_id).encode(), db=db)),
+                _remote_sum(txn, self._remote, month, level, level_id),
+            )
+            if len(self._level_cache) >= RESOLVE_CACHE_SIZE:
+                self._level_cache.clear()
+            self._level_cache[(level, level_id)] = cached
+        return cached
 
     def _parsed(self, kind: type, record_id: str | None, raw: bytes | None) -> Any:
         """A user, org or quota record parsed once per distinct value: many keys share them."""
