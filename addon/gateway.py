@@ -297,13 +297,13 @@ class Gateway:
                 if self.config.policy.unknown_credentials == "passthrough":
                     flow.metadata["aigw"] = {"decision": "passthrough"}
                     return None
-            denial = check_identity(identity, model)
+            denial = check_identity(identity, None)  # the model: below, for every request
             if denial is not None:
                 return self._deny(flow, provider, denial)
-            known["user_id"] = identity.key.user_id if identity.key else None
             if identity.org is None:
+                user_id = identity.key.user_id if identity.key else None
                 return self._unavailable(flow, provider, None, "organization record missing",
-                                         credential, known["user_id"])
+                                         credential, user_id)
             account = self._account(key_hash, identity, month)
         org = known["org"] = identity.org
         known["user_id"] = account.user_id
