@@ -126,6 +126,7 @@ class Settings:
     round_warmup: float = 0.5
     rounds: int = 3
     pairs: int = 3  # bare and addon processes each, for throughput
+    floor: bool = False  # throughput: also a store-less addon doing only the wire work
     stream_events: int = 10_000
     stream_rounds: int = 5
     streams_per_round: int = 5
@@ -639,7 +640,7 @@ def start_upstream(procs: Processes, tls: bool = False) -> int:
 @dataclass
 class Proxy:
     name: str
-    kind: str  # "bare" | "addon"
+    kind: str  # "bare" | "floor" | "addon"
     port: int
     proc: subprocess.Popen
     log: Path
@@ -648,11 +649,12 @@ class Proxy:
 
 
 def start_proxies(procs: Processes, tmp: Path, bare_extra: list[str],
-                  both_extra: tuple[str, ...] | list[str] = (), pairs: int = 1
-                  ) -> list[tuple[Proxy, Proxy]]:
+                  both_extra: tuple[str, ...] | list[str] = (), pairs: int = 1,
+                  floor: bool = False) -> list[tuple[Proxy, ...]]:
     """`pairs` of bare mitmdump (with `bare_extra` options) and mitmdump with the addon, all
-    listening on loopback with the `both_extra` options. Each addon has a store of its own,
-    seeded with the bench key (several on one store would share their ledger, a different
+    listening on loopback with the `both_extra` options; `floor`: a mitmdump with the floor
+    addon (`bench_floor_addon.py`) between them in each group. Each addon has a store of its
+    own, seeded with the bench key (several on one store would share their ledger, a different
     mode): `Proxy.store`."""
     env = {**os.environ, PROVIDER_ENV: PROVIDER_SECRET}
     started = []
@@ -664,6 +666,8 @@ def start_proxies(procs: Processes, tmp: Path, bare_extra: list[str],
         pair = []
         for kind, extra in (
             ("bare", [*both_extra, *bare_extra]),
+            *([("floor", [*both_extra, "-s", str(ROOT / "scripts" / "bench_floor_addon.py")])]
+              if floor else []),
             ("addon", [*both_extra, "-s", str(ROOT / "addon" / "gateway.py"),
                        "--set", f"aigw_config={config}"]),
         ):
@@ -694,7 +698,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
     up_port = start_upstream(procs, tls)
     # start_mitmdump already sets connection_strategy=lazy (mitmdump refuses it twice).
     both = ["--set", "ssl_insecure=true"] if tls else []
-    pairs = start_proxies(procs, tmp, [], both, pairs=s.pairs)
+    pairs = start_proxies(procs, tmp, [], both, pairs=s.pairs, floor=s.floor)
     proxies = [proxy for pair in pairs for proxy in pair]
     for proxy in proxies:
         if tls and not (proxy.confdir / "mitmproxy-ca-cert.pem").exists():
@@ -707,22 +711,22 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
     warm = replace(s, duration=1.0)
     sent_through_addon = 0
     for proxy in proxies:
-        r = run_loadgen(proxy.port, up_port, BENCH_KEY if proxy.kind == "addon"
+        r = run_loadgen(proxy.port, up_port, BENCH_KEY if proxy.kind != "bare"
                         else "sk-bench-client-fake", warm,
                         proxy.confdir / "mitmproxy-ca-cert.pem" if tls else None)
         if proxy.kind == "addon":
             sent_through_addon += r["total_ok"]
 
     rates: dict[str, list[float]] = {p.name: [] for p in proxies}
-    cpu_per_request: dict[str, list[float]] = {"bare": [], "addon": []}
+    cpu_per_request: dict[str, list[float]] = {"bare": [], "floor": [], "addon": []}
     sequence: list[tuple[str, float]] = []  # (kind, req/s) in the order measured
     errors = 0
-    # bare, addon, bare, addon, ..., bare: each addon round is compared with the bare rounds
-    # either side of it, so the machine's drift between rounds cancels out.
+    # bare, (floor,) addon, bare, (floor,) addon, ..., bare: each addon round is compared with
+    # the bare rounds either side of it, so the machine's drift between rounds cancels out.
     plan = proxies * s.rounds + [proxies[0]]
     for n, proxy in enumerate(plan, start=1):
         # The bare proxy gets a key too, so both see the same bytes.
-        key = BENCH_KEY if proxy.kind == "addon" else "sk-bench-client-fake"
+        key = BENCH_KEY if proxy.kind != "bare" else "sk-bench-client-fake"
         ca = proxy.confdir / "mitmproxy-ca-cert.pem" if tls else None
         cpu_before = cpu_seconds(proxy.proc.pid)
         r = run_loadgen(proxy.port, up_port, key, s, ca)
@@ -775,6 +779,14 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
         say(f"{label}mitmdump CPU per request (less noisy than req/s): bare {cpu_bare:.0f} us, "
             f"addon {cpu_addon:.0f} us: the addon adds {cpu_addon - cpu_bare:.0f} us "
             f"({cpu_addon / cpu_bare - 1:+.1%}); bare CPU / addon CPU = {cpu_bare / cpu_addon:.3f}")
+    cpu_floor = _median(cpu_per_request["floor"])
+    if s.floor:
+        floor_paired = paired_ratios(sequence, "floor")
+        floor_ratio = _median(floor_paired)
+        say(f"{label}floor (a store-less addon doing only the wire work): paired ratio "
+            f"floor/bare {floor_ratio:.3f}; CPU per request {cpu_floor:.0f} us "
+            f"(+{cpu_floor - cpu_bare:.0f} us over bare); the gateway adds "
+            f"{cpu_addon - cpu_floor:+.0f} us over the floor")
     if errors:
         report.invalid = True
         say(f"!! {errors} requests failed across the rounds: the figures are not valid")
@@ -800,13 +812,18 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
         report.lines.append(
             f"| mitmdump CPU per request{over}: addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} us "
             f"(+{cpu_addon - cpu_bare:.0f} us) | - | |")
+    if s.floor and cpu_floor:
+        report.lines.append(
+            f"| floor{over} (store-less addon, wire work only): paired ratio / CPU per request "
+            f"| {floor_ratio:.3f} / {cpu_floor:.0f} us (+{cpu_floor - cpu_bare:.0f} us) | - | |")
 
 
-def paired_ratios(sequence: list[tuple[str, float]]) -> list[float]:
-    """Each addon round's rate over the mean of the nearest bare rounds before and after it."""
+def paired_ratios(sequence: list[tuple[str, float]], of: str = "addon") -> list[float]:
+    """Each round of kind `of`: its rate over the mean of the nearest bare rounds before and
+    after it."""
     ratios = []
     for i, (kind, rate) in enumerate(sequence):
-        if kind != "addon":
+        if kind != of:
             continue
         before = next((r for k, r in reversed(sequence[:i]) if k == "bare"), None)
         after = next((r for k, r in sequence[i + 1:] if k == "bare"), None)
@@ -1743,6 +1760,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--rounds", type=int, help="throughput rounds per proxy")
     parser.add_argument("--pairs", type=int,
                         help="throughput: bare and addon mitmdump processes each (default 3)")
+    parser.add_argument("--floor", action="store_true",
+                        help="throughput: also run mitmdump with a store-less addon doing only "
+                        "the wire work of a metering gateway (scripts/bench_floor_addon.py)")
     parser.add_argument("--duration", type=float, help="seconds per throughput round")
     parser.add_argument("--concurrency", type=int, help="load generator connections")
     parser.add_argument("--stream-events", type=int, help="content events of the timed streams")
@@ -1752,6 +1772,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         help=f"keys in the sync namespace (> {SYNC_ORGS + SYNC_USERS:,})")
     args = parser.parse_args(argv)
     s = replace(QUICK) if args.quick else Settings()
+    s.floor = args.floor
     for name in ("keys", "requests", "rounds", "pairs", "duration", "concurrency", "stream_events",
                  "stream_rounds", "stream_mb", "sync_keys"):
         value = getattr(args, name)
