@@ -265,7 +265,9 @@ def populate(store, s: Settings) -> list[str]:
 # --- 1. hot path -----------------------------------------------------------------------------
 
 
-def build_flows(keys: list[str], n: int, seed: int = 7):
+def build_flows(keys: list[str], n: int, seed: int = 7, cover: bool = False):
+    """`n` chat requests (and their responses), each with a random one of `keys`; `cover`: the
+    first `len(keys)` use each key once, in order (a warm-up that sees every key)."""
     from mitmproxy import http
     from mitmproxy.test import tflow, tutils
 
@@ -273,8 +275,8 @@ def build_flows(keys: list[str], n: int, seed: int = 7):
     body = json.dumps(CHAT_REQUEST).encode()
     answer = json.dumps(CHAT_RESPONSE).encode()
     flows, responses = [], []
-    for _ in range(n):
-        key = keys[rng.randrange(len(keys))]
+    for i in range(n):
+        key = keys[i] if cover and i < len(keys) else keys[rng.randrange(len(keys))]
         req = tutils.treq(
             host="api.openai.com", port=443, scheme=b"https", method=b"POST",
             path=b"/v1/chat/completions",
@@ -313,7 +315,8 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
         flows, responses = build_flows(keys, s.warmup + s.requests + profiled)
         # Then the steady state of real traffic: the same 1,000 active keys again and again.
         active = keys[:1_000]
-        warm_flows, warm_responses = build_flows(active, len(active) + s.requests, seed=11)
+        warm_flows, warm_responses = build_flows(active, len(active) + s.requests, seed=11,
+                                                 cover=True)
         # The prebuilt flows are the harness's, not the gateway's: keep them out of the
         # collector's full passes (the hooks' own garbage is still collected as usual).
         gc.collect()
@@ -375,7 +378,7 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
                 pending = gw.response(flow)
                 if pending is not None:
                     await pending
-                if i >= len(active):  # the first request of each active key warms it
+                if i >= len(active):  # the first requests (each active key once) warm them
                     timed.append(t1 - t0)
             return timed
 
@@ -386,18 +389,40 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
 
         peer = Ledger(gw.store.ledger._env)
         peer.join("bench/peer", {"pid": os.getpid()}, lambda gateway, entry: True)
-        shared_flows, shared_responses = build_flows(active, len(active) + s.requests, seed=13)
+        shared_flows, shared_responses = build_flows(active, len(active) + s.requests, seed=13,
+                                                     cover=True)
         gw._peers_settled_at = 0.0  # it joined after us: we are the one that needs no wait
         shared_ns = await warm_pass(shared_flows, shared_responses, "shared")
         peer.leave()
+        floor_ns = floor_pass(*build_flows(active, s.requests, seed=17)) if s.floor else None
         gc.unfreeze()
         in_flight = len(gw.store.ledger.reservations())
         return {"request": request_ns, "settle": settle_ns, "not_allowed": not_allowed,
-                "warm": warm_ns, "shared": shared_ns,
+                "warm": warm_ns, "shared": shared_ns, "floor": floor_ns,
                 "in_flight": in_flight, "keys": counts["apikeys"], "profilers": profilers,
                 "profiled": profiled}
     finally:
         gw.done()
+
+
+def floor_pass(flows: list, responses: list) -> tuple[list[int], list[int]]:
+    """The floor addon's request and response hooks on the same flows, timed alike."""
+    from bench_floor_addon import Floor
+
+    floor, clock = Floor(), time.perf_counter_ns
+    request_ns, response_ns = [], []
+    for flow, response in zip(flows, responses, strict=True):
+        t0 = clock()
+        floor.request(flow)
+        t1 = clock()
+        flow.response = response
+        floor.responseheaders(flow)
+        t2 = clock()
+        floor.response(flow)
+        t3 = clock()
+        request_ns.append(t1 - t0)
+        response_ns.append(t3 - t2)
+    return request_ns, response_ns
 
 
 def hot_path(s: Settings, report: Report, profile: bool) -> None:
@@ -428,6 +453,13 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
         say("   (the same keys, another gateway registered on the ledger: decision and "
             "reservation in one write transaction)")
     say(format_distribution("settle (response hook)", settle, len(result["settle"])))
+    if result["floor"]:
+        floor_request, floor_response = (distribution(ns) for ns in result["floor"])
+        n = len(result["floor"][0])
+        say(format_distribution("floor: request hook", floor_request, n))
+        say(format_distribution("floor: response hook", floor_response, n))
+        say("   (scripts/bench_floor_addon.py: only the wire work, no store, on the warm keys' "
+            "flows)")
     ok = req["p99"] <= HOT_P99_TARGET_US
     report.failed |= not ok
     say(f"hot path p99 {req['p99']:.1f} us (target <= {HOT_P99_TARGET_US:.0f} us): "
@@ -448,6 +480,11 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
     report.lines.append(
         f"| settle: response hook p50 / p99 | {settle['p50']:.1f} / {settle['p99']:.1f} us "
         f"| - | |")
+    if result["floor"]:
+        report.lines.append(
+            f"| floor (store-less addon): request / response hook p50 / p99 "
+            f"| {floor_request['p50']:.1f} / {floor_request['p99']:.1f}, "
+            f"{floor_response['p50']:.1f} / {floor_response['p99']:.1f} us | - | |")
     if result["profilers"]:
         for hook, profiler in zip(("request", "response"), result["profilers"], strict=True):
             print_profile(profiler, hook, result["profiled"])
@@ -1761,8 +1798,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pairs", type=int,
                         help="throughput: bare and addon mitmdump processes each (default 3)")
     parser.add_argument("--floor", action="store_true",
-                        help="throughput: also run mitmdump with a store-less addon doing only "
-                        "the wire work of a metering gateway (scripts/bench_floor_addon.py)")
+                        help="also measure a store-less addon doing only the wire work of a "
+                        "metering gateway (scripts/bench_floor_addon.py): its hooks on the hot "
+                        "path, and a mitmdump with it in the throughput rounds")
     parser.add_argument("--duration", type=float, help="seconds per throughput round")
     parser.add_argument("--concurrency", type=int, help="load generator connections")
     parser.add_argument("--stream-events", type=int, help="content events of the timed streams")
