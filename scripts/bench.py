@@ -822,7 +822,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
         floor_ratio = _median(floor_paired)
         say(f"{label}floor (a store-less addon doing only the wire work): paired ratio "
             f"floor/bare {floor_ratio:.3f}; CPU per request {cpu_floor:.0f} us "
-            f"(+{cpu_floor - cpu_bare:.0f} us over bare); the gateway adds "
+            f"({cpu_floor - cpu_bare:+.0f} us over bare); the gateway adds "
             f"{cpu_addon - cpu_floor:+.0f} us over the floor")
     if errors:
         report.invalid = True
@@ -848,11 +848,11 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
     if cpu_bare and cpu_addon:
         report.lines.append(
             f"| mitmdump CPU per request{over}: addon / bare | {cpu_addon:.0f} / {cpu_bare:.0f} us "
-            f"(+{cpu_addon - cpu_bare:.0f} us) | - | |")
+            f"({cpu_addon - cpu_bare:+.0f} us) | - | |")
     if s.floor and cpu_floor:
         report.lines.append(
             f"| floor{over} (store-less addon, wire work only): paired ratio / CPU per request "
-            f"| {floor_ratio:.3f} / {cpu_floor:.0f} us (+{cpu_floor - cpu_bare:.0f} us) | - | |")
+            f"| {floor_ratio:.3f} / {cpu_floor:.0f} us ({cpu_floor - cpu_bare:+.0f} us) | - | |")
 
 
 def paired_ratios(sequence: list[tuple[str, float]], of: str = "addon") -> list[float]:
