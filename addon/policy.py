@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from addon.providers.base import Denial
 from store.db import Counter, Identity, Level
-from store.money import from_usd, seconds_to_month_end, to_usd
+from store.money import from_usd, seconds_to_month_end, to_usd, usd_text
 
 QUOTA_ERROR_TYPES = {
     "key": "key_quota_exceeded",
@@ -156,12 +156,17 @@ def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> Lev
     return None if best is None else best[0].usage(best[1])
 
 
+def dollars(nusd: int) -> str:
+    """An amount for a message: exact, with at least cents (`10.00`, `0.00001`, `12.50`)."""
+    whole, _, frac = usd_text(nusd).partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
 def quota_denial(lv: LevelUsage, now: datetime | float, month: str) -> Denial:
-    used, limit = to_usd(lv.used_nusd), to_usd(lv.limit_nusd or 0)
     error_type = QUOTA_ERROR_TYPES[lv.level]
     message = (
-        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has used ${used:.6f} "
-        f"of its ${limit:.2f} monthly limit for {month}."
+        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has used ${dollars(lv.used_nusd)} "
+        f"of its ${dollars(lv.limit_nusd or 0)} monthly limit for {month}."
     )
     return Denial(
         429,
@@ -174,12 +179,11 @@ def quota_denial(lv: LevelUsage, now: datetime | float, month: str) -> Denial:
 
 def busy_denial(lv: LevelUsage, month: str, estimate_nusd: int) -> Denial:
     error_type = QUOTA_ERROR_TYPES[lv.level]
-    left = to_usd(lv.remaining_nusd or 0)
     message = (
-        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has ${left:.6f} left of its "
-        f"${to_usd(lv.limit_nusd or 0):.2f} monthly limit once the requests in flight "
-        f"(${to_usd(lv.reserved_nusd):.6f} reserved) settle, and this request may cost up to "
-        f"${to_usd(estimate_nusd):.6f}. Retry when they finish."
+        f"{error_type}: the {LEVEL_NAMES[lv.level]} {lv.id} has ${dollars(lv.remaining_nusd or 0)}"
+        f" left of its ${dollars(lv.limit_nusd or 0)} monthly limit once the requests in flight "
+        f"(${dollars(lv.reserved_nusd)} reserved) settle, and this request may cost up to "
+        f"${dollars(estimate_nusd)}. Retry when they finish."
     )
     return Denial(
         429,

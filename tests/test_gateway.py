@@ -9,6 +9,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
+from addon.policy import dollars
 from store import USD, Store, StoreUnavailable
 from store.admin import revoke_key, update_user
 from store.money import month_of, utc_now
@@ -206,6 +207,7 @@ def test_exhausted_budget_is_429_naming_the_level(gateway, limits, level, error_
     assert error["details"]["level"] == level
     assert error["details"]["limit_usd"] == 0.001
     assert error_type in error["message"]
+    assert "of its $0.001 monthly limit" in error["message"]  # exact, not rounded to cents
     assert second.response.headers["x-should-retry"] == "false"
     assert int(second.response.headers["retry-after"]) > 0
 
@@ -222,6 +224,7 @@ def test_in_flight_reservations_count_against_the_budget(gateway):
     assert second.response.status_code == 429
     error = json.loads(second.response.content)["error"]
     assert error["type"] == "key_quota_exceeded" and "in flight" in error["message"]
+    assert "of its $0.0015 monthly limit" in error["message"]
     assert second.response.headers["x-should-retry"] == "true"  # transient
     forward(gw, first, openai_response(prompt=10, completion=10))
     third = chat_flow(s.api_key)
@@ -588,3 +591,11 @@ def test_liveness_trusts_a_pid_only_in_our_own_pid_namespace():
     # In our namespace, our own pid under another name is a predecessor that reused it.
     assert not gw._is_live("old/instance", ours)
     assert not gw._is_live("gone/instance", {**ours, "pid": 2**22 + 12345})
+
+
+def test_denial_amounts_are_exact_with_at_least_cents():
+    assert dollars(10 * USD) == "10.00"
+    assert dollars(USD * 125 // 10) == "12.50"
+    assert dollars(10_000) == "0.00001"
+    assert dollars(5625) == "0.000005625"
+    assert dollars(0) == "0.00"
