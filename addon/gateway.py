@@ -233,17 +233,18 @@ class Gateway:
         self._decide(flow, provider, raw, body)
 
     async def _wait_for_peers(self) -> None:
-        while time.monotonic() < self._peers_settled_at:
+        while True:  # asks at least once: the first request may come long after the join
             try:
                 if self.store is None or self.store.ledger.caught_up(self._joined_at):
                     break
             except Exception:  # the decision that follows meets the fault and decides
                 log.exception("aigw: could not read the other gateways' registrations")
                 break
+            if time.monotonic() >= self._peers_settled_at:
+                log.warning("aigw: the other gateways did not answer in %.0fs; deciding anyway",
+                            PEER_WAIT_MAX_S)
+                break
             await asyncio.sleep(PEER_CHECK_S / 2)
-        else:
-            log.warning("aigw: the other gateways did not answer in %.0fs; deciding anyway",
-                        PEER_WAIT_MAX_S)
         self._peers_settled_at = 0.0
 
     def _provider(self, host: str) -> Provider | None:

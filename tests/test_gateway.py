@@ -3,6 +3,7 @@
 import asyncio
 import gzip
 import json
+import time
 
 import pytest
 from mitmproxy import exceptions, http
@@ -12,6 +13,7 @@ from addon.gateway import Gateway
 from addon.policy import dollars
 from store import USD, Store, StoreUnavailable
 from store.admin import revoke_key, update_user
+from store.db import Ledger
 from store.money import month_of, utc_now
 from tests.support.elsewhere import in_another_process
 from tests.support.seed import seed
@@ -599,3 +601,24 @@ def test_denial_amounts_are_exact_with_at_least_cents():
     assert dollars(10_000) == "0.00001"
     assert dollars(5625) == "0.000005625"
     assert dollars(0) == "0.00"
+
+
+@pytest.mark.parametrize("acked", [True, False])
+def test_a_late_first_request_of_a_joining_gateway_asks_the_others_first(
+        gateway, caplog, acked):
+    gw = gateway()
+    s = seed(gw.store)
+    # Another gateway (on another host) shares the ledger; ours joined after it, and its first
+    # request comes after the longest wait for the other's answer.
+    other = Ledger(gw.store.ledger._env)
+    other.join("elsewhere/other", {"pid": 4242}, lambda name, entry: True)
+    gw._joined_at = time.time()
+    gw._peers_settled_at = time.monotonic() - 1
+    if acked:  # what the other's watcher does when it sees ours join
+        other.heartbeat(shared=True)
+    flow = chat_flow(s.api_key)
+    with caplog.at_level("WARNING", logger="aigw"):
+        run(gw.request(flow))
+    assert flow.response is None and flow.metadata["aigw"]["decision"] == "allowed"
+    assert ("did not answer" in caplog.text) is not acked
+    assert gw._peers_settled_at == 0.0
