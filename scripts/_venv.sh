@@ -36,8 +36,8 @@ ensure_venv() {
     want="$(sha256sum <"$ROOT/pyproject.toml" | cut -c1-16)-$extras"
     stamp="$VENV/.aigw-installed"
     # An install with the test extras also serves the plain one.
-    if [[ ! -f $stamp ]] || ! grep -qx -- "$want" "$stamp" \
-        && ! { [[ -z $extras ]] && grep -qx -- "${want}test" "$stamp"; }; then
+    if [[ ! -f $stamp ]] || ! grep -qsx -- "$want" "$stamp" \
+        && ! { [[ -z $extras ]] && grep -qsx -- "${want}test" "$stamp"; }; then
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target" \
             2>&1 | grep -v "^WARNING: Location" >&2 || true
         "$VENV/bin/python" -c 'import mitmproxy, lmdb, blake3, yaml' \

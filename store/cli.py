@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--interval", type=float, metavar="SECONDS",
                       help="seconds between passes (default sync.interval_s, 30)")
     p.add_argument("--full", action="store_true",
-                   help="re-fetch every record, stamped or not")
+                   help="also re-fetch every record without a version stamp (stamped ones "
+                   "are fetched whenever their stamp changes)")
     p.add_argument("--api-base", metavar="URL", default=argparse.SUPPRESS,
                    help="Cloudflare API base (default https://api.cloudflare.com/client/v4)")
     p.set_defaults(run=None)
