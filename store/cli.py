@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="fail_open|fail_closed")
     p.add_argument("--fallback-daily-limit", type=usd, metavar="USD",
                    help="daily limit while quota data is unavailable (fail_open; default 10)")
-    p.set_defaults(run=_org_create)
+    p.set_defaults(run=_org_create, creates_store=True)
     p = org.add_parser("update", help="change an org")
     p.add_argument("org_id", metavar="ORG_ID")
     p.add_argument("--name")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = commands.add_parser("import", help=import_help, description=import_help)
     p.add_argument("file", metavar="FILE", help="bulk JSON file, or - for stdin")
-    p.set_defaults(run=_import)
+    p.set_defaults(run=_import, creates_store=True)
 
     export_help = (
         "print every record as a wrangler bulk JSON array (the one command whose output is an "
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=None)
 
     p = commands.add_parser("demo", help="create a demo org, user and key once")
-    p.set_defaults(run=lambda store, a: admin.ensure_demo(store))
+    p.set_defaults(run=lambda store, a: admin.ensure_demo(store), creates_store=True)
     return parser
 
 
@@ -306,6 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _on_cloudflare(args, run, settings)
     if args.command == "sync":
         return _sync(args, settings)
+    if not getattr(args, "creates_store", False) and not Store.exists(settings.path):
+        # Only the commands that write the first records create a store: a mistyped path
+        # must not look like an empty, healthy one.
+        missing = (f"no store at {settings.path} (check --store or store.path; `aigw org "
+                   f"create`, `aigw import` or scripts/run creates one)")
+        return _health_failure(settings, missing) if args.command == "health" else _fail(missing)
     try:
         store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
     except (StoreError, OSError, ValueError) as exc:

@@ -948,6 +948,11 @@ class Ledger(_Part):
 class Store:
     """The data directory: configuration records plus the usage ledger."""
 
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether a store was ever opened at `path` (opening one creates it)."""
+        return (Path(path) / "config" / "data.mdb").is_file()
+
     def __init__(
         self,
         path: str | Path,

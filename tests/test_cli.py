@@ -81,6 +81,7 @@ def test_register_from_env(aigw):
 
 
 def test_unknown_id_is_one_line_exit_1(aigw):
+    ok(aigw("org", "create", "--name", "A", "--budget", "1"))
     line = one_error_line(aigw("usage", "user", "user_nope"), 1)
     assert "user_nope" in line
     one_error_line(aigw("key", "revoke", "key_nope"), 1)
@@ -156,3 +157,15 @@ def test_demo_once(aigw):
     second = ok(aigw("demo"))
     assert second["created"] is False and "api_key" not in second
     assert second["key_id"] == first["key_id"]
+
+
+def test_a_missing_store_is_an_error_not_an_empty_one(aigw, tmp_path):
+    store = tmp_path / "store"
+    health = aigw("health")
+    assert health.returncode == 1 and json.loads(health.stdout)["ok"] is False
+    assert f"no store at {store}" in health.stderr
+    assert "no store at" in one_error_line(aigw("usage", "org", "org_x"), 1)
+    assert "no store at" in one_error_line(aigw("export"), 1)
+    assert not store.exists()  # nothing was created on the way
+    ok(aigw("org", "create", "--name", "A", "--budget", "1"))  # the first record makes one
+    assert ok(aigw("health"))["ok"] is True
