@@ -135,6 +135,7 @@ class Gateway:
             self._accounts.clear()
             self._budgets.clear()
             self._open_store()
+            _warn_of_missing_credentials(config)
         # Intercept only the providers' hosts; everything else is tunnelled untouched.
         if self.config is not None and (
             not ctx.options.allow_hosts and not ctx.options.ignore_hosts
@@ -767,6 +768,18 @@ def _provider_secret(provider: Provider, org: Org | None) -> str | None:
                 return os.environ.get(ref[4:]) or None
             return ref
     return provider.default_credential()
+
+
+def _warn_of_missing_credentials(config: GatewayConfig) -> None:
+    """Say at start which providers have no key on the gateway host: their requests get 502
+    unless the org has its own (`provider_keys`)."""
+    missing = [p for p in config.providers if p.api_key_env and p.default_credential() is None]
+    if missing:
+        log.warning(
+            "aigw: no gateway-host credential for %s; their requests need the org's "
+            "provider_keys or get 502 provider_credential_missing",
+            ", ".join(f"{p.name} (${p.api_key_env} unset)" for p in missing),
+        )
 
 
 def _no_credential(provider: Provider) -> Denial:

@@ -622,3 +622,13 @@ def test_a_late_first_request_of_a_joining_gateway_asks_the_others_first(
     assert flow.response is None and flow.metadata["aigw"]["decision"] == "allowed"
     assert ("did not answer" in caplog.text) is not acked
     assert gw._peers_settled_at == 0.0
+
+
+def test_start_warns_of_providers_without_a_host_credential(gateway, monkeypatch, caplog):
+    monkeypatch.delenv("AIGW_TEST_ANTHROPIC_KEY")
+    with caplog.at_level("WARNING", logger="aigw"):
+        gateway()
+    warned = [r.getMessage() for r in caplog.records if "credential" in r.getMessage()]
+    assert len(warned) == 1 and "AIGW_TEST_ANTHROPIC_KEY" in warned[0]
+    assert "AIGW_TEST_OPENAI_KEY" not in warned[0]
+    assert PROVIDER_KEY not in caplog.text  # names the variable, never a key
