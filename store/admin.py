@@ -11,7 +11,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +136,41 @@ def create_org(
     budget_usd: float,
     failure_mode: str = FAIL_CLOSED,
     fallback_daily_limit_usd: float | None = None,
+    *,
+    allowed_models: Sequence[str] | None = None,
+    provider_keys: Mapping[str, str | None] | None = None,
 ) -> dict:
-    """Create `org:{id}:config`; returns the record."""
+    """Create `org:{id}:config`; returns the record (provider keys redacted). See
+    `update_org` for `allowed_models` and `provider_keys`."""
     record = _new_org(name, budget_usd, failure_mode, fallback_daily_limit_usd)
+    _set_access(record, allowed_models, provider_keys)
     store.records.write({org_config_key(record["org_id"]): _dump(record)})
-    return record
+    return _redacted(record)
+
+
+def _set_access(record: dict, allowed_models: Sequence[str] | None,
+                provider_keys: Mapping[str, str | None] | None) -> None:
+    """`allowed_models`: the models the org may use (empty: any). `provider_keys`: provider
+    name (or kind) -> the org's credential, or `env:VAR` for a variable on the gateway hosts;
+    None removes one."""
+    if allowed_models is not None:
+        models = [_check_text(model, "allowed_models entry") for model in allowed_models]
+        if models:
+            record["allowed_models"] = list(dict.fromkeys(models))
+        else:
+            record.pop("allowed_models", None)
+    if provider_keys:
+        keys = dict(record.get("provider_keys") or {})
+        for name, ref in provider_keys.items():
+            name = _check_text(name, "provider_keys name")
+            if ref is None:
+                keys.pop(name, None)
+            else:
+                keys[name] = _check_text(ref, f"provider_keys.{name}")
+        if keys:
+            record["provider_keys"] = keys
+        else:
+            record.pop("provider_keys", None)
 
 
 def update_org(
@@ -151,8 +181,12 @@ def update_org(
     budget_usd: float | None = None,
     failure_mode: str | None = None,
     fallback_daily_limit_usd: float | None = None,
+    allowed_models: Sequence[str] | None = None,
+    provider_keys: Mapping[str, str | None] | None = None,
 ) -> dict:
-    """Change the given fields of an org; returns the record (provider keys redacted)."""
+    """Change the given fields of an org; returns the record (provider keys redacted).
+    `allowed_models`: replaces the list (empty: any model); `provider_keys`: sets or (None)
+    removes the named providers' credentials, keeping the others."""
     key = org_config_key(org_id)
     record = _load(store, key, f"org {org_id}")
     if name is not None:
@@ -168,6 +202,7 @@ def update_org(
         record["fallback_daily_limit"] = check_usd(
             fallback_daily_limit_usd, "fallback_daily_limit"
         )
+    _set_access(record, allowed_models, provider_keys)
     record["updated_at"] = now_iso()
     try:
         Org.parse(org_id, record)

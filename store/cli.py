@@ -40,6 +40,35 @@ def usd(text: str) -> float:
         ) from None
 
 
+def _model_list(text: str) -> list[str]:
+    """argparse type: comma-separated model names; empty allows any model."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _provider_key(text: str) -> tuple[str, str | None]:
+    """argparse type: `NAME=env:VAR` (a variable on the gateway hosts) or `NAME=` (remove)."""
+    name, sep, ref = text.partition("=")
+    name, ref = name.strip(), ref.strip()
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"must be NAME=env:VAR or NAME=, not {text!r}")
+    if not ref:
+        return name, None
+    if not ref.startswith("env:") or not ref[4:].strip():
+        # A literal key on the command line would sit in shell history and the process list.
+        raise argparse.ArgumentTypeError(
+            f"{name}: give env:VAR (a variable on the gateway hosts); a literal key goes in "
+            "with `aigw import`, never on the command line")
+    return name, ref
+
+
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-models", type=_model_list, metavar="MODEL,...",
+                   help="the only models the org may use (\"\": any model)")
+    p.add_argument("--provider-key", type=_provider_key, action="append", metavar="NAME=env:VAR",
+                   help="the org's credential for a provider, read from VAR on the gateway "
+                   "hosts (NAME= removes it); repeatable")
+
+
 def _failure_mode(text: str) -> str:
     value = text.strip().lower()
     if value not in FAILURE_MODE_CHOICES:
@@ -84,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="fail_open|fail_closed")
     p.add_argument("--fallback-daily-limit", type=usd, metavar="USD",
                    help="daily limit while quota data is unavailable (fail_open; default 10)")
+    _add_access_options(p)
     p.set_defaults(run=_org_create, creates_store=True)
     p = org.add_parser("update", help="change an org")
     p.add_argument("org_id", metavar="ORG_ID")
@@ -91,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=usd, metavar="USD")
     p.add_argument("--failure-mode", type=_failure_mode, metavar="fail_open|fail_closed")
     p.add_argument("--fallback-daily-limit", type=usd, metavar="USD")
+    _add_access_options(p)
     p.set_defaults(run=_org_update)
     p = org.add_parser("show", help="show an org")
     p.add_argument("org_id", metavar="ORG_ID")
@@ -196,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _org_create(store: Store, args: argparse.Namespace) -> dict:
     return admin.create_org(
-        store, args.name, args.budget, args.failure_mode, args.fallback_daily_limit
+        store, args.name, args.budget, args.failure_mode, args.fallback_daily_limit,
+        allowed_models=args.allowed_models, provider_keys=dict(args.provider_key or ()),
     )
 
 
@@ -208,6 +240,8 @@ def _org_update(store: Store, args: argparse.Namespace) -> dict:
         budget_usd=args.budget,
         failure_mode=args.failure_mode,
         fallback_daily_limit_usd=args.fallback_daily_limit,
+        allowed_models=args.allowed_models,
+        provider_keys=dict(args.provider_key or ()),
     )
 
 
@@ -233,7 +267,8 @@ def _import(store: Store, args: argparse.Namespace) -> dict:
 
 
 _UPDATE_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("org", "update"): ("name", "budget", "failure_mode", "fallback_daily_limit"),
+    ("org", "update"): ("name", "budget", "failure_mode", "fallback_daily_limit",
+                        "allowed_models", "provider_key"),
     ("user", "update"): ("limit", "status"),
 }
 

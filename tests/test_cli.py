@@ -169,3 +169,25 @@ def test_a_missing_store_is_an_error_not_an_empty_one(aigw, tmp_path):
     assert not store.exists()  # nothing was created on the way
     ok(aigw("org", "create", "--name", "A", "--budget", "1"))  # the first record makes one
     assert ok(aigw("health"))["ok"] is True
+
+
+def test_org_models_and_provider_keys_from_the_command_line(aigw):
+    org = ok(aigw("org", "create", "--name", "A", "--budget", "1",
+                  "--allowed-models", "gpt-4o, gpt-4o-mini",
+                  "--provider-key", "openai=env:ACME_OPENAI_KEY"))
+    assert org["allowed_models"] == ["gpt-4o", "gpt-4o-mini"]
+    assert org["provider_keys"] == {"openai": "<redacted>"}
+    org_id = org["org_id"]
+    ok(aigw("org", "update", org_id, "--provider-key", "anthropic=env:ACME_ANTHROPIC_KEY"))
+    stored = next(json.loads(item["value"]) for item in ok(aigw("export"))
+                  if item["key"] == f"org:{org_id}:config")
+    assert stored["provider_keys"] == {"openai": "env:ACME_OPENAI_KEY",
+                                       "anthropic": "env:ACME_ANTHROPIC_KEY"}
+    updated = ok(aigw("org", "update", org_id, "--allowed-models", "",
+                      "--provider-key", "openai="))
+    assert "allowed_models" not in updated and updated["provider_keys"] == {
+        "anthropic": "<redacted>"}
+    # A literal key would sit in shell history: refused before anything is written.
+    line = one_error_line(aigw("org", "update", org_id, "--provider-key",
+                               "openai=sk-literal-fake"), 2)
+    assert "env:VAR" in line and "sk-literal-fake" not in line
