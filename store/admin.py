@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from store.db import LMDB_MAX_KEY, Store, StoreError
@@ -440,13 +441,24 @@ def revoke_key(store: Store, key_id: str) -> dict:
 
 
 def list_keys(store: Store, user_id: str) -> dict:
-    """A user's key listings (never raw keys)."""
+    """A user's key listings (never raw keys), each with its own monthly limit and, from this
+    node's ledger, when it was last metered this month (`last_used_at`)."""
     _load(store, user_config_key(user_id), f"user {user_id}")
     prefix = f"user:{user_id}:keys:"
+    ledger = getattr(store, "ledger", None)  # none when the target is the KV namespace
+    month = month_of(utc_now())
     keys = []
     for k, v in store.records.scan(prefix):
-        listing = _json_or_none(v) or {}
-        keys.append({"key_id": k.removeprefix(prefix), **listing})
+        listing = {"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
+        record = _json_or_none(store.records.get(apikey_key(str(listing.get("key_hash")))))
+        if isinstance(record, dict):
+            listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
+        if ledger is not None:
+            (counter,) = ledger.counters([("key", listing["key_id"])], month)
+            if counter.requests and counter.updated_ms:
+                listing["last_used_at"] = datetime.fromtimestamp(
+                    counter.updated_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        keys.append(listing)
     return {"user_id": user_id, "keys": keys}
 
 

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -318,3 +319,16 @@ def test_demo_is_idempotent(store):
     assert store.records.count()["orgs"] == 1
     store.records.write({}, [user_config_key(first["user_id"])])
     assert admin.ensure_demo(store)["created"] is True
+
+
+def test_key_list_shows_each_keys_limit_and_when_this_node_last_metered_it(store, user):
+    used = admin.create_key(store, user["user_id"], "used", 5)
+    idle = admin.create_key(store, user["user_id"], "idle")
+    before = utc_now().replace(microsecond=0)
+    store.ledger.settle(None, [("key", used["key_id"])], month(), USD // 100)
+    listed = {k["key_id"]: k for k in admin.list_keys(store, user["user_id"])["keys"]}
+    assert listed[used["key_id"]]["monthly_limit_usd"] == 5
+    assert listed[idle["key_id"]]["monthly_limit_usd"] is None
+    assert listed[idle["key_id"]]["last_used_at"] is None
+    last = datetime.strptime(listed[used["key_id"]]["last_used_at"], "%Y-%m-%dT%H:%M:%SZ")
+    assert before <= last.replace(tzinfo=UTC) <= utc_now()
