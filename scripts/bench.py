@@ -317,6 +317,7 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
         active = keys[:1_000]
         warm_flows, warm_responses = build_flows(active, len(active) + s.requests, seed=11,
                                                  cover=True)
+        floor_flows = build_flows(active, s.requests, seed=17) if s.floor else None
         # The prebuilt flows are the harness's, not the gateway's: keep them out of the
         # collector's full passes (the hooks' own garbage is still collected as usual).
         gc.collect()
@@ -394,7 +395,7 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
         gw._peers_settled_at = 0.0  # it joined after us: we are the one that needs no wait
         shared_ns = await warm_pass(shared_flows, shared_responses, "shared")
         peer.leave()
-        floor_ns = floor_pass(*build_flows(active, s.requests, seed=17)) if s.floor else None
+        floor_ns = floor_pass(*floor_flows) if floor_flows else None
         gc.unfreeze()
         in_flight = len(gw.store.ledger.reservations())
         return {"request": request_ns, "settle": settle_ns, "not_allowed": not_allowed,

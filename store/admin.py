@@ -450,8 +450,10 @@ def list_keys(store: Store, user_id: str) -> dict:
     keys = []
     for k, v in store.records.scan(prefix):
         listing = {"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
-        record = _json_or_none(store.records.get(apikey_key(str(listing.get("key_hash")))))
-        if isinstance(record, dict):
+        key_hash = listing.get("key_hash")
+        record = _json_or_none(store.records.get(apikey_key(key_hash))) if isinstance(
+            key_hash, str) and key_hash else None
+        if record is not None:
             listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
         if ledger is not None:
             (counter,) = ledger.counters([("key", listing["key_id"])], month)

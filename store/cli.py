@@ -7,6 +7,8 @@ Errors print one line, `aigw: error: <reason>`, on stderr: exit 2 for usage erro
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,20 +47,25 @@ def _model_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _provider_key(text: str) -> tuple[str, str | None]:
-    """argparse type: `NAME=env:VAR` (a variable on the gateway hosts) or `NAME=` (remove)."""
+    """argparse type: `NAME=env:VAR` (a variable on the gateway hosts) or `NAME=` (remove).
+    The errors never repeat the text: it may be a key typed in the wrong place."""
     name, sep, ref = text.partition("=")
     name, ref = name.strip(), ref.strip()
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"must be NAME=env:VAR or NAME=, not {text!r}")
+    if not sep or not name or not _ENV_VAR.fullmatch(name.replace("-", "_")):
+        raise argparse.ArgumentTypeError("must be NAME=env:VAR (or NAME= to remove it)")
     if not ref:
         return name, None
-    if not ref.startswith("env:") or not ref[4:].strip():
+    variable = ref[4:].strip() if ref.startswith("env:") else ""
+    if not _ENV_VAR.fullmatch(variable):
         # A literal key on the command line would sit in shell history and the process list.
         raise argparse.ArgumentTypeError(
-            f"{name}: give env:VAR (a variable on the gateway hosts); a literal key goes in "
-            "with `aigw import`, never on the command line")
-    return name, ref
+            f"{name}: give env:VAR, VAR a variable name on the gateway hosts; a literal key "
+            "goes in with `aigw import`, never on the command line")
+    return name, f"env:{variable}"
 
 
 def _add_access_options(p: argparse.ArgumentParser) -> None:
@@ -347,9 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = (f"no store at {settings.path} (check --store or store.path; `aigw org "
                    f"create`, `aigw import` or scripts/run creates one)")
         return _health_failure(settings, missing) if args.command == "health" else _fail(missing)
+    # What opening a new store creates, removed again if the command fails: a failed first
+    # command must not leave an empty store that looks like a healthy one.
+    created = [] if Store.exists(settings.path) else [
+        p for p in (settings.path, settings.path / "config", settings.path / "ledger")
+        if not p.exists()]
     try:
         store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
     except (StoreError, OSError, ValueError) as exc:
+        _remove(created)
         reason: object = exc
         if isinstance(exc, OSError):
             reason = f"cannot open store at {settings.path}: {exc.strerror or exc}"
@@ -360,12 +373,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         with store:
             result = run(store, args)
     except (StoreError, RecordError, OSError) as exc:
+        _remove(created)
         if args.command == "health":
             return _health_failure(settings, exc)
         return _fail(exc)
     except Exception as exc:  # one line for the operator, whatever went wrong
+        _remove(created)
         return _fail(f"internal error: {type(exc).__name__}: {exc}")
     return _print(result)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _on_cloudflare(args: argparse.Namespace, run: Callable, settings: StoreSettings) -> int:

@@ -950,8 +950,12 @@ class Store:
 
     @staticmethod
     def exists(path: str | Path) -> bool:
-        """Whether a store was ever opened at `path` (opening one creates it)."""
-        return (Path(path) / "config" / "data.mdb").is_file()
+        """Whether a store was ever opened at `path` (opening one creates it). True when that
+        cannot be told (no permission): opening it then reports the real reason."""
+        try:
+            return (Path(path) / "config" / "data.mdb").is_file()
+        except OSError:
+            return True
 
     def __init__(
         self,

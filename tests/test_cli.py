@@ -148,7 +148,7 @@ def test_import_invalid_item_writes_nothing(aigw):
                       {"key": "user:u:config", "value": "{not json"}])
     line = one_error_line(aigw("import", "-", stdin=bad), 1)
     assert "item 1" in line and "user:u:config" in line
-    assert ok(aigw("export")) == []
+    assert "no store at" in one_error_line(aigw("export"), 1)  # nothing written, none left
 
 
 def test_demo_once(aigw):
@@ -191,3 +191,19 @@ def test_org_models_and_provider_keys_from_the_command_line(aigw):
     line = one_error_line(aigw("org", "update", org_id, "--provider-key",
                                "openai=sk-literal-fake"), 2)
     assert "env:VAR" in line and "sk-literal-fake" not in line
+
+
+def test_provider_key_errors_never_repeat_what_was_typed(aigw):
+    ok(aigw("org", "create", "--name", "A", "--budget", "1"))
+    for typed in ("sk-proj-fake-typed-0000", "=sk-proj-fake-typed-0000",
+                  "openai:sk-proj-fake-typed-0000", "openai=env:sk-proj-fake-typed-0000"):
+        line = one_error_line(aigw("org", "create", "--name", "B", "--budget", "1",
+                                   "--provider-key", typed), 2)
+        assert "sk-proj-fake" not in line
+
+
+def test_a_failed_first_command_leaves_no_store_behind(aigw, tmp_path):
+    (tmp_path / "bad.json").write_text('[{"key": "org:x:config", "value": "not json"}]')
+    one_error_line(aigw("import", str(tmp_path / "bad.json")), 1)
+    one_error_line(aigw("org", "create", "--name", " ", "--budget", "1"), 1)
+    assert not (tmp_path / "store").exists()

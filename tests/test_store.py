@@ -295,3 +295,17 @@ def test_the_store_layer_never_imports_mitmproxy():
     code = ("import sys, store, store.admin, store.cli; "
             "sys.exit(any(m.split('.')[0] == 'mitmproxy' for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
+
+
+def test_a_store_that_cannot_be_looked_at_counts_as_existing(tmp_path, monkeypatch):
+    assert not Store.exists(tmp_path / "none")
+    with Store(tmp_path / "s"):
+        pass
+    assert Store.exists(tmp_path / "s")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    # Opening it then reports the real reason, instead of "no store".
+    monkeypatch.setattr("pathlib.Path.is_file", denied)
+    assert Store.exists(tmp_path / "none")
