@@ -447,12 +447,12 @@ def list_keys(store: Store, user_id: str) -> dict:
     prefix = f"user:{user_id}:keys:"
     ledger = getattr(store, "ledger", None)  # none when the target is the KV namespace
     month = month_of(utc_now())
-    keys = []
-    for k, v in store.records.scan(prefix):
-        listing = {"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
-        key_hash = listing.get("key_hash")
-        record = _json_or_none(store.records.get(apikey_key(key_hash))) if isinstance(
-            key_hash, str) and key_hash else None
+    keys = [{"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
+            for k, v in store.records.scan(prefix)]
+    records = store.records.get_many(
+        apikey_key(h) for h in (k.get("key_hash") for k in keys) if isinstance(h, str) and h)
+    for listing in keys:
+        record = _json_or_none(records.get(apikey_key(str(listing.get("key_hash")))))
         if record is not None:
             listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
         if ledger is not None:
@@ -460,7 +460,6 @@ def list_keys(store: Store, user_id: str) -> dict:
             if counter.requests and counter.updated_ms:
                 listing["last_used_at"] = datetime.fromtimestamp(
                     counter.updated_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        keys.append(listing)
     return {"user_id": user_id, "keys": keys}
 
 

@@ -249,6 +249,16 @@ class Records(_Part):
         raw = self.get(key)
         return None if raw is None else json.loads(raw)
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of those `keys` that exist, read in one transaction."""
+        names = list(keys)
+
+        def collect(txn: lmdb.Transaction) -> dict[str, bytes]:
+            found = ((name, txn.get(_enc(name), db=self._db)) for name in names)
+            return {name: raw for name, raw in found if raw is not None}
+
+        return self._env.read(collect)
+
     def resolve(self, key_hash: str, month: str = "") -> Identity:
         """Look up a presented key's hash, its user and its org in one read transaction, with
         other nodes' totals for `month` (YYYY-MM).

@@ -611,10 +611,10 @@ class KVRecords:
         raw = self.get(key)
         return None if raw is None else orjson.loads(raw)
 
-    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
-        names = [item["name"] for item in self._client.list_all(prefix=prefix)
-                 if isinstance(item.get("name"), str)]
-        out = []
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of those `keys` that exist, fetched in bulk (BULK_GET a request)."""
+        names = list(keys)
+        out = {}
         for start in range(0, len(names), BULK_GET):
             values = self._client.bulk_get(names[start:start + BULK_GET])
             for name in names[start:start + BULK_GET]:
@@ -623,11 +623,17 @@ class KVRecords:
                 if value is None:
                     raw = self._client.get(name)
                     if raw is not None:
-                        out.append((name, raw))
+                        out[name] = raw
                 else:
-                    out.append((name, value.encode() if isinstance(value, str)
-                                else orjson.dumps(value)))
+                    out[name] = (value.encode() if isinstance(value, str)
+                                 else orjson.dumps(value))
         return out
+
+    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        names = [item["name"] for item in self._client.list_all(prefix=prefix)
+                 if isinstance(item.get("name"), str)]
+        values = self.get_many(names)
+        return [(name, values[name]) for name in names if name in values]
 
     def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
         write_records(self._client, puts, deletes)

@@ -855,6 +855,11 @@ def test_target_cloudflare_writes_stamped_records_the_next_pass_fetches(kv, make
         assert kv.metadata(name) == {STAMP: stamp_of(kv.get(name))}, name
     assert not (tmp_path / "var").exists()  # nothing was written to a local store
     kv.reset_counters()
+    listed = admin("key", "list", "--user", user["user_id"])["keys"]
+    assert [(k["key_id"], k["monthly_limit_usd"]) for k in listed] == [(key["key_id"], 2)]
+    # The key records in bulk, not one request a key (the one GET: the user, checked first).
+    assert [r.key for r in kv.requests_for("get")] == [f"user:{user['user_id']}:config"]
+    kv.reset_counters()
 
     summary = node.replicator.sync_once()
 
