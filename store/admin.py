@@ -449,17 +449,17 @@ def list_keys(store: Store, user_id: str) -> dict:
     month = month_of(utc_now())
     keys = [{"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
             for k, v in store.records.scan(prefix)]
-    records = store.records.get_many(
-        apikey_key(h) for h in (k.get("key_hash") for k in keys) if isinstance(h, str) and h)
-    for listing in keys:
-        record = _json_or_none(records.get(apikey_key(str(listing.get("key_hash")))))
+    names = [apikey_key(h) if isinstance(h := k.get("key_hash"), str) and h else None
+             for k in keys]
+    records = store.records.get_many(name for name in names if name)
+    counters = ledger.counters([("key", k["key_id"]) for k in keys], month) if ledger else None
+    for i, listing in enumerate(keys):
+        record = _json_or_none(records.get(names[i])) if names[i] else None
         if record is not None:
             listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
-        if ledger is not None:
-            (counter,) = ledger.counters([("key", listing["key_id"])], month)
-            if counter.requests and counter.updated_ms:
-                listing["last_used_at"] = datetime.fromtimestamp(
-                    counter.updated_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if counters is not None and counters[i].requests and counters[i].updated_ms:
+            listing["last_used_at"] = datetime.fromtimestamp(
+                counters[i].updated_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"user_id": user_id, "keys": keys}
 
 

@@ -348,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _on_cloudflare(args, run, settings)
     if args.command == "sync":
         return _sync(args, settings)
-    if not getattr(args, "creates_store", False) and not Store.exists(settings.path):
+    exists = Store.exists(settings.path)
+    if not exists and not getattr(args, "creates_store", False):
         # Only the commands that write the first records create a store: a mistyped path
         # must not look like an empty, healthy one.
         missing = (f"no store at {settings.path} (check --store or store.path; `aigw org "
@@ -356,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health_failure(settings, missing) if args.command == "health" else _fail(missing)
     # What opening a new store creates, removed again if the command fails: a failed first
     # command must not leave an empty store that looks like a healthy one.
-    created = [] if Store.exists(settings.path) else [
+    created = [] if exists else [
         p for p in (settings.path, settings.path / "config", settings.path / "ledger")
         if not p.exists()]
     try:
