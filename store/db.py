@@ -487,41 +487,28 @@ class Ledger(_Part):
         self._log = env.dbs["requests"]
         self._grace = env.dbs["grace"]
         self._meta = env.dbs["meta"]
-        # Reservations of this process not yet written (see `hold`): id -> (counter keys,
-        # amount, created_ms), and their sum per counter key.
-        self._held: dict[bytes, tuple[tuple[bytes, ...], int, int]] = {}
-        self._held_sum: dict[bytes, int] = {}
-        self._gateway = ("", 0)  # this process's registration (see `join`): name, pid
+        self._gateway = ""  # this process's registration (see `join`)
         self._gateway_info: dict[str, Any] = {}
         self._is_live: IsLive | None = None
-        # The counters read or written since the last commit, so a request reads only what it has
-        # not seen: valid while the environment's transaction id is `_view_txnid`.
-        self._view: dict[bytes, tuple] = {}
-        self._view_txnid = -1
-        self._view_alone = False
 
-    # --- the gateways sharing this ledger ----------------------------------------------------
+    # --- the gateways sharing this ledger (to release a crashed one's reservations) ----------
 
     def join(self, gateway: str, info: dict[str, Any], is_live: IsLive) -> list[str]:
         """Register a gateway process (`gateway`: a unique name; `info`: what `is_live` needs
         to judge it, e.g. its pid) as a user of this ledger, and drop the registrations
         `is_live(name, entry)` rejects. Each entry carries `seen`, the time of its last
         heartbeat. Returns the other live gateways."""
-        self._gateway = (gateway, int(info.get("pid", 0)))
+        self._gateway = gateway
         self._gateway_info = dict(info)
         self._is_live = is_live
         return self.heartbeat()
 
-    def heartbeat(self, *, shared: bool = False) -> list[str]:
+    def heartbeat(self) -> list[str]:
         """Refresh this gateway's registration (restoring it if another process dropped it)
-        and drop dead ones; returns the other live gateways. `shared`: also record that this
-        gateway now knows it shares the ledger and holds nothing unwritten (see
-        `caught_up`)."""
-        gateway = self._gateway[0]
+        and drop dead ones; returns the other live gateways."""
+        gateway = self._gateway
         if not gateway:
             return []
-        if shared:
-            self._gateway_info["shared_at"] = time.time()
 
         def apply(txn: lmdb.Transaction) -> list[str]:
             current = self._registry(txn)
@@ -534,48 +521,25 @@ class Ledger(_Part):
         return self._env.write(apply)
 
     def leave(self) -> None:
-        """Write this gateway's held reservations and remove its registration."""
-        gateway = self._gateway[0]
+        """Remove this gateway's registration."""
+        gateway = self._gateway
         if not gateway:
             return
-        try:
-            self.publish()
-        finally:
-            def apply(txn: lmdb.Transaction) -> None:
-                live = self._registry(txn)
-                if live.pop(gateway, None) is not None:
-                    self._put_registry(txn, live)
 
-            self._gateway = ("", 0)
-            self._env.write(apply)
+        def apply(txn: lmdb.Transaction) -> None:
+            live = self._registry(txn)
+            if live.pop(gateway, None) is not None:
+                self._put_registry(txn, live)
 
-    def caught_up(self, since: float) -> bool:
-        """Whether every other live gateway has said it shares the ledger (`heartbeat(shared=
-        True)`) since `since`: what it held in memory before is in the ledger."""
-        gateway = self._gateway[0]
-        registry = self._env.read(self._registry)
-        return all(
-            float(e.get("shared_at", 0)) >= since
-            for g, e in registry.items()
-            if g != gateway and self._live(g, e)
-        )
+        self._gateway = ""
+        self._env.write(apply)
 
     def gateways(self) -> list[str]:
         """The live gateway processes registered on this ledger."""
         return sorted(g for g, e in self._env.read(self._registry).items() if self._live(g, e))
 
-    def alone(self) -> bool:
-        """Whether this gateway is the only live one registered on the ledger."""
-        return self._env.read(self._alone_in)
-
-    def _alone_in(self, txn: lmdb.Transaction) -> bool:
-        gateway = self._gateway[0]
-        registry = self._registry(txn)
-        return bool(gateway) and gateway in registry and not any(
-            g != gateway and self._live(g, e) for g, e in registry.items())
-
     def _live(self, gateway: str, entry: Any) -> bool:
-        if gateway == self._gateway[0]:
+        if gateway == self._gateway:
             return True
         if not isinstance(entry, dict) or time.time() - float(entry.get("seen", 0)) > (
             GATEWAY_TIMEOUT_S
@@ -590,119 +554,13 @@ class Ledger(_Part):
     def _put_registry(self, txn: lmdb.Transaction, registry: dict[str, Any]) -> None:
         txn.put(_GATEWAYS, orjson.dumps(registry, option=orjson.OPT_SORT_KEYS), db=self._meta)
 
-    # --- reservations held in memory ----------------------------------------------------------
-
-    def peek(self, levels: Sequence[Level], month: str) -> tuple[list[tuple], bool]:
-        """The levels' counters (used, reserved, requests, updated_ms) with this process's held
-        reservations counted as reserved, and whether this gateway is alone on the ledger (then
-        `hold` is as exact as `reserve`)."""
-        keys = _counter_keys(month, levels)
-        try:
-            with self._env.env.begin() as txn:
-                view = self._view_at(txn, keys)
-        except lmdb.MapResizedError:  # another process grew the map: the generic path adopts it
-            view = self._env.read(lambda txn: self._view_at(txn, keys))
-        except lmdb.Error as exc:
-            raise StoreUnavailable(f"store read failed: {exc}") from exc
-        counters = [view[k] for k in keys]
-        held = self._held_sum
-        if held:
-            for i, k in enumerate(keys):
-                extra = held.get(k)
-                if extra:
-                    c = counters[i]
-                    counters[i] = (c[0], c[1] + extra, c[2], c[3])
-        return counters, self._view_alone
-
-    def _view_at(self, txn: lmdb.Transaction, keys: tuple[bytes, ...]) -> dict[bytes, tuple]:
-        """The counters of `keys` as of `txn`, from the view of the ledger kept since the last
-        commit (by anyone: a commit moves the transaction id, and the view starts over)."""
-        view = self._view
-        if txn.id() != self._view_txnid:
-            view.clear()
-            self._view_txnid = -1  # until the view is whole again
-            self._view_alone = self._alone_in(txn)
-            self._view_txnid = txn.id()
-        for k in keys:
-            if k not in view:
-                raw = txn.get(k, db=self._usage)
-                view[k] = _COUNTER.unpack(raw) if raw else _ZERO
-        return view
-
-    def _keep_view(self, view_txnid: int, txnid: int, written: Iterable[tuple[bytes, tuple]]
-                   ) -> None:
-        """After our own commit `txnid` of `written` counters: when nobody committed between
-        the view (as of `view_txnid`) and it, the view stays valid, with those counters."""
-        if txnid == view_txnid + 1 and self._view_txnid == view_txnid:
-            view = self._view
-            for k, value in written:
-                view[k] = value
-            self._view_txnid = txnid
-
-    def hold(
-        self, reservation_id: str, levels: Sequence[Level], month: str, amount_nusd: int
-    ) -> None:
-        """Reserve in this process's memory only: for a gateway alone on the ledger, after a
-        `peek` that admitted the request. `publish` writes held reservations to the ledger (so
-        other processes see them); `settle` and `release` of a held one touch no reservation
-        record at all."""
-        keys = _counter_keys(month, levels)
-        self._held[reservation_id.encode()] = (keys, amount_nusd, _now_ms())
-        held_sum = self._held_sum
-        for k in keys:
-            held_sum[k] = held_sum.get(k, 0) + amount_nusd
-
-    def held(self) -> int:
-        """How many reservations this process holds unwritten."""
-        return len(self._held)
-
-    def publish(self) -> int:
-        """Write this process's held reservations to the ledger in one transaction."""
-        if not self._held:
-            return 0
-        snapshot = list(self._held.items())
-        self._env.write(lambda txn: self._write_held(txn, snapshot))
-        self._forget_held(snapshot)
-        return len(snapshot)
-
-    def drop_held(self, older_than_ms: int) -> int:
-        """Forget held reservations older than `older_than_ms` (a flow that never ended)."""
-        old = [(rid, h) for rid, h in self._held.items() if h[2] < older_than_ms]
-        self._forget_held(old)
-        return len(old)
-
-    def _write_held(self, txn: lmdb.Transaction, held: list) -> None:
-        get, put, usage = txn.get, txn.put, self._usage
-        gateway, pid = self._gateway
-        for rid, (keys, amount, created_ms) in held:
-            for k in keys:
-                raw = get(k, db=usage)
-                c = _COUNTER.unpack(raw) if raw else _ZERO
-                put(k, _COUNTER.pack(c[0], c[1] + amount, c[2], c[3]), db=usage)
-            put(rid, _reservation(amount, created_ms, pid, gateway, keys), db=self._reservations)
-
-    def _forget_held(self, held: list) -> None:
-        held_sum = self._held_sum
-        for rid, (keys, amount, _) in held:
-            if self._held.pop(rid, None) is None:
-                continue
-            for k in keys:
-                left = held_sum.get(k, 0) - amount
-                if left > 0:
-                    held_sum[k] = left
-                else:
-                    held_sum.pop(k, None)
-
     # --- the ledger ---------------------------------------------------------------------------
 
     def counters(self, levels: Iterable[Level], month: str) -> list[Counter]:
         keys = _counter_keys(month, levels)
-        counters = self._env.read(
+        return self._env.read(
             lambda txn: [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
         )
-        held = self._held_sum  # this process's unwritten reservations are reserved too
-        return [c._replace(reserved_nusd=c[1] + held[k]) if k in held else c
-                for k, c in zip(keys, counters, strict=True)]
 
     def reserve(
         self,
@@ -719,43 +577,27 @@ class Ledger(_Part):
         record the reservation. Returns the reason, or None when reserved. Atomic across
         processes sharing the store."""
         keys = _counter_keys(month, levels)
-        rid = reservation_id.encode()
+        rid = _enc(reservation_id)
         pid = (owner or {}).get("pid", 0)
         host = (owner or {}).get("host", "")
         usage, unpack, pack = self._usage, _COUNTER.unpack, _COUNTER.pack
 
-        snapshot = list(self._held.items())
-        written: list[tuple[int, list[tuple[bytes, tuple]]]] = []
-
         def apply(txn: lmdb.Transaction) -> T | None:
-            if snapshot:  # others must see this process's held reservations from now on
-                self._write_held(txn, snapshot)
             get = txn.get
             counters = []
             for k in keys:
                 raw = get(k, db=usage)
                 counters.append(Counter._make(unpack(raw)) if raw else _ZERO)
             reason = refuse(counters)
-            new = []
             if reason is None:
                 now = _now_ms()
                 put = txn.put
                 for k, c in zip(keys, counters, strict=True):
-                    value = (c[0], c[1] + amount_nusd, c[2], now)
-                    put(k, pack(*value), db=usage)
-                    new.append((k, value))
+                    put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
                 put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
-            written.append((txn.id(), new))
             return reason
 
-        view_txnid = self._view_txnid
-        reason = self._write_fast(apply)
-        txnid, new = written[-1]
-        if new and not snapshot:
-            self._keep_view(view_txnid, txnid, new)
-        if snapshot:
-            self._forget_held(snapshot)
-        return reason
+        return self._write_fast(apply)
 
     def _write_fast(self, apply: Callable[[lmdb.Transaction], T]) -> T:
         """A request-path write: the common case without the generic retry wrapper (a few
@@ -780,18 +622,13 @@ class Ledger(_Part):
         level, and log the request, in one transaction. Returns the counters after the write."""
         keys = _counter_keys(month, levels)
         entry = None if record is None else record.encode()
-        rid_held = reservation_id.encode() if reservation_id is not None else None
-        held = self._held.get(rid_held) if rid_held is not None else None
+        rid = None if reservation_id is None else _enc(reservation_id)
 
-        written: list[int] = []
-
-        def apply(txn: lmdb.Transaction) -> list[tuple]:
-            written.append(txn.id())
+        def apply(txn: lmdb.Transaction) -> list[Counter]:
             get, put = txn.get, txn.put
             usage = self._usage
             released = 0
-            if reservation_id is not None and held is None:
-                rid = _enc(reservation_id)
+            if rid is not None:
                 raw = get(rid, db=self._reservations)
                 if raw is not None:
                     released = int(raw[: raw.index(b"|")])  # the amount leads the record
@@ -802,8 +639,8 @@ class Ledger(_Part):
             for k in keys:
                 raw_counter = get(k, db=usage)
                 used, reserved, requests, _ = unpack(raw_counter) if raw_counter else _ZERO
-                value = (used + cost_nusd, reserved - released if reserved > released else 0,
-                         requests + 1, now)
+                value = Counter(used + cost_nusd, reserved - released if reserved > released
+                                else 0, requests + 1, now)
                 put(k, pack(*value), db=usage)
                 after.append(value)
             if entry is not None:
@@ -811,22 +648,11 @@ class Ledger(_Part):
                 put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
             return after
 
-        view_txnid = self._view_txnid
-        after = self._write_fast(apply)
-        self._keep_view(view_txnid, written[-1], zip(keys, after, strict=True))
-        if held is not None:
-            self._forget_held([(rid_held, held)])
-        held_sum = self._held_sum  # what this process still holds is reserved too
-        return [Counter(c[0], c[1] + held_sum.get(k, 0), c[2], c[3])
-                for k, c in zip(keys, after, strict=True)]
+        return self._write_fast(apply)
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""
         rid = _enc(reservation_id)
-        held = self._held.get(rid)
-        if held is not None:
-            self._forget_held([(rid, held)])
-            return True
 
         def apply(txn: lmdb.Transaction) -> bool:
             raw = txn.get(rid, db=self._reservations)
@@ -860,13 +686,8 @@ class Ledger(_Part):
         return self._env.write(apply)
 
     def reservations(self) -> list[dict]:
-        """The reservations held by requests in flight (this process's unwritten ones too)."""
-        gateway, pid = self._gateway
-        held = [
-            _reservation_record(_reservation(amount, created, pid, gateway, keys))
-            for keys, amount, created in self._held.values()
-        ]
-        return held + self._env.read(
+        """The reservations held by requests in flight."""
+        return self._env.read(
             lambda txn: [_reservation_record(v) for _, v in txn.cursor(db=self._reservations)]
         )
 

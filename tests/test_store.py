@@ -93,76 +93,48 @@ def second_gateway(store: Store) -> Ledger:
     return Ledger(store.ledger._env)
 
 
-def test_a_gateway_alone_holds_reservations_in_memory(tmp_path):
-    """Alone on the ledger, a reservation is counted (peek, counters) but written nowhere;
-    settling it charges the cost and nothing else."""
+def test_a_gateway_alone_on_the_ledger_still_writes_each_reservation(tmp_path):
+    """There is one reservation path: every admission is decided and reserved in one ledger
+    write, so another process sees it at once, whoever is registered."""
     with Store(tmp_path / "s") as store:
         ledger = store.ledger
         assert ledger.join("host/a", {"pid": 101}, alive) == []
-        counters, alone = ledger.peek(LEVELS, "2026-11")
-        assert alone and counters == [(0, 0, 0, 0)] * 3
-        ledger.hold("r1", LEVELS, "2026-11", 500)
-        ledger.hold("r2", LEVELS[1:], "2026-11", 200)
-        counters, _ = ledger.peek(LEVELS, "2026-11")
-        assert [c[1] for c in counters] == [500, 700, 700]
-        assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [500, 700, 700]
-        assert reserved_seen_by_another_process(tmp_path / "s") == [0] * 3  # nothing written
+        owner = {"host": "host/a", "pid": 101}
+        assert ledger.reserve("r1", LEVELS, "2026-11", 500, never, owner=owner) is None
+        assert ledger.reserve("r2", LEVELS[1:], "2026-11", 200, never, owner=owner) is None
+        assert reserved_seen_by_another_process(tmp_path / "s") == [500, 700, 700]
+        assert {(r["host"], r["pid"], r["amount_nusd"]) for r in ledger.reservations()} == {
+            ("host/a", 101, 500), ("host/a", 101, 200)}
         after = ledger.settle("r1", LEVELS, "2026-11", 123)
-        # r2 is still held: the counters returned count it as reserved.
         assert [(c.used_nusd, c.reserved_nusd, c.requests) for c in after] == [
             (123, 0, 1), (123, 200, 1), (123, 200, 1)]
-        assert ledger.peek(LEVELS, "2026-11")[0][1][:3] == (123, 200, 1)
-        assert ledger.release("r2") is True and ledger.held() == 0
-        assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [0] * 3
+        assert ledger.release("r2") is True and ledger.release("r2") is False
+        assert reserved_seen_by_another_process(tmp_path / "s") == [0] * 3
 
 
-def test_held_reservations_are_published_for_other_gateways(tmp_path):
+def test_a_refused_reservation_writes_nothing_and_sees_the_others(tmp_path):
     with Store(tmp_path / "s") as store:
         a, b = store.ledger, second_gateway(store)
         a.join("host/a", {"pid": 101}, alive)
-        a.hold("r1", LEVELS, "2026-11", 500)
-        assert b.join("host/b", {"pid": 102}, alive) == ["host/a"]
-        assert not a.alone() and a.peek(LEVELS, "2026-11")[1] is False
-        assert a.publish() == 1 and a.held() == 0
-        assert [c.reserved_nusd for c in b.counters(LEVELS, "2026-11")] == [500] * 3
-        assert [r["host"] for r in b.reservations()] == ["host/a"]
-        # Settling a published reservation releases it from the ledger.
-        a.settle("r1", LEVELS, "2026-11", 100)
-        assert [(c.used_nusd, c.reserved_nusd) for c in b.counters(LEVELS, "2026-11")] == [
-            (100, 0)] * 3
-        assert b.reservations() == []
-
-
-def test_a_joining_gateway_learns_when_the_others_have_written_what_they_held(tmp_path):
-    with Store(tmp_path / "s") as store:
-        a, b = store.ledger, second_gateway(store)
-        a.join("host/a", {"pid": 101}, alive)
-        a.hold("r1", LEVELS, "2026-11", 500)
-        joined = time.time()
         b.join("host/b", {"pid": 102}, alive)
-        assert not b.caught_up(joined)
-        a.publish()
-        a.heartbeat(shared=True)  # what a gateway's watcher does when it sees b join
-        assert b.caught_up(joined)
+        a.reserve("r1", LEVELS, "2026-11", 500, never)
+        seen = []
+        assert b.reserve("r2", LEVELS, "2026-11", 300,
+                         lambda c: seen.append(c) or "full") == "full"
+        assert [c.reserved_nusd for c in seen[-1]] == [500] * 3  # a's reservation was counted
         assert [c.reserved_nusd for c in b.counters(LEVELS, "2026-11")] == [500] * 3
+        assert len(b.reservations()) == 1
 
 
-def test_a_strict_reservation_writes_what_was_held_first(tmp_path):
+def test_stale_reservations_are_released(tmp_path):
+    """A crashed gateway's reservations are released; a live one's stay."""
     with Store(tmp_path / "s") as store:
         ledger = store.ledger
-        ledger.join("host/a", {"pid": 101}, alive)
-        ledger.hold("r1", LEVELS, "2026-11", 500)
-        seen = []
-        ledger.reserve("r2", LEVELS, "2026-11", 300, lambda c: seen.append(c) or None)
-        assert [c.reserved_nusd for c in seen[-1]] == [500] * 3  # the held one was counted
-        assert ledger.held() == 0
-        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [800] * 3
-        ledger.reserve("r3", LEVELS, "2026-11", 100, never)  # keeps the view it reads from
-        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [900] * 3
-        ledger.reserve("r4", LEVELS, "2026-11", 100, lambda c: "full")  # refused: no change
-        assert [c[1] for c in ledger.peek(LEVELS, "2026-11")[0]] == [900] * 3
-        ledger.release("r3")
-    assert reserved_seen_by_another_process(tmp_path / "s") == [800] * 3  # r1 and r2
+        ledger.reserve("r1", LEVELS, "2026-11", 500, never, owner={"host": "dead", "pid": 1})
+        ledger.reserve("r2", LEVELS, "2026-11", 200, never, owner={"host": "live", "pid": 2})
+        assert ledger.release_stale(lambda r: r["host"] == "dead") == 1
+        assert [c.reserved_nusd for c in ledger.counters(LEVELS, "2026-11")] == [200] * 3
+        assert [r["host"] for r in ledger.reservations()] == ["live"]
 
 
 def test_registrations_of_dead_gateways_are_dropped(tmp_path, monkeypatch):
@@ -171,21 +143,21 @@ def test_registrations_of_dead_gateways_are_dropped(tmp_path, monkeypatch):
         dead: set[int] = set()
         a.join("host/a", {"pid": 101}, lambda gateway, entry: entry["pid"] not in dead)
         b.join("host/b", {"pid": 102}, alive)
-        assert a.gateways() == ["host/a", "host/b"] and not a.alone()
+        assert a.gateways() == ["host/a", "host/b"]
         dead.add(102)  # the liveness check (a pid, on the same host) says b is gone
-        assert a.heartbeat() == [] and a.alone()
+        assert a.heartbeat() == [] and a.gateways() == ["host/a"]
         # b still runs after all: its heartbeat restores its registration.
         dead.clear()
-        assert b.heartbeat() == ["host/a"] and not a.alone()
+        assert b.heartbeat() == ["host/a"] and a.gateways() == ["host/a", "host/b"]
         b.leave()  # a clean exit removes the registration
-        assert a.gateways() == ["host/a"] and a.alone()
+        assert a.gateways() == ["host/a"]
         # A gateway whose heartbeat stopped is gone once GATEWAY_TIMEOUT_S has passed.
         b.join("host/b", {"pid": 103}, alive)
-        assert not a.alone()
+        assert a.gateways() == ["host/a", "host/b"]
         real_time = time.time
         monkeypatch.setattr(time, "time", lambda: real_time() + GATEWAY_TIMEOUT_S + 1)
         a.heartbeat()
-        assert a.gateways() == ["host/a"] and a.alone()
+        assert a.gateways() == ["host/a"]
 
 
 def test_months_are_separate_periods(tmp_path):
@@ -216,22 +188,18 @@ def test_a_map_grown_by_another_process_is_picked_up(tmp_path):
 
 def test_a_ledger_grown_by_another_process_is_read_on_the_request_path(tmp_path):
     with Store(tmp_path / "s", map_size=256 * 1024) as reader:
-        reader.ledger.join("host/a", {"pid": 101}, alive)
-        assert reader.ledger.peek(LEVELS, "2026-11") == ([(0, 0, 0, 0)] * 3, True)
+        ledger = reader.ledger
+        assert ledger.counters(LEVELS, "2026-11") == [(0, 0, 0, 0)] * 3
         ctx = multiprocessing.get_context("spawn")
         writer = ctx.Process(target=_fill_ledger, args=(str(tmp_path / "s"),))
         writer.start()
         writer.join(60)
         assert writer.exitcode == 0
-        counters, alone = reader.ledger.peek(LEVELS, "2026-11")
-        assert [c[2] for c in counters] == [500] * 3 and alone
-        # Its own write keeps the view it reads from current; another process's write too.
-        reader.ledger.settle(None, LEVELS, "2026-11", 7)
-        assert [c[:3] for c in reader.ledger.peek(LEVELS, "2026-11")[0]] == [(507, 0, 501)] * 3
-        writer = ctx.Process(target=_fill_ledger, args=(str(tmp_path / "s"),))
-        writer.start()
-        writer.join(60)
-        assert [c[:3] for c in reader.ledger.peek(LEVELS, "2026-11")[0]] == [(1007, 0, 1001)] * 3
+        seen = []
+        ledger.reserve("r", LEVELS, "2026-11", 5, lambda c: seen.append(c) or None)
+        assert [c[:3] for c in seen[-1]] == [(500, 0, 500)] * 3
+        after = ledger.settle("r", LEVELS, "2026-11", 7)
+        assert [c[:3] for c in after] == [(507, 0, 501)] * 3
 
 
 def _fill_ledger(path: str) -> None:
