@@ -1,23 +1,45 @@
-"""The Workers gateway's KV records, read tolerantly (both of its versions) into typed values.
+"""The Workers gateway's KV records (both of its versions), each declared once as a strict schema.
 
 Keys (the KV layout, unchanged):
   org:{org_id}:config      user:{user_id}:config      apikey:{hash}
   user:{user_id}:keys:{key_id}      user:{user_id}:quota      org:{org_id}:quota
+
+Every writer (admin operations, import, sync) and the request path parse a record with the same
+`parse`, so the request path never meets a value a writer did not accept. Decoding is msgspec's
+strict mode: a JSON boolean is the only boolean, a number the only amount, and an enum field takes
+its documented spellings only. Fields a record may leave out keep their defaults; fields aigw
+does not know are ignored, so an existing namespace loads unchanged.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
 FAILURE_MODES = (FAIL_OPEN, FAIL_CLOSED)
+# The later Workers gateway spells them with a hyphen.
+FAILURE_MODE_SPELLINGS = (*FAILURE_MODES, "fail-open", "fail-closed")
+USER_STATUSES = ("active", "suspended")
+KEY_STATUSES = ("active", "revoked")
 DEFAULT_FALLBACK_DAILY_LIMIT_USD = 10.0
+# Amounts become 64-bit nano-dollar counts: 9e9 USD is the largest that fits.
+MAX_USD = 9e9
+MAX_COUNT = 2**63 - 1
+LEVELS = ("key", "user", "org")
+
+Amount = Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Id = Annotated[str, msgspec.Meta(min_length=1)]
+Month = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
+# Times aigw never reads: ISO text (the Workers' created_at) or epoch milliseconds (last_update).
+Timestamp = str | Annotated[float, msgspec.Meta(ge=0, le=1e18)] | None
 
 
 class RecordError(ValueError):
-    """A record's value is not what its key says it should be."""
+    """A record's value is not what its key says it should be: names the key, field and reason."""
 
 
 def org_config_key(org_id: str) -> str:
@@ -44,82 +66,58 @@ def apikey_key(key_hash: str) -> str:
     return f"apikey:{key_hash}"
 
 
+def apikey_label(key_hash: str) -> str:
+    """`apikey:{hash}` shortened for messages."""
+    return f"apikey:{key_hash[:12]}..." if len(key_hash) > 12 else apikey_key(key_hash)
+
+
 def normalize_failure_mode(value: Any) -> str:
-    """`fail_open`/`fail-open` -> `fail_open`; likewise closed. Raises RecordError otherwise."""
-    text = str(value).strip().lower().replace("-", "_")
+    """`fail_open`/`fail-open` -> `fail_open`; likewise closed, any case (configuration and
+    command-line input; records take the exact spellings only). RecordError otherwise."""
+    text = value.strip().lower().replace("-", "_") if isinstance(value, str) else None
     if text not in FAILURE_MODES:
-        raise RecordError(f"failure_mode must be fail_open or fail_closed, not {value!r}")
+        raise RecordError(f"failure_mode: expected fail_open or fail_closed, got {_show(value)}")
     return text
 
 
-def _limit(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise RecordError(f"{name} must be a number, not {value!r}")
-    try:
-        number = float(value)
-    except ValueError as exc:
-        raise RecordError(f"{name} must be a number, not {value!r}") from exc
-    if number != number or number < 0:
-        raise RecordError(f"{name} must be a non-negative number, not {value!r}")
-    return number
+class Org(msgspec.Struct, kw_only=True):
+    """`org:{org_id}:config`."""
 
+    org_id: Id = ""  # absent: the key's id
+    name: str = ""
+    monthly_budget_usd: Amount | None = None  # None: no budget at this level
+    failure_mode: Literal["fail_open", "fail_closed", "fail-open", "fail-closed"] = FAIL_CLOSED
+    fallback_daily_limit_usd: Amount = msgspec.field(
+        default=DEFAULT_FALLBACK_DAILY_LIMIT_USD, name="fallback_daily_limit")
+    provider_keys: dict[str, str] = {}
+    allowed_models: tuple[Id, ...] | None = None  # None or empty: any model
+    created_at: Timestamp = None
+    updated_at: Timestamp = None
 
-def _object(raw: bytes | str | dict, what: str) -> dict:
-    if isinstance(raw, dict):
-        return raw
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise RecordError(f"{what} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise RecordError(f"{what} must be a JSON object")
-    return value
-
-
-@dataclass(slots=True)  # built per request: a frozen one costs a call per field
-class Org:
-    org_id: str
-    name: str
-    monthly_budget_usd: float | None
-    failure_mode: str = FAIL_CLOSED
-    fallback_daily_limit_usd: float = DEFAULT_FALLBACK_DAILY_LIMIT_USD
-    provider_keys: dict[str, str] = field(default_factory=dict)
-    allowed_models: tuple[str, ...] | None = None
+    def __post_init__(self) -> None:
+        self.failure_mode = FAIL_OPEN if self.failure_mode in (FAIL_OPEN, "fail-open") \
+            else FAIL_CLOSED
+        if not self.allowed_models:
+            self.allowed_models = None
 
     @classmethod
     def parse(cls, org_id: str, raw: bytes | str | dict) -> "Org":
-        data = _object(raw, f"org {org_id} config")
-        provider_keys = data.get("provider_keys") or {}
-        if not isinstance(provider_keys, dict):
-            raise RecordError(f"org {org_id}: provider_keys must be an object")
-        allowed = data.get("allowed_models")
-        if allowed is not None and not (
-            isinstance(allowed, list) and all(isinstance(m, str) for m in allowed)
-        ):
-            raise RecordError(f"org {org_id}: allowed_models must be a list of model names")
-        fallback = _limit(data.get("fallback_daily_limit"), "fallback_daily_limit")
-        return cls(
-            org_id=str(data.get("org_id") or org_id),
-            name=str(data.get("name") or ""),
-            monthly_budget_usd=_limit(data.get("monthly_budget_usd"), "monthly_budget_usd"),
-            failure_mode=normalize_failure_mode(data.get("failure_mode") or FAIL_CLOSED),
-            fallback_daily_limit_usd=(
-                DEFAULT_FALLBACK_DAILY_LIMIT_USD if fallback is None else fallback
-            ),
-            provider_keys={str(k): str(v) for k, v in provider_keys.items()},
-            allowed_models=tuple(allowed) if allowed else None,
-        )
+        key = org_config_key(org_id)
+        org = _decode(cls, raw, key)
+        org.org_id = _same_id(key, "org_id", org.org_id, org_id)
+        return org
 
 
-@dataclass(slots=True)  # built per request: a frozen one costs a call per field
-class User:
-    user_id: str
-    email: str
-    org_id: str | None
-    monthly_limit_usd: float | None
-    status: str = "active"
+class User(msgspec.Struct, kw_only=True):
+    """`user:{user_id}:config`."""
+
+    user_id: Id = ""  # absent: the key's id
+    email: str = ""
+    org_id: Id | None = None
+    monthly_limit_usd: Amount | None = None
+    status: Literal["active", "suspended"] = "active"
+    created_at: Timestamp = None
+    updated_at: Timestamp = None
 
     @property
     def active(self) -> bool:
@@ -127,28 +125,36 @@ class User:
 
     @classmethod
     def parse(cls, user_id: str, raw: bytes | str | dict) -> "User":
-        data = _object(raw, f"user {user_id} config")
-        org_id = data.get("org_id")
-        return cls(
-            user_id=str(data.get("user_id") or user_id),
-            email=str(data.get("email") or ""),
-            org_id=str(org_id) if org_id else None,
-            monthly_limit_usd=_limit(data.get("monthly_limit_usd"), "monthly_limit_usd"),
-            status=str(data.get("status") or "active"),
-        )
+        key = user_config_key(user_id)
+        user = _decode(cls, raw, key)
+        user.user_id = _same_id(key, "user_id", user.user_id, user_id)
+        return user
 
 
-@dataclass(slots=True)  # built per request: a frozen one costs a call per field
-class ApiKey:
-    """What `apikey:{hash}` says about a presented key."""
+class _Owner(msgspec.Struct):
+    """The owner nested in a key record of the three-level version."""
 
-    key_id: str
-    user_id: str
-    org_id: str | None
-    name: str
-    status: str
-    monthly_limit_usd: float | None
+    user_id: Id | None = None
+    id: Id | None = None
+
+
+class ApiKey(msgspec.Struct, kw_only=True):
+    """`apikey:{hash}`: what the gateway knows of a presented key. The older version names its
+    owner `user_id`; the later one `user` (an id, or an object with one)."""
+
+    key_id: Id = ""  # absent: the start of the hash
+    user_id: Id = ""
+    user: Id | _Owner | None = None
+    org_id: Id | None = None
+    key_hash: Id | None = None
+    name: str = ""
+    status: Literal["active", "revoked"] = "active"
+    monthly_limit_usd: Amount | None = None
     passthrough: bool = False  # a developer's own provider key, registered to be metered
+    created_at: Timestamp = None
+    updated_at: Timestamp = None
+    revoked_at: Timestamp = None
+    last_used_at: Timestamp = None
 
     @property
     def active(self) -> bool:
@@ -156,41 +162,33 @@ class ApiKey:
 
     @classmethod
     def parse(cls, key_hash: str, raw: bytes | str | dict) -> "ApiKey":
-        data = _object(raw, f"apikey {key_hash[:12]}")
-        user = data.get("user_id") or data.get("user")
-        if isinstance(user, dict):  # the three-level version nests the owner
-            user = user.get("user_id") or user.get("id")
-        if not user:
-            raise RecordError(f"apikey {key_hash[:12]}: no user_id")
-        org_id = data.get("org_id")
-        return cls(
-            key_id=str(data.get("key_id") or key_hash[:16]),
-            user_id=str(user),
-            org_id=str(org_id) if org_id else None,
-            name=str(data.get("name") or ""),
-            status=str(data.get("status") or "active"),
-            monthly_limit_usd=_limit(data.get("monthly_limit_usd"), "monthly_limit_usd"),
-            passthrough=bool(data.get("passthrough", False)),
-        )
+        label = apikey_label(key_hash)
+        key = _decode(cls, raw, label)
+        owner = key.user
+        if isinstance(owner, _Owner):
+            if owner.user_id and owner.id and owner.user_id != owner.id:
+                raise RecordError(f"{label}: user: user_id and id name different users")
+            owner = owner.user_id or owner.id
+        if key.user_id and owner and owner != key.user_id:
+            raise RecordError(f"{label}: user: names another user than user_id")
+        key.user_id = key.user_id or owner or ""
+        if not key.user_id:
+            raise RecordError(f"{label}: user_id: missing (the key belongs to no user)")
+        key.key_id = key.key_id or key_hash[:16]
+        return key
 
 
-@dataclass(slots=True)  # built per request: a frozen one costs a call per field
-class QuotaRecord:
+class QuotaRecord(msgspec.Struct, kw_only=True):
     """The Workers gateway's own monthly totals (`user:{id}:quota`, `org:{id}:quota`)."""
 
-    month_usage_usd: float
-    current_month: str
-    request_count: int
+    month_usage_usd: Amount = 0.0
+    current_month: Month = ""  # absent: no month, so it counts for none (as a stale one)
+    request_count: Count = 0
+    last_update: Timestamp = None
 
     @classmethod
-    def parse(cls, raw: bytes | str | dict) -> "QuotaRecord":
-        data = _object(raw, "quota record")
-        usage = _limit(data.get("month_usage_usd"), "month_usage_usd") or 0.0
-        return cls(
-            month_usage_usd=usage,
-            current_month=str(data.get("current_month") or ""),
-            request_count=int(data.get("request_count") or 0),
-        )
+    def parse(cls, raw: bytes | str | dict, key: str = "quota record") -> "QuotaRecord":
+        return _decode(cls, raw, key)
 
     def usage_in(self, month: str) -> tuple[int, int]:
         """(nano-dollars, requests) this record contributes to `month`: zero for an older month."""
@@ -199,8 +197,52 @@ class QuotaRecord:
         return round(self.month_usage_usd * 1_000_000_000), self.request_count
 
 
-def validate_record(key: str, raw: bytes | str) -> None:
-    """Raise RecordError when a value under a known key pattern cannot be read by the gateway."""
+class KeyListing(msgspec.Struct, kw_only=True):
+    """`user:{user_id}:keys:{key_id}`: a user's key as the admin API lists it."""
+
+    key_id: Id | None = None  # aigw's listings repeat the id and the hash
+    key_hash: Id | None = None
+    name: str = ""
+    status: Literal["active", "revoked"] = "active"
+    created_at: Timestamp = None
+    last_used_at: Timestamp = None
+    revoked_at: Timestamp = None
+
+    @classmethod
+    def parse(cls, user_id: str, key_id: str, raw: bytes | str | dict) -> "KeyListing":
+        key = user_key_listing_key(user_id, key_id)
+        listing = _decode(cls, raw, key)
+        if listing.key_id is not None:
+            _same_id(key, "key_id", listing.key_id, key_id)
+        return listing
+
+
+class UsageFigures(msgspec.Struct):
+    """The KV metadata of another node's `aigw:usage:{node}:{month}:{level}:{id}` key."""
+
+    n: Count  # nano-dollars
+    r: Count  # requests
+
+
+def parse_usage_key(name: str, metadata: Any, prefix: str) -> tuple[str, str, str, str, int, int]:
+    """(node, month, level, id, nano-dollars, requests) of another node's usage key and its
+    metadata; RecordError naming the key otherwise."""
+    parts = name[len(prefix):].split(":", 3)
+    if len(parts) != 4 or not all(parts):
+        raise RecordError(f"{name}: expected {prefix}NODE:MONTH:LEVEL:ID")
+    node, month, level, level_id = parts
+    if not re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", month):
+        raise RecordError(f"{name}: month: expected YYYY-MM, got {_show(month)}")
+    if level not in LEVELS:
+        raise RecordError(f"{name}: level: expected one of key, user, org, got {_show(level)}")
+    if not isinstance(metadata, dict):
+        raise RecordError(f"{name}: metadata: expected an object, got {_show(metadata)}")
+    figures = _decode(UsageFigures, metadata, f"{name}: metadata")
+    return node, month, level, level_id, figures.n, figures.r
+
+
+def validate_record(key: str, raw: bytes | str | dict) -> None:
+    """Raise RecordError when a value under a known key pattern is not a valid record."""
     parts = key.split(":")
     if parts[0] == "org" and len(parts) == 3 and parts[2] == "config":
         Org.parse(parts[1], raw)
@@ -209,6 +251,122 @@ def validate_record(key: str, raw: bytes | str) -> None:
     elif parts[0] == "apikey" and len(parts) == 2:
         ApiKey.parse(parts[1], raw)
     elif len(parts) == 3 and parts[0] in ("user", "org") and parts[2] == "quota":
-        QuotaRecord.parse(raw)
+        QuotaRecord.parse(raw, key)
     elif parts[0] == "user" and len(parts) == 4 and parts[2] == "keys":
-        _object(raw, key)
+        KeyListing.parse(parts[1], parts[3], raw)
+
+
+# --- decoding and its messages ------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<text>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`, got `(?P<got>\w+)`$")
+_BOUND = re.compile(r"^Expected `(?P<type>\w+)` (?P<op>>=|<=) (?P<bound>[-0-9.e+]+)$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_TYPE_WORDS = {"bool": "a boolean", "float": "a number", "int": "an integer", "str": "a string",
+               "object": "an object", "array": "an array", "null": "null"}
+_SECRET_FIELDS = ("provider_keys",)
+
+
+def _decode[T](cls: type[T], raw: bytes | str | dict, label: str) -> T:
+    try:
+        if isinstance(raw, dict):
+            return msgspec.convert(raw, cls, strict=True)
+        return msgspec.json.decode(raw, type=cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise RecordError(f"{label}: {_reason(cls, str(exc), raw)}") from None
+    except msgspec.DecodeError:
+        raise RecordError(f"{label}: not valid JSON (UTF-8)") from None
+    except (TypeError, ValueError) as exc:  # a Python caller's dict with keys that are not text
+        raise RecordError(f"{label}: not a JSON object: {type(exc).__name__}") from None
+
+
+def _same_id(key: str, field: str, stored: str, expected: str) -> str:
+    """The record's own id, which must be the one its key names (absent: that one)."""
+    if stored and stored != expected:
+        raise RecordError(f"{key}: {field}: {_show(stored)} is not the id the key names")
+    return expected
+
+
+def _reason(cls: type, message: str, raw: bytes | str | dict) -> str:
+    """`field: reason` from a msgspec message, showing the offending value only when it is
+    short and cannot be a credential."""
+    at = _AT.match(message)
+    text, path = (at["text"], at["path"] or "") if at else (message, "")
+    field = path.lstrip(".").replace("[...]", " (a value)")
+    missing = _MISSING.match(text)
+    if missing:
+        return f"{missing['field']}: missing"
+    if not field:
+        expected = _EXPECTED.match(text)
+        if expected:
+            return f"expected a JSON object, got {_TYPE_WORDS.get(expected['got'], 'another')}"
+        return _plain(text)
+    secret = field.split(".")[0].split("[")[0] in _SECRET_FIELDS or "[...]" in path
+    value = _MISSING_VALUE if secret else _value_at(raw, path)
+    shown = f", got {_show(value)}" if value is not _MISSING_VALUE else ""
+    if (expected := _EXPECTED.match(text)) is not None:
+        words = " or ".join(_TYPE_WORDS.get(t.strip(), t.strip())
+                            for t in expected["types"].split("|"))
+        got = shown or f", got {_TYPE_WORDS.get(expected['got'], expected['got'])}"
+        return f"{field}: expected {words}{got}"
+    if (bound := _BOUND.match(text)) is not None:
+        if bound["op"] == ">=" and float(bound["bound"]) == 0:
+            what = "a non-negative number" if bound["type"] == "float" else "a non-negative integer"
+        else:
+            what = f"at most {float(bound['bound']):.15g}"
+        return f"{field}: expected {what}{shown}"
+    if text.startswith("Invalid enum value"):
+        allowed = _literal_values(cls, field.split(".")[-1])
+        return f"{field}: expected one of {', '.join(allowed)} (exact spelling){shown}"
+    if "matching regex" in text:
+        return f"{field}: expected a month as YYYY-MM{shown}"
+    if "of length >=" in text:
+        return f"{field}: expected a non-empty string{shown}"
+    if text.startswith("Number out of range"):
+        return f"{field}: expected a finite number, got one out of range"
+    return f"{field}: {_plain(text)}"
+
+
+def _plain(text: str) -> str:
+    """A msgspec message without any quoted value in it."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "a value", text).lower() or "invalid value"
+
+
+def _literal_values(cls: type, name: str) -> tuple[str, ...]:
+    hint = getattr(cls, "__annotations__", {}).get(name)
+    return tuple(getattr(hint, "__args__", ())) or ("the documented values",)
+
+
+_MISSING_VALUE = object()
+
+
+def _value_at(raw: bytes | str | dict, path: str) -> Any:
+    """The value at a msgspec path (`.a.b[0]`) of the raw record, if it can be found."""
+    try:
+        data = raw if isinstance(raw, dict) else orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _MISSING_VALUE
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        try:
+            data = data[name] if name else data[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING_VALUE
+    return data
+
+
+def _show(value: Any) -> str:
+    """A value for a message: scalars as JSON, short strings quoted, and never a string that
+    could be a credential (long, or shaped like a gateway or provider key)."""
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    if isinstance(value, int | float):
+        text = repr(value)
+        return text if len(text) <= 24 else "a number"
+    if isinstance(value, str):
+        risky = len(value) > 24 or value.lower().startswith(("gw_", "sk-", "sk_", "aiza"))
+        return f"a string of {len(value)} characters" if risky else orjson.dumps(value).decode()
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
