@@ -5,9 +5,15 @@
            fail-open grace ledger
 
 Keeping them apart means a large configuration write (an import, a sync pass) never holds the lock
-that a request's ledger write needs. The ledger commits without fsync (a killed process loses
-nothing: the OS page cache holds the pages); `flush()` syncs, and callers run it on a timer to bound
-what an OS crash can lose.
+that a request's ledger write needs.
+
+Durability: both environments use settings LMDB documents as keeping the database intact on an OS
+crash or power loss. The config environment syncs every commit; the ledger syncs each commit's
+data but not its meta page (MDB_NOMETASYNC), so an OS crash can undo the last commit and nothing
+else; `flush()` syncs that too, and callers run it on a timer (`Flusher`). No writable map
+(MDB_WRITEMAP): with it, a full filesystem kills the process with SIGBUS, and with no-sync it can
+corrupt the database on an OS crash. A killed process loses nothing in any case. A full disk or
+map, or a store that cannot be opened, is `StoreUnavailable`; nothing committed is lost.
 """
 
 import functools
@@ -62,6 +68,22 @@ class StoreUnavailable(StoreError):
     """The store cannot be read or written: quota data is unavailable."""
 
 
+class StoreMissing(StoreError):
+    """No store at the path, and the caller asked not to create one."""
+
+
+def missing_store_message(path: str | Path) -> str:
+    """What to tell someone who pointed a tool at a path with no store."""
+    return (f"no store at {path}: create one with `aigw org create ...` or `aigw import FILE`, "
+            f"or run scripts/run for a demo store")
+
+
+def _reason(exc: lmdb.Error) -> str:
+    """An LMDB error without the C function's name ("mdb_env_open: Permission denied")."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("mdb_") and ": " in text else text
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -74,61 +96,120 @@ def _enc(key: str) -> bytes:
 
 
 class _Env:
-    """One LMDB environment with named databases; retries MapFull (grows) and MapResized."""
+    """One LMDB environment with named databases; retries MapFull (grows) and MapResized.
+
+    Every transaction of this process runs under `lock`, and the map is resized only while no
+    transaction of this process is open (LMDB's rule for mdb_env_set_mapsize): a thread that
+    meets a full or resized map waits for other threads' transactions to end first."""
 
     def __init__(
-        self, path: Path, dbs: Iterable[str], *, map_size: int, sync: bool, writemap: bool = False
+        self,
+        path: Path,
+        dbs: Iterable[str],
+        *,
+        map_size: int,
+        sync: bool = True,
+        metasync: bool = True,
+        writemap: bool = False,
+        create: bool = True,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.RLock()
+        self._depth = 0  # transactions open on the thread holding `lock`
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(path),
             map_size=map_size,
             max_dbs=16,
             max_readers=1024,
             sync=sync,
-            metasync=sync,
+            metasync=metasync,
             readahead=False,
             lock=True,
             writemap=writemap,
+            create=create,
         )
-        self.env.reader_check()  # slots left by killed processes
-        self.dbs = {}
-        with self.env.begin(write=True) as txn:
-            for name in dbs:
-                self.dbs[name] = self.env.open_db(name.encode(), txn=txn)
+        try:
+            self.env.reader_check()  # slots left by killed processes
+            self.dbs = {}
+            with self.env.begin(write=True) as txn:
+                for name in dbs:
+                    self.dbs[name] = self.env.open_db(name.encode(), txn=txn)
+        except BaseException:
+            self.env.close()
+            raise
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        for _attempt in range(3):
-            try:
-                with self.env.begin(buffers=False) as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-            except lmdb.Error as exc:
-                raise StoreUnavailable(f"store read failed: {exc}") from exc
-        raise StoreUnavailable("store map kept resizing")
+        with self.lock:
+            for _attempt in range(3):
+                self._depth += 1
+                try:
+                    with self.env.begin(buffers=False) as txn:
+                        return fn(txn)
+                except lmdb.MapResizedError:
+                    pass  # resized below, once this transaction is closed
+                except lmdb.Error as exc:
+                    raise StoreUnavailable(f"store read failed ({self.path}): {exc}") from exc
+                finally:
+                    self._depth -= 1
+                self.resize(0)
+        raise StoreUnavailable(f"store map kept resizing ({self.path})")
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        for _attempt in range(6):
-            try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-            except lmdb.MapFullError:
+        with self.lock:
+            for _attempt in range(6):
+                self._depth += 1
+                grow = False
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapResizedError:
+                    pass
+                except lmdb.MapFullError:
+                    grow = True
+                except lmdb.Error as exc:
+                    # A failed commit is aborted whole: what was committed before stays.
+                    raise StoreUnavailable(f"store write failed ({self.path}): {exc}") from exc
+                finally:
+                    self._depth -= 1
+                if not grow:
+                    self.resize(0)
+                    continue
                 size = self.env.info()["map_size"]
                 if size >= MAX_MAP_SIZE:
-                    raise StoreUnavailable("store is full") from None
-                self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
-            except lmdb.Error as exc:
-                raise StoreUnavailable(f"store write failed: {exc}") from exc
-        raise StoreUnavailable("store write kept failing on map size")
+                    raise StoreUnavailable(f"store is full ({self.path})")
+                self.resize(min(size * 2, MAX_MAP_SIZE))
+        raise StoreUnavailable(f"store write kept failing on map size ({self.path})")
 
-    def close(self) -> None:
+    def resize(self, size: int) -> None:
+        """Grow the map to `size` (0: adopt the size another process set). The caller holds
+        `lock`, so no other thread of this process has a transaction open."""
+        if self._depth:
+            # Called from inside one of this thread's own transactions: resizing would unmap
+            # pages that transaction still reads. Refuse; the outer call can be retried.
+            raise StoreUnavailable(f"store map must be resized outside a transaction "
+                                   f"({self.path})")
+        try:
+            self.env.set_mapsize(size)
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"store map resize failed ({self.path}): {exc}") from exc
+
+    def sync(self) -> None:
+        """fsync this environment (no lock: without a writable map it only fsyncs the file)."""
         try:
             self.env.sync(True)
-        finally:
-            self.env.close()
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"store sync failed ({self.path}): {exc}") from exc
+
+    def close(self) -> None:
+        with self.lock:
+            try:
+                self.env.sync(True)
+            except lmdb.Error as exc:
+                log.error("store sync at close failed (%s): %s", self.path, exc)
+            finally:
+                self.env.close()
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -268,7 +349,7 @@ class Records(_Part):
         revocation is seen by the next request. Until then a key's answer is the same object:
         the gateway keeps what it derived from it (and the checks it passed) while it is."""
         try:  # the common case: a key seen since the last commit
-            with self._env.env.begin() as txn:
+            with self._env.lock, self._env.env.begin() as txn:
                 if txn.id() == self._cache_txnid and month == self._cache_month:
                     hit = self._cache.get(key_hash)
                     if hit is not None:
@@ -600,15 +681,21 @@ class Ledger(_Part):
         return self._write_fast(apply)
 
     def _write_fast(self, apply: Callable[[lmdb.Transaction], T]) -> T:
-        """A request-path write: the common case without the generic retry wrapper (a few
-        microseconds a request); map resizes and full maps go through it."""
-        try:
-            with self._env.env.begin(write=True) as txn:
-                return apply(txn)
-        except (lmdb.MapResizedError, lmdb.MapFullError):
-            return self._env.write(apply)
-        except lmdb.Error as exc:
-            raise StoreUnavailable(f"store write failed: {exc}") from exc
+        """A request-path write: the common case without the generic retry wrapper; map
+        resizes and full maps go through it."""
+        env = self._env
+        with env.lock:
+            env._depth += 1
+            try:
+                with env.env.begin(write=True) as txn:
+                    return apply(txn)
+            except (lmdb.MapResizedError, lmdb.MapFullError):
+                pass
+            except lmdb.Error as exc:
+                raise StoreUnavailable(f"store write failed ({env.path}): {exc}") from exc
+            finally:
+                env._depth -= 1
+            return env.write(apply)
 
     def settle(
         self,
@@ -781,8 +868,9 @@ class Store:
 
     @staticmethod
     def exists(path: str | Path) -> bool:
-        """Whether a store was ever opened at `path` (opening one creates it). True when that
-        cannot be told (no permission): opening it then reports the real reason."""
+        """Whether a store was ever created at `path` (its config environment's data file
+        exists). True when that cannot be told (no permission): opening it then reports the
+        real reason."""
         try:
             return (Path(path) / "config" / "data.mdb").is_file()
         except OSError:
@@ -794,33 +882,46 @@ class Store:
         *,
         hash_algorithm: str = "blake3",
         map_size: int = 4 * GIB,
+        create: bool = True,
     ) -> None:
+        """Open the store at `path`, creating it unless `create` is False (then a path with no
+        store is `StoreMissing`). A store that cannot be opened is `StoreUnavailable`."""
         self.path = Path(path)
         self.hash_algorithm = hash_algorithm
         hash_key("", hash_algorithm)  # rejects an unknown algorithm early
+        if not create and not Store.exists(self.path):
+            raise StoreMissing(missing_store_message(self.path))
+        config_env = self._open(
+            "config", ("records", "meta", "stamps", "remote"), map_size=map_size, create=create)
         try:
-            config_env = _Env(self.path / "config", ("records", "meta", "stamps", "remote"),
-                              map_size=map_size,
-                              sync=True)
-        except lmdb.Error as exc:
-            raise StoreUnavailable(f"cannot open store at {self.path}: {exc}") from exc
-        try:
-            ledger_env = _Env(
-                self.path / "ledger",
-                ("usage", "reservations", "requests", "grace", "meta"),
-                map_size=map_size,
-                sync=False,
-                # Writes go straight into the shared map: a small commit costs ~4 us instead
-                # of ~10 us, and a killed process still loses nothing (the pages are the OS's).
-                writemap=True,
-            )
-        except lmdb.Error as exc:
+            # Each commit syncs its data pages, not its meta page (MDB_NOMETASYNC): LMDB keeps
+            # the database intact on an OS crash, which may undo the last commit (the Flusher
+            # bounds that in time). The ledger is node-local: a store has one once opened.
+            ledger_env = self._open(
+                "ledger", ("usage", "reservations", "requests", "grace", "meta"),
+                map_size=map_size, metasync=False)
+        except BaseException:
             config_env.close()
-            raise StoreUnavailable(f"cannot open store at {self.path}: {exc}") from exc
+            raise
         self._envs = (config_env, ledger_env)
         self.records = Records(config_env)
         self.ledger = Ledger(ledger_env)
         self._closed = False
+
+    def _open(self, name: str, dbs: Sequence[str], *, map_size: int, metasync: bool = True,
+              create: bool = True) -> _Env:
+        where = self.path / name
+        try:
+            return _Env(where, dbs, map_size=map_size, metasync=metasync, create=create)
+        except FileNotFoundError as exc:
+            raise StoreMissing(missing_store_message(self.path)) from exc
+        except lmdb.Error as exc:
+            if not create and not where.exists():
+                raise StoreMissing(missing_store_message(self.path)) from exc
+            raise StoreUnavailable(f"cannot open store at {self.path}: {_reason(exc)}") from exc
+        except OSError as exc:  # creating its directories
+            raise StoreUnavailable(
+                f"cannot open store at {self.path}: {exc.strerror or exc}") from exc
 
     def hash(self, raw_key: str) -> str:
         return hash_key(raw_key, self.hash_algorithm)
@@ -834,9 +935,10 @@ class Store:
         return node
 
     def flush(self) -> None:
-        """fsync the ledger: bounds what an OS crash or power loss can drop."""
+        """fsync the store: the ledger's last commit survives an OS crash or power loss once
+        this returns. Safe from another thread (it takes no transaction)."""
         for env in self._envs:
-            env.env.sync(True)
+            env.sync()
 
     def close(self) -> None:
         if self._closed:
