@@ -22,11 +22,12 @@ from store.money import from_usd, month_of, to_usd, utc_now
 from store.records import (
     DEFAULT_FALLBACK_DAILY_LIMIT_USD,
     FAIL_CLOSED,
-    Org,
+    USER_STATUSES,
     QuotaRecord,
     RecordError,
     User,
     apikey_key,
+    apikey_label,
     normalize_failure_mode,
     org_config_key,
     org_quota_key,
@@ -37,7 +38,6 @@ from store.records import (
 )
 
 LEVELS = ("user", "org", "key")
-USER_STATUSES = ("active", "suspended")
 DEFAULT_KEY_NAME = "default"
 DEMO_META = "demo"
 QUOTA_RESETS_META = "quota_resets"
@@ -96,6 +96,17 @@ def _check_text(value: Any, name: str) -> str:
     return value.strip()
 
 
+def _write(store: Store, puts: dict[str, bytes], deletes: Sequence[str] = ()) -> None:
+    """Write records after checking each with the parser the request path uses: an admin
+    operation never leaves a record the gateway would misread or refuse."""
+    for key, raw in puts.items():
+        try:
+            validate_record(key, raw)
+        except RecordError as exc:
+            raise AdminError(str(exc)) from None
+    store.records.write(puts, deletes)
+
+
 def _redacted(record: dict) -> dict:
     out = dict(record)
     if isinstance(out.get("provider_keys"), dict):
@@ -145,7 +156,7 @@ def create_org(
     `update_org` for `allowed_models` and `provider_keys`."""
     record = _new_org(name, budget_usd, failure_mode, fallback_daily_limit_usd)
     _set_access(record, allowed_models, provider_keys)
-    store.records.write({org_config_key(record["org_id"]): _dump(record)})
+    _write(store, {org_config_key(record["org_id"]): _dump(record)})
     return _redacted(record)
 
 
@@ -205,11 +216,7 @@ def update_org(
         )
     _set_access(record, allowed_models, provider_keys)
     record["updated_at"] = now_iso()
-    try:
-        Org.parse(org_id, record)
-    except RecordError as exc:
-        raise AdminError(str(exc)) from None
-    store.records.write({key: _dump(record)})
+    _write(store, {key: _dump(record)})
     return _redacted(record)
 
 
@@ -240,7 +247,7 @@ def create_user(store: Store, org_id: str, email: str, limit_usd: float) -> dict
     """Create `user:{id}:config` in an existing org; returns the record."""
     _load(store, org_config_key(org_id), f"org {org_id}")
     record = _new_user(org_id, email, limit_usd)
-    store.records.write({user_config_key(record["user_id"]): _dump(record)})
+    _write(store, {user_config_key(record["user_id"]): _dump(record)})
     return record
 
 
@@ -257,7 +264,7 @@ def update_user(
             raise AdminError(f"status must be one of {', '.join(USER_STATUSES)}, not {status!r}")
         record["status"] = status
     record["updated_at"] = now_iso()
-    store.records.write({key: _dump(record)})
+    _write(store, {key: _dump(record)})
     return record
 
 
@@ -336,7 +343,7 @@ def _store_key(
     except RecordError as exc:
         raise AdminError(str(exc)) from None
     puts, result = _new_key(store, user_id, org_id, raw_key, name, limit_usd, passthrough)
-    store.records.write(puts)
+    _write(store, puts)
     return result
 
 
@@ -436,7 +443,7 @@ def revoke_key(store: Store, key_id: str) -> dict:
     if ref.listing_key is not None:
         listing = {**(ref.listing or {}), "status": "revoked", "revoked_at": revoked_at}
         puts[ref.listing_key] = _dump(listing)
-    store.records.write(puts)
+    _write(store, puts)
     return {"key_id": key_id, "status": "revoked", "revoked_at": revoked_at}
 
 
@@ -548,7 +555,7 @@ def reset_quota(store: Store, level: str, level_id: str, reason: str) -> dict:
                 current_month=month,
                 last_update=int(utc_now().timestamp() * 1000),
             )
-            store.records.write({key: _dump(quota)})
+            _write(store, {key: _dump(quota)})
     store.ledger.reset((level, level_id), month)
     entry = {
         "level": level,
@@ -583,34 +590,61 @@ def _item_value(item: dict) -> bytes:
     if item.get("base64") is True:
         try:
             return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
-            raise RecordError(f"value is not valid base64: {exc}") from None
+        except binascii.Error:
+            raise RecordError("value is not valid base64") from None
     return value.encode("utf-8")
 
 
+def _key_label(key: str) -> str:
+    """A record key for a message: an apikey's hash shortened, a long key cut."""
+    if key.startswith("apikey:"):
+        return apikey_label(key.removeprefix("apikey:"))
+    return key if len(key) <= 80 else key[:60] + "..."
+
+
+def _bulk_item(item: Any) -> tuple[str, bytes]:
+    """One wrangler bulk item as (key, value), checked like any record written; RecordError
+    naming the key, the field and the reason otherwise."""
+    if not isinstance(item, dict):
+        raise RecordError("must be an object with key and value")
+    key = item.get("key")
+    if not isinstance(key, str) or not key:
+        raise RecordError(f"key must be a non-empty string, not {type(key).__name__}")
+    label = _key_label(key)
+    if "value" not in item:
+        raise RecordError(f"{label}: no value")
+    try:
+        if len(key.encode("utf-8")) > LMDB_MAX_KEY:
+            raise RecordError(f"{label}: key longer than {LMDB_MAX_KEY} bytes")
+        raw = _item_value(item)
+    except UnicodeError:
+        raise RecordError(f"{label}: not valid UTF-8 text") from None
+    except RecordError as exc:
+        if str(exc).startswith(label):
+            raise
+        raise RecordError(f"{label}: {exc}") from None
+    validate_record(key, raw)
+    return key, raw
+
+
 def parse_bulk(items: Any) -> dict[str, bytes]:
-    """Validate a wrangler bulk list `[{"key", "value"}, ...]` into puts; AdminError naming the
-    first bad item's index and key."""
+    """Validate a wrangler bulk list `[{"key", "value"}, ...]` into puts; AdminError naming
+    the bad items (index, key, field, reason), the first few of them, if any is bad."""
     if not isinstance(items, list):
         raise AdminError("bulk JSON must be an array of {\"key\": ..., \"value\": ...} objects")
     puts: dict[str, bytes] = {}
+    problems: list[str] = []
     for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise AdminError(f"item {index}: must be an object with key and value")
-        key = item.get("key")
-        if not isinstance(key, str) or not key:
-            raise AdminError(f"item {index}: key must be a non-empty string, not {key!r}")
-        if "value" not in item:
-            raise AdminError(f"item {index} (key {key!r}): no value")
-        if len(key.encode("utf-8")) > LMDB_MAX_KEY:
-            raise AdminError(f"item {index} (key {key[:60]!r}...): key longer than "
-                             f"{LMDB_MAX_KEY} bytes")
         try:
-            raw = _item_value(item)
-            validate_record(key, raw)
-        except (RecordError, UnicodeDecodeError) as exc:
-            raise AdminError(f"item {index} (key {key!r}): {exc}") from None
+            key, raw = _bulk_item(item)
+        except RecordError as exc:
+            problems.append(f"item {index}: {exc}")
+            continue
         puts[key] = raw
+    if problems:
+        shown = "; ".join(problems[:3])
+        more = f"; and {len(problems) - 3} more bad items" if len(problems) > 3 else ""
+        raise AdminError(f"{shown}{more} (nothing imported)")
     return puts
 
 
@@ -674,7 +708,7 @@ def ensure_demo(store: Store) -> dict:
     puts, key = _new_key(store, user["user_id"], org["org_id"], raw, "demo", 5, False)
     puts[org_config_key(org["org_id"])] = _dump(org)
     puts[user_config_key(user["user_id"])] = _dump(user)
-    store.records.write(puts)
+    _write(store, puts)
     ids = {"org_id": org["org_id"], "user_id": user["user_id"], "key_id": key["key_id"]}
     store.records.set_meta(DEMO_META, ids)
     return {"created": True, **ids, "api_key": raw}

@@ -259,10 +259,10 @@ def test_reset_key_level(store, user):
         ([{"key": "k", "value": 5}], "item 0"),
         ([{"key": "x" * 512, "value": "1"}], "511"),
         ([{"key": "ok", "value": "{}"}, {"key": "org:o:config", "value": "{bad"}],
-         "item 1 \\(key 'org:o:config'\\)"),
+         "item 1: org:o:config: not valid JSON"),
         ([{"key": "org:o:config", "value": {"failure_mode": "maybe"}}], "failure_mode"),
         ([{"key": "user:u:config", "value": {"monthly_limit_usd": "lots"}}], "monthly_limit"),
-        ([{"key": "apikey:abc", "value": {"name": "no user"}}], "no user_id"),
+        ([{"key": "apikey:abc", "value": {"name": "no user"}}], "user_id: missing"),
         ([{"key": "user:u:quota", "value": "[]"}], "object"),
     ],
 )
@@ -332,3 +332,107 @@ def test_key_list_shows_each_keys_limit_and_when_this_node_last_metered_it(store
     assert listed[idle["key_id"]]["last_used_at"] is None
     last = datetime.strptime(listed[used["key_id"]]["last_used_at"], "%Y-%m-%dT%H:%M:%SZ")
     assert before <= last.replace(tzinfo=UTC) <= utc_now()
+
+
+HASH = "ab12" * 16
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("user:u:quota", '{"month_usage_usd": 1, "current_month": "2026-01", '
+                         '"request_count": "1.5"}', 'request_count: expected an integer, got "1.5"'),
+        ("org:o:quota", '{"current_month": "2026-01", "request_count": 1.5}',
+         "request_count: expected an integer, got 1.5"),
+        (f"apikey:{HASH}", '{"user_id": "u", "passthrough": "false"}',
+         'apikey:ab12ab12ab12...: passthrough: expected a boolean, got "false"'),
+        ("org:o:config", '{"monthly_budget_usd": "inf"}', "monthly_budget_usd: expected a number"),
+        ("org:o:config", '{"monthly_budget_usd": 1e400}', "monthly_budget_usd: expected a finite"),
+        ("org:o:config", '{"monthly_budget_usd": "100"}', "monthly_budget_usd: expected a number"),
+        ("user:u:config", '{"monthly_limit_usd": -0.5}', "monthly_limit_usd: expected a non-neg"),
+        ("user:u:config", '{"status": "paused"}', 'status: expected one of active, suspended'),
+        ("user:u:config", '{"status": "Active"}', 'got "Active"'),
+        (f"apikey:{HASH}", '{"user_id": "u", "status": "Revoked"}', "status: expected one of"),
+        ("org:o:config", '{"failure_mode": "FAIL_OPEN"}', "failure_mode: expected one of"),
+        ("org:o:config", '{"allowed_models": ["gpt-4o", 5]}', "allowed_models[1]: expected a str"),
+        ("org:o:config", '{"org_id": "o2"}', 'org_id: "o2" is not the id the key names'),
+        ("user:u:keys:k", '{"status": "gone"}', "user:u:keys:k: status: expected one of"),
+        ("user:u:quota", '{"current_month": "2026-13"}', "current_month: expected a month"),
+    ],
+)
+def test_import_refuses_a_bad_record_naming_key_field_and_reason(store, key, value, reason):
+    items = [{"key": "org:fine:config", "value": '{"name": "Fine"}'},
+             {"key": key, "value": value}]
+    with pytest.raises(admin.AdminError) as caught:
+        admin.import_bulk(store, items)
+    message = str(caught.value)
+    assert reason in message and message.startswith("item 1: ")
+    assert key.split(":")[0] in message and "nothing imported" in message
+    assert store.records.scan("") == []
+
+
+def test_import_errors_never_show_a_credential(store):
+    provider_key = "sk-proj-" + "Q" * 40
+    gateway_key = "gw_live_" + "9" * 32
+    items = [
+        {"key": "org:o:config", "value": json.dumps({"provider_keys": provider_key})},
+        {"key": "org:p:config", "value": json.dumps({"provider_keys": {"openai": 7},
+                                                     "name": provider_key})},
+        {"key": f"apikey:{HASH}", "value": json.dumps({"user_id": "u",
+                                                       "passthrough": gateway_key})},
+        {"key": "user:u:config", "value": json.dumps({"status": provider_key[:20]})},
+    ]
+    with pytest.raises(admin.AdminError) as caught:
+        admin.import_bulk(store, items)
+    message = str(caught.value)
+    assert "item 0: org:o:config: provider_keys: expected an object, got a string" in message
+    assert "provider_keys (a value): expected a string" in message
+    assert "passthrough: expected a boolean, got a string of 40 characters" in message
+    assert "1 more bad items" in message
+    assert provider_key[:12] not in message and "gw_live_" not in message
+    assert HASH not in message
+
+
+def test_a_valid_namespace_of_both_workers_versions_imports_unchanged(store):
+    items = [
+        {"key": "org:o1:config", "value": json.dumps({
+            "org_id": "o1", "name": "Old", "monthly_budget_usd": 500, "failure_mode": "fail_closed",
+            "fallback_daily_limit": 10, "provider_keys": {"openai": "sk-org"},
+            "created_at": "2024-03-01T10:00:00Z", "some_future_field": [1, {"x": None}]})},
+        {"key": "org:o2:config", "value": json.dumps({
+            "org_id": "o2", "name": "New", "monthly_budget_usd": 80.5,
+            "failure_mode": "fail-open", "fallback_daily_limit": 5})},
+        {"key": "org:o1:quota", "value": json.dumps({
+            "month_usage_usd": 120.5, "current_month": "2026-11", "request_count": 40,
+            "last_update": 1_717_000_000_000})},
+        {"key": "user:u1:config", "value": json.dumps({
+            "user_id": "u1", "email": "a@b.c", "monthly_limit_usd": 50, "org_id": "o1",
+            "status": "active", "created_at": "2024-03-01T10:00:00Z",
+            "updated_at": "2024-03-02T10:00:00Z"})},
+        {"key": "user:u1:quota", "value": json.dumps({
+            "month_usage_usd": 0, "current_month": "2026-11", "request_count": 0,
+            "last_update": 1_717_000_000_000})},
+        {"key": f"apikey:{HASH}", "value": json.dumps({
+            "user_id": "u1", "key_id": "k1", "name": "laptop", "status": "active",
+            "created_at": "2024-03-01T10:00:00Z"})},
+        {"key": "apikey:" + "cd" * 32, "value": json.dumps({
+            "key_id": "k2", "key_hash": "cd" * 32, "org_id": "o2",
+            "user": {"user_id": "u1", "email": "a@b.c"}, "name": "ci",
+            "monthly_limit_usd": 5, "status": "revoked", "created_at": "2025-01-02T00:00:00Z"})},
+        {"key": "user:u1:keys:k1", "value": json.dumps({
+            "name": "laptop", "created_at": "2024-03-01T10:00:00Z", "last_used_at": None,
+            "status": "active", "revoked_at": None})},
+    ]
+    assert admin.import_bulk(store, items) == {"imported": len(items)}
+    assert admin.export_bulk(store) == sorted(items, key=lambda item: item["key"])
+
+
+def test_admin_writers_refuse_what_the_request_path_would_refuse(store, org, user):
+    bad = {**admin.show_user(store, user["user_id"]), "status": "Active"}
+    store.records.write({user_config_key(user["user_id"]): json.dumps(bad).encode()})
+    with pytest.raises(admin.AdminError, match="status: expected one of active, suspended"):
+        admin.update_user(store, user["user_id"], limit_usd=3)
+    assert admin.show_user(store, user["user_id"])["monthly_limit_usd"] == 20.0
+    store.records.write({org_quota_key(org["org_id"]): b'{"request_count": "2"}'})
+    with pytest.raises(admin.AdminError, match="request_count: expected an integer"):
+        admin.reset_quota(store, "org", org["org_id"], "why")
