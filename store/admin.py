@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from store.db import LMDB_MAX_KEY, Store, StoreError
+from store.db import LMDB_MAX_KEY, Store, StoreError, _remote_sum
 from store.hashing import looks_like_gateway_key, new_gateway_key
 from store.money import from_usd, month_of, to_usd, utc_now
 from store.records import (
     DEFAULT_FALLBACK_DAILY_LIMIT_USD,
     FAIL_CLOSED,
     USER_STATUSES,
+    ApiKey,
+    Org,
     QuotaRecord,
     RecordError,
     User,
@@ -487,51 +489,69 @@ def _quota_key(level: str, level_id: str) -> str | None:
 
 
 def _quota_usage(store: Store, level: str, level_id: str, month: str) -> tuple[int, int]:
+    """What the Workers gateway's own quota record counts for `month` (the request path adds
+    it to user and org budgets; keys have none)."""
     key = _quota_key(level, level_id)
     raw = store.records.get(key) if key else None
-    if raw is None:
+    if key is None or raw is None:
         return 0, 0
     try:
-        return QuotaRecord.parse(raw).usage_in(month)
+        return QuotaRecord.parse(raw, key).usage_in(month)
     except RecordError as exc:
-        raise AdminError(f"{key}: {exc}") from None
+        raise AdminError(str(exc)) from None
+
+
+def _other_nodes(store: Store, level: str, level_id: str, month: str) -> tuple[int, int]:
+    """The other nodes' totals for `month` as the last sync pass replicated them: the figures
+    `Records.resolve` gives the request path. Records offers no read of one level's totals
+    outside `resolve`, so this reads its `remote` table the way `resolve` does."""
+    records = store.records
+    return records._env.read(
+        lambda txn: _remote_sum(txn, records._remote, month, level, level_id))
 
 
 def _limit_of(store: Store, level: str, level_id: str) -> float | None:
-    if level == "key":
-        ref = find_key(store, level_id)
-        value = (ref.record or {}).get("monthly_limit_usd")
-    elif level == "user":
-        value = _load(store, user_config_key(level_id), f"user {level_id}").get(
-            "monthly_limit_usd"
-        )
-    else:
-        value = _load(store, org_config_key(level_id), f"org {level_id}").get(
-            "monthly_budget_usd"
-        )
-    if value is None:
-        return None
+    """The level's monthly limit as the request path reads it."""
     try:
-        return check_usd(value, "limit")
-    except AdminError:
-        raise AdminError(f"{level} {level_id}: stored limit is not a number: {value!r}") from None
+        if level == "key":
+            ref = find_key(store, level_id)
+            if ref.record is None or ref.key_hash is None:
+                return None
+            return ApiKey.parse(ref.key_hash, ref.record).monthly_limit_usd
+        if level == "user":
+            record = _load(store, user_config_key(level_id), f"user {level_id}")
+            return User.parse(level_id, record).monthly_limit_usd
+        record = _load(store, org_config_key(level_id), f"org {level_id}")
+        return Org.parse(level_id, record).monthly_budget_usd
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def level_usage(store: Store, level: str, level_id: str, month: str | None = None) -> dict:
-    """Usage of one level (user, org or key) in `month` (default: the current UTC month): the
-    ledger counter plus, for user and org, the Workers gateway's quota record for that month."""
+    """Usage of one level (user, org or key) in `month` (default: the current UTC month), as
+    the request path counts it for the budget: this node's ledger, the other nodes' replicated
+    totals and (user and org) the Workers gateway's quota record of that month, each shown
+    beside the sum. `remaining_usd` leaves out what requests in flight have reserved."""
     _check_level(level)
     month = month or _current_month()
     limit = _limit_of(store, level, level_id)
     (counter,) = store.ledger.counters([(level, level_id)], month)
+    other_nusd, other_requests = _other_nodes(store, level, level_id, month)
     quota_nusd, quota_requests = _quota_usage(store, level, level_id, month)
-    used = counter.used_nusd + quota_nusd
-    remaining = None if limit is None else to_usd(max(0, from_usd(limit) - used))
+    used = counter.used_nusd + other_nusd + quota_nusd
+    remaining = None if limit is None else to_usd(
+        max(0, from_usd(limit) - used - counter.reserved_nusd))
     return {
         "level": level,
         "id": level_id,
         "current_usage_usd": to_usd(used),
-        "request_count": counter.requests + quota_requests,
+        "this_node_usd": to_usd(counter.used_nusd),
+        "other_nodes_usd": to_usd(other_nusd),
+        "quota_record_usd": to_usd(quota_nusd),
+        "request_count": counter.requests + other_requests + quota_requests,
+        "this_node_requests": counter.requests,
+        "other_nodes_requests": other_requests,
+        "quota_record_requests": quota_requests,
         ("monthly_budget_usd" if level == "org" else "monthly_limit_usd"): limit,
         "remaining_usd": remaining,
         "reserved_usd": to_usd(counter.reserved_nusd),

@@ -187,7 +187,9 @@ def test_usage_adds_ledger_and_current_month_quota(store, org, user):
                                         "request_count": 9}).encode(),
     })
     u = admin.level_usage(store, "user", uid, this_month)
-    assert u == {"level": "user", "id": uid, "current_usage_usd": 3.5, "request_count": 4,
+    assert u == {"level": "user", "id": uid, "current_usage_usd": 3.5, "this_node_usd": 2.0,
+                 "other_nodes_usd": 0.0, "quota_record_usd": 1.5, "request_count": 4,
+                 "this_node_requests": 1, "other_nodes_requests": 0, "quota_record_requests": 3,
                  "monthly_limit_usd": 20.0, "remaining_usd": 16.5, "reserved_usd": 0.0,
                  "current_month": this_month}
     o = admin.level_usage(store, "org", oid)
@@ -436,3 +438,55 @@ def test_admin_writers_refuse_what_the_request_path_would_refuse(store, org, use
     store.records.write({org_quota_key(org["org_id"]): b'{"request_count": "2"}'})
     with pytest.raises(admin.AdminError, match="request_count: expected an integer"):
         admin.reset_quota(store, "org", org["org_id"], "why")
+
+
+def test_usage_counts_what_the_request_path_counts_with_the_parts(store, org, user):
+    from addon.policy import budgets_of
+
+    uid, oid = user["user_id"], org["org_id"]
+    key = admin.create_key(store, uid, limit_usd=5)
+    this_month = month()
+    levels = [("key", key["key_id"]), ("user", uid), ("org", oid)]
+    store.ledger.settle(None, levels, this_month, USD)
+    # Another node's totals, as a sync pass replicates them, and the Workers' quota records.
+    store.records.replicate(
+        {user_quota_key(uid): json.dumps({"month_usage_usd": 0.25, "current_month": this_month,
+                                          "request_count": 2}).encode(),
+         org_quota_key(oid): json.dumps({"month_usage_usd": 10, "current_month": this_month,
+                                         "request_count": 8}).encode()},
+        [], {},
+        {(this_month, "key", key["key_id"]): (2 * USD, 3), (this_month, "user", uid): (3 * USD, 4),
+         (this_month, "org", oid): (30 * USD, 20), ("2001-01", "org", oid): (99 * USD, 1)},
+        {"finished_at": 0})
+    identity = store.records.resolve(store.hash(key["api_key"]), this_month)
+    budgets = budgets_of(identity, this_month)
+    counters = store.ledger.counters([b.ledger_level for b in budgets], this_month)
+    for budget, counter in zip(budgets, counters, strict=True):
+        usage = admin.level_usage(store, budget.level, budget.id)
+        assert from_nusd(counter.used_nusd + budget.external_nusd) == usage["current_usage_usd"]
+        assert counter.requests + budget.external_requests == usage["request_count"]
+        assert usage["this_node_usd"] == 1.0 and usage["this_node_requests"] == 1
+    k = admin.level_usage(store, "key", key["key_id"])
+    assert (k["other_nodes_usd"], k["quota_record_usd"], k["current_usage_usd"]) == (2.0, 0, 3.0)
+    assert k["remaining_usd"] == 2.0 and k["request_count"] == 4
+    u = admin.level_usage(store, "user", uid)
+    assert (u["other_nodes_usd"], u["quota_record_usd"], u["current_usage_usd"]) == (
+        3.0, 0.25, 4.25)
+    assert (u["other_nodes_requests"], u["quota_record_requests"]) == (4, 2)
+    o = admin.level_usage(store, "org", oid)
+    assert (o["other_nodes_usd"], o["quota_record_usd"], o["current_usage_usd"]) == (
+        30.0, 10.0, 41.0)
+    assert o["remaining_usd"] == 59.0 and o["request_count"] == 29
+    assert admin.level_usage(store, "org", oid, "2001-01")["other_nodes_usd"] == 99.0
+
+
+def test_usage_remaining_leaves_out_what_is_reserved(store, user):
+    key = admin.create_key(store, user["user_id"], limit_usd=1)
+    store.ledger.reserve("r1", [("key", key["key_id"])], month(), USD // 4,
+                         lambda counters: None)
+    k = admin.level_usage(store, "key", key["key_id"])
+    assert k["reserved_usd"] == 0.25 and k["remaining_usd"] == 0.75
+
+
+def from_nusd(nusd: int) -> float:
+    return round(nusd / USD, 9)
