@@ -194,6 +194,9 @@ class RecordedRequest:
     model: str | None  # the model / deployment the request named
     stream: bool  # whether a streamed answer was asked for
     received_at: float  # time.monotonic()
+    # Why the body could not be read (e.g. it decoded to more than `max_body`): the request is
+    # still recorded, so "nothing was forwarded" cannot pass because the fake refused to read.
+    body_error: str | None = None
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -490,7 +493,11 @@ class FakeProvider(ThreadedServer):
         return 1_700_000_000 if self.fixed_ids else int(time.time())
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        body_error = None
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            body, body_error = b"", f"body too large: {exc.text}"
         try:
             parsed = json.loads(body) if body else None
         except ValueError:
@@ -511,10 +518,13 @@ class FakeProvider(ThreadedServer):
             model=model,
             stream=stream,
             received_at=time.monotonic(),
+            body_error=body_error,
         )
         with self._changed:
             self._requests.append(rec)
             self._changed.notify_all()
+        if body_error is not None:
+            return web.Response(status=413, text=body_error)
 
         scenario = self._resolve(request)
         if scenario.response_delay:

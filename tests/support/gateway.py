@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from store import Store
@@ -22,8 +23,14 @@ GATEWAY_SCRIPT = REPO_ROOT / "addon" / "gateway.py"
 
 
 def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
-                  config_text: str | None = None, name: str = "mitmdump") -> Proxy:
-    """mitmdump with the gateway and the repository's mitm.yaml (or `config_text`)."""
+                  config_text: str | None = None, name: str = "mitmdump",
+                  script: Path = GATEWAY_SCRIPT, sets: Mapping[str, str | int | bool] | None = None,
+                  env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+                  timeout: float = 20.0, create_store: bool = True) -> Proxy:
+    """mitmdump with the gateway and the repository's mitm.yaml (or `config_text`). `script`
+    replaces addon/gateway.py (e.g. a copy to touch for a reload); `sets`, `env` (added to
+    PROVIDER_ENV) and `args` go to start_mitmdump. The store is created first (the gateway
+    opens a store, never creates one) unless `create_store` is false."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "mitm.yaml"
     if config_text is None:
@@ -31,12 +38,16 @@ def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
     else:
         config.write_text(config_text)
     store_dir = store_dir or tmp / "store"
+    if create_store:
+        Store(store_dir).close()
     proxy = start_mitmdump(
         tmp,
-        scripts=[GATEWAY_SCRIPT, REDIRECT_SCRIPT],
-        sets={"aigw_config": str(config), "aigw_store": str(store_dir)},
-        env=PROVIDER_ENV,
+        scripts=[script, REDIRECT_SCRIPT],
+        sets={"aigw_config": str(config), "aigw_store": str(store_dir), **(sets or {})},
+        env={**PROVIDER_ENV, **(env or {})},
         upstream=upstream,
+        args=args,
+        timeout=timeout,
         name=name,
     )
     proxy.config = config

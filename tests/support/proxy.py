@@ -39,7 +39,13 @@ DEFAULT_AZURE_API_VERSION = "2024-10-21"
 
 
 class ProxyStartError(RuntimeError):
-    pass
+    """mitmdump exited (`returncode`) or did not come up (`returncode` None); `log` holds its
+    output."""
+
+    def __init__(self, message: str, returncode: int | None = None, log: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.log = log
 
 
 @dataclass
@@ -319,9 +325,10 @@ def start_mitmdump(
     try:
         while True:
             if process.poll() is not None:
+                output = log_path.read_text(errors="replace")
                 raise ProxyStartError(
-                    f"mitmdump exited with {process.returncode}:\n"
-                    f"{' '.join(cmd)}\n{log_path.read_text(errors='replace')}"
+                    f"mitmdump exited with {process.returncode}:\n{' '.join(cmd)}\n{output}",
+                    process.returncode, output,
                 )
             port = _read_port(log_path)
             if port and proxy is None:

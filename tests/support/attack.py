@@ -1,0 +1,226 @@
+"""Tools for the adversarial tests: raw HTTP over raw sockets (CONNECT, TLS with any SNI, any
+Host header, bytes no client library would send), a gzip bomb, and waiting for mitmdump to exit.
+
+    resp = tunnel_request(proxy, connect="198.51.100.7:443", sni="api.openai.com",
+                          request=http_request("POST", "/v1/chat/completions",
+                                               host="api.openai.com", body=CHAT))
+    assert resp.status == 401
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.proxy import Proxy
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+IO_TIMEOUT = 15.0
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-case names, last value wins
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def error_kinds(self) -> set[str]:
+        """Every machine-readable error name of a native error body: OpenAI `type` and `code`,
+        Anthropic `error.type`, Gemini `status` and `details[].reason` (lower-cased)."""
+        try:
+            body = self.json()
+        except ValueError:
+            return set()
+        return error_kinds(body)
+
+    def message(self) -> str:
+        try:
+            error = self.json().get("error")
+        except (ValueError, AttributeError):
+            return ""
+        return str(error.get("message", "")) if isinstance(error, dict) else ""
+
+
+def error_kinds(body: Any) -> set[str]:
+    """See RawResponse.error_kinds."""
+    kinds: set[str] = set()
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return kinds
+    for name in ("type", "code", "status"):
+        if isinstance(error.get(name), str):
+            kinds.add(error[name].lower())
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
+            kinds.add(detail["reason"].lower())
+    return kinds
+
+
+def http_request(method: str, target: str, *, host: str | bytes,
+                 headers: list[tuple[str | bytes, str | bytes]] | None = None,
+                 body: Any = None, content_type: str = "application/json") -> bytes:
+    """One HTTP/1.1 request as bytes (`Connection: close`). `body`: bytes as is, else JSON.
+    Header values given as bytes go out unchanged (e.g. a latin-1 byte no client sends)."""
+    if body is None:
+        raw = b""
+    elif isinstance(body, bytes):
+        raw = body
+    else:
+        raw = json.dumps(body).encode()
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: " + _b(host)]
+    for name, value in headers or []:
+        lines.append(_b(name) + b": " + _b(value))
+    if raw or method in ("POST", "PUT", "PATCH"):
+        if not any(_b(n).lower() == b"content-type" for n, _ in headers or []):
+            lines.append(b"Content-Type: " + content_type.encode())
+        lines.append(b"Content-Length: " + str(len(raw)).encode())
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + raw
+
+
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: bytes,
+                   check_hostname: bool = True) -> RawResponse:
+    """CONNECT `connect` through the proxy, TLS with `sni` (the proxy's CA trusted), send
+    `request`, read the answer until the connection closes."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT)
+    try:
+        sock.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
+        head = _read_head(sock)
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            raise AssertionError(f"CONNECT {connect} answered {head!r}")
+        ctx = proxy.ssl_context()
+        ctx.check_hostname = check_hostname and sni is not None
+        tls = ctx.wrap_socket(sock, server_hostname=sni)
+        tls.sendall(request)
+        return parse_response(_read_all(tls))
+    finally:
+        sock.close()
+
+
+def plain_request(proxy: Proxy, request: bytes) -> RawResponse:
+    """Send `request` (absolute-form, plain HTTP) to the proxy itself; read the answer."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(request)
+        return parse_response(_read_all(sock))
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    deadline = time.monotonic() + IO_TIMEOUT
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk or time.monotonic() > deadline:
+            raise AssertionError(f"proxy closed before answering CONNECT: {data!r}")
+        data += chunk
+    return data
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + IO_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_response(data: bytes) -> RawResponse:
+    """An HTTP/1.1 response read to the end of the connection (chunked or not)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise AssertionError(f"no complete HTTP response: {data[:500]!r}")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    elif "content-length" in headers:
+        body = body[: int(headers["content-length"])]
+    return RawResponse(int(status), reason, headers, body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2:]
+    return out
+
+
+def gzip_bomb(path: Path, decoded_size: int = 1 << 30, chunk: int = 1 << 20) -> bytes:
+    """A gzip body that decodes to `decoded_size` zero bytes (about 1 MiB on the wire for
+    1 GiB), built by streaming zeros through zlib; cached in `path`."""
+    if path.exists():
+        return path.read_bytes()
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(chunk)
+    parts = [z.compress(zeros) for _ in range(decoded_size // chunk)]
+    parts.append(z.compress(bytes(decoded_size % chunk)))
+    parts.append(z.flush())
+    data = b"".join(parts)
+    path.write_bytes(data)
+    return data
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (the peak resident set size) of a process, from /proc."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    assert match, text
+    return int(match.group(1)) * 1024
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], log_path: Path, *,
+                  timeout: float = 15.0, after_listening: float = 4.0) -> int | None:
+    """The exit code of a mitmdump expected to end at startup, or None if it keeps running:
+    `after_listening` seconds after it logs that it listens (mitmproxy's errorcheck ends a
+    process whose startup logged an error right after that), or `timeout` in all."""
+    deadline = time.monotonic() + timeout
+    listening_since: float | None = None
+    while True:
+        code = process.poll()
+        if code is not None:
+            return code
+        now = time.monotonic()
+        if listening_since is None and "proxy listening at" in _text(log_path):
+            listening_since = now
+        if now > deadline or (listening_since is not None
+                              and now - listening_since > after_listening):
+            return None
+        time.sleep(0.05)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
