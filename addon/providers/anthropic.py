@@ -7,8 +7,11 @@ from mitmproxy import http
 from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, bearer, header
 
 ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
+    413: "request_too_large",
+    421: "invalid_request_error",
     429: "rate_limit_error",
     503: "api_error",
 }
@@ -65,7 +68,6 @@ class AnthropicMeter(UsageMeter):
 
 class AnthropicAdapter(Adapter):
     kind = "anthropic"
-    credential_headers = (b"x-api-key", b"authorization")
     credential_header = b"x-api-key"
 
     def credential(self, request: http.Request) -> str | None:

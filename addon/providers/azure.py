@@ -13,7 +13,6 @@ _DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 class AzureOpenAIAdapter(OpenAIAdapter):
     kind = "azure_openai"
-    credential_headers = (b"api-key", b"authorization")
     credential_header = b"api-key"
     credential_prefix = ""
 

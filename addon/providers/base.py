@@ -65,13 +65,57 @@ def dig(data: Any, *path: str) -> Any:
     return data
 
 
+# Every place any API kind reads a credential from. All of them are removed from a request before
+# it is forwarded, whatever its kind: a gateway key left in one the provider ignores today is still
+# a gateway key sent to a third party.
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key")
+CREDENTIAL_QUERY = ("key", "api-key", "api_key")
+REDACTED = "<redacted>"
+
+
+def _query_holds_credential(request: http.Request) -> bool:
+    path = request.path
+    return "key=" in path and "?" in path  # cheap pre-check before mitmproxy parses the query
+
+
+def redact_credentials(request: http.Request) -> None:
+    """Replace every credential the request holds with `<redacted>`, in place: for a flow that
+    was refused, or one already sent upstream (so no log, saved flow or UI shows one)."""
+    fields = request.headers.fields
+    if any(k.lower() in CREDENTIAL_HEADERS for k, _ in fields):
+        request.headers.fields = tuple(
+            (k, REDACTED.encode()) if k.lower() in CREDENTIAL_HEADERS else (k, v)
+            for k, v in fields
+        )
+    if _query_holds_credential(request):
+        query = request.query
+        for name in CREDENTIAL_QUERY:
+            if name in query:
+                query[name] = REDACTED
+
+
+def remove_credentials(request: http.Request) -> None:
+    """Remove every credential the request holds, in any place any API kind reads one."""
+    _remove_query_credentials(request)
+    fields = request.headers.fields
+    if any(k.lower() in CREDENTIAL_HEADERS for k, _ in fields):
+        request.headers.fields = tuple((k, v) for k, v in fields
+                                       if k.lower() not in CREDENTIAL_HEADERS)
+
+
+def _remove_query_credentials(request: http.Request) -> None:
+    if _query_holds_credential(request):
+        query = request.query
+        for name in CREDENTIAL_QUERY:
+            if name in query:
+                del query[name]
+
+
 class Adapter:
     """One API kind. Subclasses set `kind` and implement the hooks below."""
 
     kind: ClassVar[str]
-    # Header names that may carry a credential for this API kind (all are stripped on forward),
-    # and the one the provider reads it from.
-    credential_headers: ClassVar[tuple[bytes, ...]] = ()
+    # The header the provider reads its credential from, and the value's prefix.
     credential_header: ClassVar[bytes] = b"authorization"
     credential_prefix: ClassVar[str] = ""
 
@@ -80,11 +124,11 @@ class Adapter:
         raise NotImplementedError
 
     def set_credential(self, request: http.Request, secret: str) -> None:
-        """Remove every credential the client sent and put `secret` where the provider wants it."""
+        """Remove every credential the client sent (any header or query parameter any API kind
+        reads) and put `secret` where the provider wants it."""
+        _remove_query_credentials(request)
         replace_headers(
-            request,
-            self.credential_headers,
-            (self.credential_header, self.credential_prefix + secret),
+            request, CREDENTIAL_HEADERS, (self.credential_header, self.credential_prefix + secret)
         )
 
     def model(self, request: http.Request, body: Any) -> str | None:
@@ -148,6 +192,7 @@ def bearer(request: http.Request) -> str | None:
     if not value:
         return None
     scheme, _, token = value.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    token = token.strip(" \t")  # HTTP's whitespace only: a key with a trailing \xa0 stays wrong
+    if scheme.lower() == "bearer" and token:
+        return token
     return None

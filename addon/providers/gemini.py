@@ -10,8 +10,11 @@ from addon.providers.base import Adapter, Denial, Usage, UsageMeter, as_int, dig
 _MODEL = re.compile(r"/models/([^/:]+):")
 
 GEMINI_STATUS = {
+    400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
+    413: "INVALID_ARGUMENT",
+    421: "FAILED_PRECONDITION",
     429: "RESOURCE_EXHAUSTED",
     503: "UNAVAILABLE",
 }
@@ -55,7 +58,6 @@ class GeminiMeter(UsageMeter):
 
 class GeminiAdapter(Adapter):
     kind = "gemini"
-    credential_headers = (b"x-goog-api-key", b"authorization")
     credential_header = b"x-goog-api-key"
 
     def credential(self, request: http.Request) -> str | None:
@@ -63,11 +65,6 @@ class GeminiAdapter(Adapter):
         if found:
             return found
         return request.query.get("key") if "key=" in request.path else None
-
-    def set_credential(self, request: http.Request, secret: str) -> None:
-        if "key=" in request.path and "key" in request.query:
-            del request.query["key"]
-        super().set_credential(request, secret)
 
     def model(self, request: http.Request, body: Any) -> str | None:
         match = _MODEL.search(request.path)

@@ -57,7 +57,6 @@ class OpenAIMeter(UsageMeter):
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
-    credential_headers = (b"authorization",)
     credential_header = b"authorization"
     credential_prefix = "Bearer "
 
