@@ -248,3 +248,67 @@ class JSONArrayParser:
             yield orjson.loads(element)
         except orjson.JSONDecodeError:
             return
+
+
+class BodyTooLarge(ValueError):
+    """A request body decodes to more than the configured limit."""
+
+
+_INPUT_STEP = 64 * 1024  # compressed bytes fed per step: bounds the work between limit checks
+
+
+def decode_bounded(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """A body decoded from its Content-Encoding chain, never holding more than `limit` decoded
+    bytes: BodyTooLarge as soon as the output passes it (a gzip bomb costs at most `limit`).
+    ValueError for an unknown encoding or corrupt data."""
+    names = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
+    data = raw
+    for name in reversed(names):  # undo the encodings in the reverse of their order
+        if name != "identity":
+            data = _decode_one(data, name, limit)
+    if len(data) > limit:
+        raise BodyTooLarge(f"body of {len(data)} bytes over the limit of {limit}")
+    return data
+
+
+def _decode_one(data: bytes, name: str, limit: int) -> bytes:
+    out = bytearray()
+    budget = limit + 1  # one byte past the limit proves the body is too large
+    try:
+        if name in ("gzip", "x-gzip", "deflate"):
+            wbits = 16 + zlib.MAX_WBITS if name != "deflate" else (
+                zlib.MAX_WBITS if data[:1] and (data[0] & 0x0F) == 8
+                and int.from_bytes(data[:2]) % 31 == 0 else -zlib.MAX_WBITS)
+            obj = zlib.decompressobj(wbits)
+            pending = data
+            while pending and not obj.eof:
+                out += obj.decompress(pending[:_INPUT_STEP], budget - len(out))
+                pending = obj.unconsumed_tail + pending[_INPUT_STEP:]
+                if len(out) >= budget:
+                    break
+        elif name == "br":
+            obj = brotli.Decompressor()
+            for start in range(0, len(data) or 1, _INPUT_STEP):
+                out += obj.process(data[start:start + _INPUT_STEP],
+                                   output_buffer_limit=budget - len(out))
+                while len(out) < budget and not obj.can_accept_more_data():
+                    out += obj.process(b"", output_buffer_limit=budget - len(out))
+                if len(out) >= budget:
+                    break
+        elif name == "zstd":
+            obj = zstd.ZstdDecompressor()
+            pending = data
+            while len(out) < budget and not obj.eof:
+                chunk, pending = pending[:_INPUT_STEP], pending[_INPUT_STEP:]
+                out += obj.decompress(chunk, budget - len(out))
+                while len(out) < budget and not obj.needs_input and not obj.eof:
+                    out += obj.decompress(b"", budget - len(out))
+                if not pending:
+                    break
+        else:
+            raise ValueError(f"unsupported content-encoding {name!r}")
+    except (zlib.error, brotli.error, zstd.ZstdError) as exc:
+        raise ValueError(f"invalid {name} data: {exc}") from None
+    if len(out) > limit:
+        raise BodyTooLarge(f"body decodes to over {limit} bytes")
+    return bytes(out)
