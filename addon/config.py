@@ -1,5 +1,6 @@
 """mitm.yaml, parsed and validated once (in the addon's `configure`) into typed settings."""
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -15,16 +16,48 @@ UNKNOWN_CREDENTIALS = ("block", "passthrough")
 FALLBACK_PRICE_USD_PER_1M = 1.0  # the Workers gateway's $0.001 per 1K tokens
 
 
+# A host entry: a DNS name, or `*.` and a name (the wildcard stands for exactly one label).
+_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+
+
+def normalize_host(value: str) -> str:
+    """A host name as matched: lower case, no port, no trailing dot, no IPv6 brackets."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
     kind: str
     adapter: Adapter
-    hosts: tuple[re.Pattern, ...]
+    hosts: tuple[str, ...]  # exact names and `*.domain` wildcards, normalised
     api_key_env: str | None
+    plain_http: bool = False  # credentials may go upstream without TLS (a private network)
 
     def matches(self, host: str) -> bool:
-        return any(p.search(host) for p in self.hosts)
+        """Whether a normalised host name is one of this provider's: the whole name matches."""
+        for pattern in self.hosts:
+            if pattern.startswith("*."):
+                label, dot, rest = host.partition(".")
+                if label and dot and rest == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
 
     def default_credential(self) -> str | None:
         """The gateway host's own key for this provider (environment), if any."""
@@ -41,6 +74,7 @@ class Policy:
     fail_closed_retry_after_s: int = 30
     fallback_daily_limit_usd: float = 10.0
     max_staleness_s: float | None = None  # a replica older than this: quota data unavailable
+    max_request_body_bytes: int = 32 * 1024 * 1024  # decoded size; larger bodies get 413
 
 
 @dataclass(frozen=True)
@@ -52,19 +86,22 @@ class GatewayConfig:
     pricing: PriceTable
 
     def provider_for(self, host: str) -> Provider | None:
+        """The provider of a normalised host name (see `normalize_host`), if any."""
         for provider in self.providers:
             if provider.matches(host):
                 return provider
         return None
 
     def allow_hosts(self) -> list[str]:
-        """mitmproxy `allow_hosts` patterns (matched against `host:port`) for the providers."""
-        return [host_port_pattern(p.pattern) for pr in self.providers for p in pr.hosts]
+        """mitmproxy `allow_hosts` patterns (searched in `host:port`) for the providers."""
+        return [allow_hosts_pattern(h) for p in self.providers for h in p.hosts]
 
 
-def host_port_pattern(host_pattern: str) -> str:
-    """A host regex made to match `host:port`: an end anchor comes before the port."""
-    return re.sub(r"(?<!\\)\$", r"(?=:\\d+$)", host_pattern)
+def allow_hosts_pattern(host: str) -> str:
+    """A host entry as a regex over mitmproxy's `host:port` (case is ignored by mitmproxy)."""
+    if host.startswith("*."):
+        return rf"^[^.:]+\.{re.escape(host[2:])}\.?:\d+$"
+    return rf"^{re.escape(host)}\.?:\d+$"
 
 
 def load_config(path: str | Path, store_override: str | None = None) -> GatewayConfig:
@@ -133,6 +170,9 @@ def parse_policy(section: Section) -> Policy:
             None if section.data.get("max_staleness_s") is None
             else section.number("max_staleness_s", minimum=1)
         ),
+        max_request_body_bytes=section.integer(
+            "max_request_body_bytes", defaults.max_request_body_bytes, minimum=1
+        ),
     )
 
 
@@ -140,31 +180,39 @@ def parse_providers(section: Section) -> tuple[Provider, ...]:
     providers = []
     for name in section.data:
         entry = section.section(str(name))
-        entry.check_keys({"kind", "hosts", "api_key_env"})
+        entry.check_keys({"kind", "hosts", "api_key_env", "plain_http"})
         kind = entry.text("kind", None, tuple(ADAPTERS))
         hosts = entry.data.get("hosts")
         if isinstance(hosts, str):
             hosts = [hosts]
         if not isinstance(hosts, list) or not hosts:
-            raise entry.error("hosts", "must be a non-empty list of host regular expressions")
-        patterns = []
-        for i, host in enumerate(hosts):
-            if not isinstance(host, str) or not host:
-                raise entry.error(f"hosts[{i}]", f"must be a regular expression, not {host!r}")
-            try:
-                patterns.append(re.compile(host, re.IGNORECASE))
-            except re.error as exc:
-                raise entry.error(f"hosts[{i}]", f"invalid regular expression: {exc}") from None
+            raise entry.error("hosts", "must be a non-empty list of host names")
+        plain_http = entry.data.get("plain_http", False)
+        if not isinstance(plain_http, bool):
+            raise entry.error("plain_http", f"must be true or false, not {plain_http!r}")
         providers.append(
             Provider(
                 name=str(name),
                 kind=kind,
                 adapter=ADAPTERS[kind](),
-                hosts=tuple(patterns),
+                hosts=tuple(_host_entry(entry, i, host) for i, host in enumerate(hosts)),
                 api_key_env=entry.optional_text("api_key_env"),
+                plain_http=plain_http,
             )
         )
     return tuple(providers)
+
+
+def _host_entry(entry: Section, index: int, value: Any) -> str:
+    """One `hosts` entry: an exact host name (or IP address), or `*.domain`."""
+    host = normalize_host(value) if isinstance(value, str) else ""
+    if host and (is_ip_address(host) or _HOST_NAME.fullmatch(host)):
+        return host
+    raise entry.error(
+        f"hosts[{index}]",
+        f"must be a host name such as api.example.com, or *.example.com for one label of "
+        f"that domain (not a regular expression), not {value!r}",
+    )
 
 
 def _price(section: Section) -> Price:

@@ -211,7 +211,7 @@ def test_openai_compatible_self_hosted_provider(tmp_path, fake_provider):
     config = """
 store: {path: %s}
 providers:
-  vllm: {kind: openai, hosts: ['^vllm\\.internal\\.test$'], api_key_env: VLLM_API_KEY}
+  vllm: {kind: openai, hosts: [vllm.internal.test], api_key_env: VLLM_API_KEY}
 pricing:
   fallback: {input_per_1m: 1.0, output_per_1m: 1.0}
   models:
