@@ -29,10 +29,10 @@ from store.records import (
     RecordError,
     User,
     apikey_key,
-    apikey_label,
     normalize_failure_mode,
     org_config_key,
     org_quota_key,
+    record_label,
     user_config_key,
     user_key_listing_key,
     user_quota_key,
@@ -615,13 +615,6 @@ def _item_value(item: dict) -> bytes:
     return value.encode("utf-8")
 
 
-def _key_label(key: str) -> str:
-    """A record key for a message: an apikey's hash shortened, a long key cut."""
-    if key.startswith("apikey:"):
-        return apikey_label(key.removeprefix("apikey:"))
-    return key if len(key) <= 80 else key[:60] + "..."
-
-
 def _bulk_item(item: Any) -> tuple[str, bytes]:
     """One wrangler bulk item as (key, value), checked like any record written; RecordError
     naming the key, the field and the reason otherwise."""
@@ -630,7 +623,7 @@ def _bulk_item(item: Any) -> tuple[str, bytes]:
     key = item.get("key")
     if not isinstance(key, str) or not key:
         raise RecordError(f"key must be a non-empty string, not {type(key).__name__}")
-    label = _key_label(key)
+    label = record_label(key)
     if "value" not in item:
         raise RecordError(f"{label}: no value")
     try:

@@ -71,6 +71,13 @@ def apikey_label(key_hash: str) -> str:
     return f"apikey:{key_hash[:12]}..." if len(key_hash) > 12 else apikey_key(key_hash)
 
 
+def record_label(key: str) -> str:
+    """A record key for a message: an apikey's hash shortened, a long key cut."""
+    if key.startswith("apikey:"):
+        return apikey_label(key.removeprefix("apikey:"))
+    return key if len(key) <= 80 else key[:60] + "..."
+
+
 def normalize_failure_mode(value: Any) -> str:
     """`fail_open`/`fail-open` -> `fail_open`; likewise closed, any case (configuration and
     command-line input; records take the exact spellings only). RecordError otherwise."""
