@@ -27,7 +27,7 @@ import orjson
 
 from store.db import LMDB_MAX_KEY, Store
 from store.money import month_of, utc_now
-from store.records import RecordError, validate_record
+from store.records import MAX_COUNT, RecordError, parse_usage_key, record_label, validate_record
 from store.settings import ConfigError, Section
 
 log = logging.getLogger("aigw.sync")
@@ -39,6 +39,7 @@ LIST_PAGE = 1000
 BULK_GET = 100
 BULK_PUT = 10_000
 MAX_RETRY_AFTER_S = 600.0  # a retry-after is honoured up to this (Cloudflare blocks for 300 s)
+REJECTED_KEPT = 100  # rejected records named in the stored pass summary (the count is whole)
 
 
 class SyncError(Exception):
@@ -291,12 +292,15 @@ class KVClient:
 
 def _check_page(body: dict) -> str | None:
     """A listing page must say whether more follow: taking a page without `result_info` for
-    the last one would delete every key after it."""
+    the last one would delete every key after it. Likewise an entry without a name: the key
+    it stands for would look deleted."""
     result, info = body.get("result"), body.get("result_info")
     if not isinstance(result, list):
         return "no result list"
     if not isinstance(info, dict):
         return "no result_info"
+    if not all(isinstance(item, dict) and isinstance(item.get("name"), str) for item in result):
+        return "a key without a name"
     return None
 
 
@@ -340,7 +344,9 @@ class PassSummary:
     fetched: int = 0
     changed: int = 0
     deleted: int = 0
-    rejected: int = 0
+    # Records (and other nodes' usage figures) not applied: [{"key": ..., "reason": ...}]. A
+    # rejected record keeps its previous version in the store, if it had one.
+    rejected: list[dict] = field(default_factory=list)
     usage_keys: int = 0
     pushed: int = 0
     requests: int = 0
@@ -350,7 +356,7 @@ class PassSummary:
 
     def line(self) -> str:
         return (f"sync: listed {self.listed}, fetched {self.fetched}, changed {self.changed}, "
-                f"deleted {self.deleted}, rejected {self.rejected}, usage keys "
+                f"deleted {self.deleted}, rejected {len(self.rejected)}, usage keys "
                 f"{self.usage_keys}, pushed {self.pushed}, requests {self.requests}, "
                 f"{self.duration_s:.2f} s{' (full)' if self.full else ''}")
 
@@ -397,12 +403,14 @@ class Replicator:
             stamp = metadata.get(STAMP) if isinstance(metadata, dict) else None
             if name.startswith(USAGE_PREFIX):
                 summary.usage_keys += 1
-                self._count_remote(name, metadata, remote)
+                try:
+                    self._count_remote(name, metadata, remote)
+                except RecordError as exc:
+                    self._reject(summary, name, exc)
                 continue
             if len(name.encode()) > LMDB_MAX_KEY:
-                summary.rejected += 1
-                log.warning("sync: key over LMDB's %d-byte limit, not replicated: %s...",
-                            LMDB_MAX_KEY, name[:80])
+                self._reject(summary, name, RecordError(
+                    f"{record_label(name)}: key longer than LMDB's {LMDB_MAX_KEY} bytes"))
                 continue
             listed.add(name)
             known = local_stamps.get(name)
@@ -421,9 +429,10 @@ class Replicator:
             try:
                 validate_record(name, value)
             except RecordError as exc:
-                summary.rejected += 1
+                # Not applied, nor its stamp: the previous version (if any) stays, and the
+                # record is fetched again while its stamp differs (or on the full cycle).
                 stamps.pop(name, None)
-                log.warning("sync: %s not replicated: %s", name, exc)
+                self._reject(summary, name, exc)
                 continue
             if self.store.records.get(name) != value:
                 summary.changed += 1
@@ -438,7 +447,9 @@ class Replicator:
         summary.duration_s = time.monotonic() - started
         summary.finished_at = time.time()
         record = {**summary.__dict__, "node_id": self.node_id,
-                  "last_full_at": summary.finished_at if full else last.get("last_full_at", 0)}
+                  "last_full_at": summary.finished_at if full else last.get("last_full_at", 0),
+                  "rejected": summary.rejected[:REJECTED_KEPT],
+                  "rejected_count": len(summary.rejected)}
         self.store.records.replicate(puts, deletes, stamps, remote, record)
         return summary
 
@@ -456,13 +467,14 @@ class Replicator:
                 # Bulk get refuses a batch holding a value it cannot return (not text, e.g.
                 # binary): one by one, so one such value does not stop every pass.
                 answer = dict.fromkeys(batch)
-            for name, entry in answer.items():
+            for name in batch:
+                entry = answer.get(name)
                 value = entry.get("value") if isinstance(entry, dict) else entry
                 if isinstance(value, str):
                     values[name] = value.encode()
                 elif value is not None:
                     values[name] = orjson.dumps(value)
-                elif name in batch:
+                else:
                     singles.append(name)
             self._progress("fetch", min(start + BULK_GET, len(names)), len(names))
         for name in singles:
@@ -471,19 +483,28 @@ class Replicator:
                 values[name] = value
         return values
 
+    def _reject(self, summary: PassSummary, name: str, exc: RecordError) -> None:
+        """Report a record (or usage figures) the pass does not apply: stderr and the summary."""
+        label = record_label(name)
+        reason = str(exc).removeprefix(f"{label}: ")
+        kept = not name.startswith(USAGE_PREFIX) and len(name.encode()) <= LMDB_MAX_KEY \
+            and self.store.records.get(name) is not None
+        summary.rejected.append({"key": name, "reason": reason, "kept_previous": kept})
+        log.warning("sync: %s not replicated: %s%s", label, reason,
+                    " (its previous version stays)" if kept else "")
+
     def _count_remote(self, name: str, metadata: Any,
                       remote: dict[tuple[str, str, str], tuple[int, int]]) -> None:
-        parts = name[len(USAGE_PREFIX):].split(":", 3)
-        if len(parts) != 4 or not isinstance(metadata, dict):
-            return
-        node, month, level, level_id = parts
-        if node == self.node_id or level not in ("key", "user", "org"):
-            return
-        used, requests = metadata.get("n"), metadata.get("r")
-        if not isinstance(used, int) or not isinstance(requests, int):
+        """Add another node's figures to the totals; RecordError if they are malformed."""
+        node, month, level, level_id, used, requests = parse_usage_key(name, metadata,
+                                                                       USAGE_PREFIX)
+        if node == self.node_id:
             return
         total = remote.get((month, level, level_id), (0, 0))
-        remote[(month, level, level_id)] = (total[0] + used, total[1] + requests)
+        summed = (total[0] + used, total[1] + requests)
+        if max(summed) > MAX_COUNT:
+            raise RecordError(f"{name}: metadata: the nodes' totals overflow 64 bits")
+        remote[(month, level, level_id)] = summed
 
     def push_usage(self) -> int:
         """Write this node's changed monthly totals (this month and last) to KV in bulk. Each key

@@ -234,7 +234,7 @@ def test_workers_namespace_replicates_as_is(kv, make_node):
 
     assert summary.full  # never synced: the first pass is a full one
     assert (summary.listed, summary.fetched, summary.changed) == (11, 11, 11)
-    assert (summary.deleted, summary.rejected) == (0, 0)
+    assert (summary.deleted, summary.rejected) == (0, [])
     for item in namespace:  # byte for byte, under the same keys
         assert node.store.records.get(item["key"]) == item["value"].encode(), item["key"]
     assert node.store.records.stamps() == {item["key"]: "" for item in namespace}
@@ -366,7 +366,8 @@ def test_unstamped_records_are_refetched_only_on_a_full_pass(kv, make_node):
     assert summary.changed == 1
 
     # The full cycle also comes by itself once full_interval_s has passed since the last one.
-    kv.put("user:user_old:quota", json.dumps({"month_usage_usd": 13, "current_month": "x"}))
+    kv.put("user:user_old:quota", json.dumps({"month_usage_usd": 13,
+                                              "current_month": this_month()}))
     assert node.replicator.sync_once().fetched == 0
     last = node.store.records.meta("last_sync")
     node.store.records.set_meta("last_sync", {**last, "last_full_at": time.time() - 3601})
@@ -399,7 +400,7 @@ def test_value_bulk_get_refuses_is_fetched_by_single_get(kv, make_node):
 
     summary = node.replicator.sync_once()
 
-    assert summary.fetched == 4 and summary.rejected == 0
+    assert summary.fetched == 4 and summary.rejected == []
     assert node.store.records.get("blob:logo") == bytes(range(256))
     assert node.store.records.get("cache:0002") == b'{"i": 2}'
 
@@ -628,18 +629,161 @@ def test_key_over_lmdb_limit_and_invalid_values_are_rejected_not_blocking(kv, ma
 
     summary = node.replicator.sync_once()
 
-    assert summary.rejected == 5 and "rejected 5" in summary.line()
+    assert len(summary.rejected) == 5 and "rejected 5" in summary.line()
     assert summary.listed == 11 + 6
     assert node.store.records.get(long_511) == b"{}"
     for key in ("org:bad:config", "user:bad:config", "apikey:" + "f" * 64, "org:bin:config"):
         assert node.store.records.get(key) is None
     assert len(node.store.records.scan("")) == 11 + 1  # every valid record replicated
-    assert node.store.records.meta("last_sync")["rejected"] == 5
+    assert node.store.records.meta("last_sync")["rejected_count"] == 5
 
     fixed = json.dumps({"org_id": "bad", "name": "Fixed", "monthly_budget_usd": 3})
     kv.load_bulk([stamped("org:bad:config", fixed)])
     summary = node.replicator.sync_once()
     assert node.store.records.get("org:bad:config") == fixed.encode()
+
+
+BAD_RECORDS = {  # the holes of issue 10, each as another tool could write it to KV
+    "user:user_old:quota": ({"month_usage_usd": 1, "current_month": "2026-01",
+                             "request_count": "1.5"}, 'request_count: expected an integer'),
+    f"apikey:{sha256('gw_live_' + '5e' * 16)}": (
+        {"user_id": "user_old", "key_id": "key_pt", "passthrough": "false"},
+        'passthrough: expected a boolean, got "false"'),
+    "org:org_inf:config": ({"org_id": "org_inf", "monthly_budget_usd": "inf"},
+                           "monthly_budget_usd: expected a number or null"),
+    "user:user_paused:config": ({"user_id": "user_paused", "status": "paused"},
+                                "status: expected one of active, suspended"),
+    "user:user_caps:config": ({"user_id": "user_caps", "status": "Active"}, 'got "Active"'),
+}
+
+
+def test_bad_records_among_good_ones_are_rejected_and_the_rest_applies(kv, make_node, caplog):
+    namespace = workers_namespace(this_month())
+    kv.load_bulk([item for item in namespace if item["key"] != "user:user_old:quota"])
+    for key, (value, _) in BAD_RECORDS.items():
+        kv.put(key, json.dumps(value))
+    kv.put("org:org_big:config", '{"org_id": "org_big", "monthly_budget_usd": 1e400}')
+    node = make_node()
+
+    with caplog.at_level("WARNING", logger="aigw.sync"):
+        summary = node.replicator.sync_once()
+
+    rejected = {r["key"]: r["reason"] for r in summary.rejected}
+    assert set(rejected) == {*BAD_RECORDS, "org:org_big:config"}
+    for key, (_, reason) in BAD_RECORDS.items():
+        assert reason in rejected[key], key
+        assert node.store.records.get(key) is None  # never applied
+    assert "expected a finite number" in rejected["org:org_big:config"]
+    assert all(r["kept_previous"] is False for r in summary.rejected)
+    for item in namespace:  # every good record applied
+        if item["key"] != "user:user_old:quota":
+            assert node.store.records.get(item["key"]) == item["value"].encode()
+    identity = node.store.records.resolve(node.store.hash(OLD_KEY), this_month())
+    assert check_identity(identity, None) is None
+    stored = node.store.records.meta("last_sync")
+    assert stored["rejected_count"] == 6 and stored["rejected"] == summary.rejected
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("not replicated" in line for line in warnings) == 6
+    assert any("apikey:" in line and "passthrough" in line for line in warnings)
+
+
+def test_a_bad_new_version_keeps_the_good_one_until_it_is_fixed(kv, make_node):
+    kv.load_bulk(workers_namespace(this_month()))
+    good = json.dumps({"org_id": "org_s", "name": "S", "monthly_budget_usd": 7,
+                       "failure_mode": "fail_closed"})
+    kv.load_bulk([stamped("org:org_s:config", good)])
+    node = make_node()
+    node.replicator.sync_once()
+    assert node.store.records.get("org:org_s:config") == good.encode()
+    old_key = f"apikey:{sha256(OLD_KEY)}"
+    good_key = node.store.records.get(old_key)
+
+    bad = json.dumps({"org_id": "org_s", "name": "S", "monthly_budget_usd": 7,
+                      "failure_mode": "Fail-Open"})
+    kv.load_bulk([stamped("org:org_s:config", bad)])  # aigw-stamped: fetched next pass
+    kv.put(old_key, json.dumps({"user_id": "user_old", "key_id": "key_old",
+                                "status": "active", "passthrough": 1}))  # unstamped
+    new_good = json.dumps({"org_id": "org_t", "name": "T", "monthly_budget_usd": 1})
+    kv.load_bulk([stamped("org:org_t:config", new_good)])
+
+    for _ in range(2):  # rejected on every pass that fetches it, never deleted
+        summary = node.replicator.sync_once(full=True)
+        rejected = {r["key"]: r for r in summary.rejected}
+        assert set(rejected) == {"org:org_s:config", old_key}
+        assert "failure_mode: expected one of" in rejected["org:org_s:config"]["reason"]
+        assert "passthrough: expected a boolean, got 1" in rejected[old_key]["reason"]
+        assert all(r["kept_previous"] for r in summary.rejected)
+        assert summary.deleted == 0
+        assert node.store.records.get("org:org_s:config") == good.encode()
+        assert node.store.records.get(old_key) == good_key
+        assert node.store.records.get("org:org_t:config") == new_good.encode()
+    assert node.store.records.resolve(node.store.hash(OLD_KEY)).key.passthrough is False
+
+    fixed = json.dumps({"org_id": "org_s", "name": "S", "monthly_budget_usd": 9,
+                        "failure_mode": "fail-open"})
+    kv.load_bulk([stamped("org:org_s:config", fixed)])
+    summary = node.replicator.sync_once()
+    assert summary.rejected == [] and summary.changed == 1
+    assert node.store.records.get("org:org_s:config") == fixed.encode()
+
+
+def test_malformed_usage_figures_of_other_nodes_are_rejected_not_a_crash(kv, make_node):
+    month = this_month()
+    raw = "gw_live_" + "4d" * 16
+    org, user, key = put_account(kv, "u", org_budget=10.0, raw_key=raw)
+    good = f"{USAGE_PREFIX}node-x:{month}:org:{org}"
+    kv.put(good, "{}", {"n": 2 * USD, "r": 3})
+    bad = {
+        f"{USAGE_PREFIX}node-y:{month}:org:{org}": {"n": "5", "r": 1},
+        f"{USAGE_PREFIX}node-z:{month}:org:{org}": {"n": True, "r": 1},
+        f"{USAGE_PREFIX}node-w:{month}:org:{org}": {"n": -1, "r": 1},
+        f"{USAGE_PREFIX}node-v:{month}:org:{org}": {"n": 2**70, "r": 1},
+        f"{USAGE_PREFIX}node-u:{month}:org:{org}": {"n": 1.5, "r": 1},
+        f"{USAGE_PREFIX}node-t:{month}:user:{user}": {"r": 1},
+        f"{USAGE_PREFIX}node-s:{month}:user:{user}": None,
+        f"{USAGE_PREFIX}node-r:{month}:team:{user}": {"n": 1, "r": 1},
+        f"{USAGE_PREFIX}node-q:2026-13:user:{user}": {"n": 1, "r": 1},
+        f"{USAGE_PREFIX}node-p:{month}:user": {"n": 1, "r": 1},
+    }
+    for name, metadata in bad.items():
+        kv.put(name, "{}", metadata)
+    # Two figures that fit alone but whose sum does not fit the ledger's 64 bits.
+    kv.put(f"{USAGE_PREFIX}node-o:{month}:key:{key}", "{}", {"n": 2**62, "r": 1})
+    kv.put(f"{USAGE_PREFIX}node-n:{month}:key:{key}", "{}", {"n": 2**62, "r": 1})
+    node = make_node()
+
+    summary = node.replicator.sync_once()
+
+    rejected = {r["key"]: r["reason"] for r in summary.rejected}
+    assert set(bad) <= set(rejected) and len(rejected) == len(bad) + 1
+    assert "overflow" in next(reason for name, reason in rejected.items()
+                              if ":key:" in name)
+    identity = node.store.records.resolve(sha256(raw), month)
+    assert identity.remote[2] == (2 * USD, 3)  # the good figures count
+    assert identity.remote[1] == (0, 0)
+    assert admit(node, raw, USD) is None
+
+
+def test_cli_sync_reports_each_rejected_record_and_exits_0(kv, tmp_path):
+    kv.load_bulk(workers_namespace(this_month()))
+    bad_key = f"apikey:{sha256('gw_live_' + '6f' * 16)}"
+    kv.put(bad_key, json.dumps({"user_id": "user_old", "passthrough": "false"}))
+    kv.put("org:org_old:quota", json.dumps({"current_month": this_month(),
+                                            "request_count": "1.5"}))
+    (tmp_path / "mitm.yaml").write_text(
+        f"store:\n  path: {tmp_path / 'store'}\n  hash: sha256\nsync:\n  node_id: n1\n")
+
+    done = run_aigw(tmp_path, "sync", "--once", "--api-base", kv.api_base, env=cf_env(kv))
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert sorted(r["key"] for r in result["rejected"]) == sorted([bad_key, "org:org_old:quota"])
+    assert result["changed"] == 10 and "rejected 2" in done.stderr
+    assert (f"{bad_key[:19]}... not replicated: passthrough: expected a boolean, got "
+            '"false"') in done.stderr
+    assert 'org:org_old:quota not replicated: request_count: expected an integer, got "1.5"' \
+        in done.stderr
+    assert "Traceback" not in done.stderr and "sk-org-old-provider" not in done.stderr
 
 
 # --------------------------------------------------------------------------- 8. several nodes
