@@ -193,8 +193,12 @@ def bomb(tmp_path_factory) -> bytes:
 
 def test_1_a_reload_with_a_bad_mitm_yaml_forwards_nothing_and_answers_503(tmp_path,
                                                                           fake_provider):
-    script = tmp_path / "gateway.py"
-    shutil.copy(GATEWAY_SCRIPT, script)  # the repository's file is never touched
+    # The repository's file is never touched; the copy sits apart from the store's directory
+    # (mitmproxy puts a script's folder on sys.path, where a folder named `store` would shadow
+    # the package).
+    script = tmp_path / "entry" / "gateway.py"
+    script.parent.mkdir()
+    shutil.copy(GATEWAY_SCRIPT, script)
     with Store(tmp_path / "store") as store:
         acct = seed(store, suffix="reload")
     proxy = start_gateway(tmp_path, fake_provider.address, config_text=BASE_CONFIG,
@@ -519,24 +523,28 @@ def test_8_a_model_that_is_not_a_string_is_400_when_the_org_restricts_models(
 
 def test_9_a_store_that_cannot_be_opened_fails_closed_and_recovers_without_a_restart(
         tmp_path, fake_provider):
-    real = tmp_path / "prepared-store"
-    with Store(real) as store:
+    # chmod 000 does not stop root: the store's records file is made unreadable to LMDB
+    # instead (the store exists, opening it fails).
+    store_dir = tmp_path / "store"
+    with Store(store_dir) as store:
         acct = seed(store, suffix="fault")
-    store_path = tmp_path / "store"
-    store_path.write_text("not a store: opening it fails, whoever the user is\n")
-    proxy = start_gateway(tmp_path / "gw", fake_provider.address, store_dir=store_path,
+    records = store_dir / "config" / "data.mdb"
+    saved = tmp_path / "data.mdb.saved"
+    records.rename(saved)
+    records.write_bytes(b"not an LMDB file " * 600)
+    proxy = start_gateway(tmp_path / "gw", fake_provider.address, store_dir=store_dir,
                           config_text=BASE_CONFIG)
     try:
         assert_denied(openai_post(proxy, acct.api_key), 503, "quota_unavailable", proxy)
         forwarded_nothing(fake_provider, acct.api_key)
-        store_path.unlink()
-        real.rename(store_path)  # the operator repairs the fault
+        saved.replace(records)  # the operator repairs the fault
         deadline = time.monotonic() + 18
         while (status := openai_post(proxy, acct.api_key).status_code) != 200:
             assert status == 503, status
             assert time.monotonic() < deadline, f"not serving again:\n{tail(proxy)}"
             time.sleep(0.5)
         assert fake_provider.last.credential == OPENAI_KEY
+        assert proxy.is_running()
     finally:
         proxy.stop()
 
@@ -544,7 +552,7 @@ def test_9_a_store_that_cannot_be_opened_fails_closed_and_recovers_without_a_res
 def test_9_a_store_path_that_does_not_exist_is_refused_at_start(tmp_path, fake_provider):
     missing = tmp_path / "no-such-store"
     code, log = expect_refusal(tmp_path, fake_provider.address, store_dir=missing,
-                               config_text=BASE_CONFIG)
+                               config_text=BASE_CONFIG, create_store=False)
     assert code not in (0, None), f"mitmdump did not exit with an error ({code}):\n{log}"
     assert str(missing) in log, log
     assert "aigw " in log, f"the log does not say how to create a store:\n{log}"

@@ -30,7 +30,7 @@ def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
     """mitmdump with the gateway and the repository's mitm.yaml (or `config_text`). `script`
     replaces addon/gateway.py (e.g. a copy to touch for a reload); `sets`, `env` (added to
     PROVIDER_ENV) and `args` go to start_mitmdump. The store is created first (the gateway
-    opens a store, never creates one) unless `create_store` is false."""
+    opens a store, never creates one) if there is none, unless `create_store` is false."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "mitm.yaml"
     if config_text is None:
@@ -38,7 +38,7 @@ def start_gateway(tmp: Path, upstream: str, *, store_dir: Path | None = None,
     else:
         config.write_text(config_text)
     store_dir = store_dir or tmp / "store"
-    if create_store:
+    if create_store and not Store.exists(store_dir):
         Store(store_dir).close()
     proxy = start_mitmdump(
         tmp,
