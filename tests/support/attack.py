@@ -108,7 +108,7 @@ def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: byte
         ctx = proxy.ssl_context()
         ctx.check_hostname = check_hostname and sni is not None
         tls = ctx.wrap_socket(sock, server_hostname=sni)
-        tls.sendall(request)
+        _send(tls, request)
         return parse_response(_read_all(tls))
     finally:
         sock.close()
@@ -117,8 +117,17 @@ def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: byte
 def plain_request(proxy: Proxy, request: bytes) -> RawResponse:
     """Send `request` (absolute-form, plain HTTP) to the proxy itself; read the answer."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT) as sock:
-        sock.sendall(request)
+        _send(sock, request)
         return parse_response(_read_all(sock))
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """Send all of `data`, unless the proxy answers and closes first (an early refusal of a
+    large body): then the answer is read as usual."""
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+        pass
 
 
 def _read_head(sock: socket.socket) -> bytes:
