@@ -1,6 +1,7 @@
 """aigw benchmark (run it as `scripts/bench`; it is not a timed test).
 
-1. Hot path: the addon's `request` hook (auth plus budget decision and reservation) in-process,
+1. Hot path: the addon's `request` hook (auth plus budget decision and reservation, the
+   reservation always one ledger write transaction) in-process,
    driven with mitmproxy's taddons/tflow, against a store of 100,000 keys: p50/p99/p99.9/max in
    microseconds. Each request is then settled through the `response` hook with a canned OpenAI
    answer, timed separately. Target: request hook p99 <= 50 us.
@@ -26,6 +27,14 @@
    100,000-key namespace in the Workers gateway layout, nine records in ten version-stamped as aigw
    writes them: a full pass into a fresh store, then an incremental pass after 1% of the stamped
    records changed: requests, seconds, keys fetched (no target: figures to report).
+
+5. Ledger durability (`--only ledger`): the request path's two ledger writes (reserve, then
+   settle with its log entry) as one pair, on the store's own ledger settings (no writable map,
+   each commit syncs its data: what LMDB documents as keeping the database intact on an OS
+   crash) and on the settings before them (writable map, no sync: SIGBUS on a full disk, and LMDB
+   says an OS crash can corrupt it), plus no sync without a writable map (intact on an OS crash
+   only on a filesystem that keeps write order), in interleaved rounds on one machine: per-pair
+   p50/p99 and the ratios to the old settings (no target: the figures to report).
 
 Everything stays on loopback, is bounded in time and count, and cleans up its processes and
 temporary directories. Exit status: 0 when every target is met, 1 when one is missed, 2 when a run
@@ -97,16 +106,17 @@ CHAT_RESPONSE = {
 HOT_CONFIG = """\
 store: {path: '%(store)s'}
 providers:
-  openai: {kind: openai, hosts: ['^api\\.openai\\.com$'], api_key_env: %(env)s}
+  openai: {kind: openai, hosts: [api.openai.com], api_key_env: %(env)s}
 pricing:
   fallback: {input_per_1m: 1.0, output_per_1m: 2.0}
   models:
     gpt-4o-mini: {input_per_1m: 0.15, cached_input_per_1m: 0.075, output_per_1m: 0.6}
 """
+# The local upstream speaks plain HTTP on loopback (and TLS in the HTTPS run): plain_http.
 THROUGHPUT_CONFIG = """\
 store: {path: '%(store)s'}
 providers:
-  bench: {kind: openai, hosts: ['^127\\.0\\.0\\.1$'], api_key_env: %(env)s}
+  bench: {kind: openai, hosts: ['127.0.0.1'], plain_http: true, api_key_env: %(env)s}
 pricing:
   fallback: {input_per_1m: 1.0, output_per_1m: 2.0}
   models:
@@ -132,10 +142,13 @@ class Settings:
     streams_per_round: int = 5
     stream_mb: int = 100
     sync_keys: int = 100_000
+    ledger_pairs: int = 500  # reserve+settle pairs per ledger setting per round
+    ledger_rounds: int = 5
 
 
 QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2, pairs=2,
-                 stream_events=2_000, stream_rounds=2, stream_mb=20, sync_keys=10_000)
+                 stream_events=2_000, stream_rounds=2, stream_mb=20, sync_keys=10_000,
+                 ledger_pairs=200, ledger_rounds=3)
 
 
 @dataclass
@@ -284,7 +297,11 @@ def build_flows(keys: list[str], n: int, seed: int = 7, cover: bool = False):
                                  authorization=f"Bearer {key}"),
             content=body,
         )
-        flows.append(tflow.tflow(req=req))
+        flow = tflow.tflow(req=req)
+        # As a CONNECT to the provider delivers it: SNI and tunnel target name the same host.
+        flow.client_conn.sni = "api.openai.com"
+        flow.server_conn.address = ("api.openai.com", 443)
+        flows.append(flow)
         responses.append(tutils.tresp(
             status_code=200, headers=http.Headers(content_type="application/json"),
             content=answer))
@@ -299,6 +316,9 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
     config = tmp / "mitm.yaml"
     config.write_text(HOT_CONFIG % {"store": tmp / "store", "env": PROVIDER_ENV})
     os.environ[PROVIDER_ENV] = PROVIDER_SECRET
+    from store import Store
+
+    Store(tmp / "store").close()  # the gateway opens a store, and creates none
     gw = Gateway()
     tctx = taddons.context(gw)  # inside the running loop: the master uses this loop
     tctx.configure(gw, aigw_config=str(config))
@@ -384,22 +404,11 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
             return timed
 
         warm_ns = await warm_pass(warm_flows, warm_responses, "warm")
-        # The same with another gateway registered on the ledger (several mitmdump processes
-        # on one store): decision and reservation in one write transaction.
-        from store.db import Ledger
-
-        peer = Ledger(gw.store.ledger._env)
-        peer.join("bench/peer", {"pid": os.getpid()}, lambda gateway, entry: True)
-        shared_flows, shared_responses = build_flows(active, len(active) + s.requests, seed=13,
-                                                     cover=True)
-        gw._peers_settled_at = 0.0  # it joined after us: we are the one that needs no wait
-        shared_ns = await warm_pass(shared_flows, shared_responses, "shared")
-        peer.leave()
         floor_ns = floor_pass(*floor_flows) if floor_flows else None
         gc.unfreeze()
         in_flight = len(gw.store.ledger.reservations())
         return {"request": request_ns, "settle": settle_ns, "not_allowed": not_allowed,
-                "warm": warm_ns, "shared": shared_ns, "floor": floor_ns,
+                "warm": warm_ns, "floor": floor_ns,
                 "in_flight": in_flight, "keys": counts["apikeys"], "profilers": profilers,
                 "profiled": profiled}
     finally:
@@ -427,8 +436,8 @@ def floor_pass(flows: list, responses: list) -> tuple[list[int], list[int]]:
 
 
 def hot_path(s: Settings, report: Report, profile: bool) -> None:
-    say(f"== hot path: the request hook (auth + budget decision + reservation: held in memory, "
-        f"the gateway being alone on its ledger), {s.keys:,} keys ==")
+    say(f"== hot path: the request hook (auth + budget decision + reservation: one ledger "
+        f"write transaction), {s.keys:,} keys ==")
     with tempfile.TemporaryDirectory(prefix="aigw-bench-hot-") as tmp:
         result = asyncio.run(hot_path_run(s, Path(tmp), profile))
     if result["not_allowed"]:
@@ -447,12 +456,7 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
     say(format_distribution("request hook", req, len(result["request"])))
     say("   (each request a random key of all: its records read and parsed from LMDB)")
     say(format_distribution("request hook, warm", warm, len(result["warm"])))
-    shared = distribution(result["shared"]) if result["shared"] else None
     say("   (1,000 active keys, each seen before: its records cached until the store changes)")
-    if shared:
-        say(format_distribution("request hook, shared", shared, len(result["shared"])))
-        say("   (the same keys, another gateway registered on the ledger: decision and "
-            "reservation in one write transaction)")
     say(format_distribution("settle (response hook)", settle, len(result["settle"])))
     if result["floor"]:
         floor_request, floor_response = (distribution(ns) for ns in result["floor"])
@@ -474,10 +478,6 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
         f"| hot path, warm: request hook p50 / p99 (1,000 active keys of {result['keys']:,}) "
         f"| {warm['p50']:.1f} / {warm['p99']:.1f} us | p99 <= {HOT_P99_TARGET_US:.0f} us "
         f"| {'PASS' if warm_ok else 'FAIL'} |")
-    if shared:
-        report.lines.append(
-            f"| hot path, warm, ledger shared with another gateway: request hook p50 / p99 "
-            f"| {shared['p50']:.1f} / {shared['p99']:.1f} us | - | |")
     report.lines.append(
         f"| settle: response hook p50 / p99 | {settle['p50']:.1f} / {settle['p99']:.1f} us "
         f"| - | |")
@@ -489,6 +489,89 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
     if result["profilers"]:
         for hook, profiler in zip(("request", "response"), result["profilers"], strict=True):
             print_profile(profiler, hook, result["profiled"])
+
+
+# The ledger settings compared: name -> py-lmdb open flags. The first is the store's own.
+LEDGER_SETTINGS = {
+    "safe (no writemap, data synced per commit)": None,  # store.db.LEDGER_SYNC
+    "old (writemap, no sync)": {"sync": False, "metasync": False, "writemap": True},
+    "no sync, no writemap": {"sync": False, "metasync": False},
+}
+LEDGER_SAFE, LEDGER_OLD, LEDGER_NOSYNC = LEDGER_SETTINGS
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts ("?" elsewhere)."""
+    best, kind = "", "?"
+    with suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            parts = line.split()
+            if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    return kind
+
+
+def ledger_pairs(ledger, n: int, tag: str) -> list[int]:
+    """`n` reserve+settle pairs as the request path does them: ns per pair."""
+    from store.db import UsageRecord
+
+    levels = (("key", f"k-{tag}"), ("user", "u"), ("org", "o"))
+    record = UsageRecord(time.time(), "openai", "gpt-4o-mini", f"k-{tag}", "u", "o", "metered",
+                         200, None, 1_234, False, input=14, output=2)
+    clock, timed = time.perf_counter_ns, []
+    for i in range(n):
+        rid = f"{tag}-{i}"
+        t0 = clock()
+        ledger.reserve(rid, levels, "2026-11", 5_000, lambda counters: None,
+                       owner={"host": "bench", "pid": 1})
+        ledger.settle(rid, levels, "2026-11", 1_234, record)
+        timed.append(clock() - t0)
+    return timed
+
+
+def ledger_bench(s: Settings, report: Report) -> None:
+    from store.db import GIB, LEDGER_DBS, LEDGER_SYNC, Ledger, _Env
+
+    with tempfile.TemporaryDirectory(prefix="aigw-bench-ledger-") as tmp:
+        say(f"== ledger durability: reserve + settle pairs (the request path's two ledger "
+            f"writes), {s.ledger_pairs:,} pairs x {s.ledger_rounds} interleaved rounds per "
+            f"setting, on {filesystem_of(Path(tmp))} ({tmp}) ==")
+        envs = {}
+        try:
+            for name, flags in LEDGER_SETTINGS.items():
+                envs[name] = _Env(Path(tmp) / str(len(envs)), LEDGER_DBS, map_size=GIB,
+                                  **(LEDGER_SYNC if flags is None else flags))
+            ledgers = {name: Ledger(env) for name, env in envs.items()}
+            for name, ledger in ledgers.items():  # warm-up, unmeasured
+                ledger_pairs(ledger, 20, f"warm-{len(name)}")
+            samples: dict[str, list[int]] = {name: [] for name in ledgers}
+            medians: dict[str, list[float]] = {name: [] for name in ledgers}
+            names = list(ledgers)
+            for r in range(s.ledger_rounds):
+                order = names[r % len(names):] + names[:r % len(names)]  # rotate the order
+                for name in order:
+                    timed = ledger_pairs(ledgers[name], s.ledger_pairs, f"r{r}")
+                    samples[name] += timed
+                    medians[name].append(_median([float(t) for t in timed]))
+                line = ", ".join(f"{name.split(' (')[0]} {medians[name][-1] / 1000:.1f} us"
+                                 for name in names)
+                say(f"   round {r + 1}: pair medians: {line}")
+        finally:
+            for env in envs.values():
+                env.close()
+    for name in names:
+        say(format_distribution(f"pair, {name}", distribution(samples[name]),
+                                len(samples[name])))
+    for name in (LEDGER_SAFE, LEDGER_NOSYNC):
+        ratios = [new / old for new, old in zip(medians[name], medians[LEDGER_OLD], strict=True)]
+        say(f"{name.split(' (')[0]} / old, per-round medians: {_median(ratios):.1f}x "
+            f"(range {min(ratios):.1f}-{max(ratios):.1f}x)")
+        report.lines.append(
+            f"| ledger: reserve+settle pair p50, {name} / old (writemap, no sync) "
+            f"| {distribution(samples[name])['p50']:.1f} / "
+            f"{distribution(samples[LEDGER_OLD])['p50']:.1f} us = {_median(ratios):.1f}x "
+            f"(rounds {min(ratios):.1f}-{max(ratios):.1f}x) | - | |")
+
 
 
 def print_profile(profiler, hook: str, n: int, top: int = 25) -> None:
@@ -1787,9 +1870,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds of 2 "
                         "processes each, 2k-event streams, a 20 MB stream, a 10k-key sync")
     parser.add_argument("--only",
-                        choices=("hotpath", "throughput", "throughput-tls", "stream", "sync"),
+                        choices=("hotpath", "throughput", "throughput-tls", "stream", "sync",
+                                 "ledger"),
                         help="run one of the benchmarks (throughput-tls: the throughput one "
-                        "over HTTPS)")
+                        "over HTTPS; ledger: the cost of the ledger's durable settings)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -1807,13 +1891,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--stream-events", type=int, help="content events of the timed streams")
     parser.add_argument("--stream-rounds", type=int, help="stream rounds per proxy")
     parser.add_argument("--stream-mb", type=int, help="size of the memory stream in MB")
+    parser.add_argument("--ledger-pairs", type=int,
+                        help="ledger: reserve+settle pairs per setting per round")
+    parser.add_argument("--ledger-rounds", type=int, help="ledger: interleaved rounds")
     parser.add_argument("--sync-keys", type=int,
                         help=f"keys in the sync namespace (> {SYNC_ORGS + SYNC_USERS:,})")
     args = parser.parse_args(argv)
     s = replace(QUICK) if args.quick else Settings()
     s.floor = args.floor
     for name in ("keys", "requests", "rounds", "pairs", "duration", "concurrency", "stream_events",
-                 "stream_rounds", "stream_mb", "sync_keys"):
+                 "stream_rounds", "stream_mb", "sync_keys", "ledger_pairs", "ledger_rounds"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
@@ -1829,6 +1916,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     s.stream_rounds = min(s.stream_rounds, 20)
     s.stream_mb = min(s.stream_mb, 1_000)
     s.sync_keys = min(s.sync_keys, 1_000_000)
+    s.ledger_pairs = min(s.ledger_pairs, 10_000)
+    s.ledger_rounds = min(s.ledger_rounds, 20)
     if s.sync_keys <= SYNC_ORGS + SYNC_USERS:
         parser.error(f"--sync-keys must be more than {SYNC_ORGS + SYNC_USERS:,}")
     return args, s
@@ -1865,6 +1954,7 @@ def main(argv: list[str]) -> int:
         ("stream", "stream run", lambda: streams(s, report), failures),
         # a failed pass (SyncError), the fake's process, ...
         ("sync", "sync run", lambda: sync_bench(s, report), (Exception,)),
+        ("ledger", "ledger run", lambda: ledger_bench(s, report), (Exception,)),
     ]
     for name, what, run, caught in sections:
         if args.only not in (None, name):
@@ -1875,7 +1965,8 @@ def main(argv: list[str]) -> int:
             run()
         except caught as exc:
             report.invalid = True
-            detail = f"{type(exc).__name__}: {exc}" if name == "sync" else str(exc)
+            generic = name in ("sync", "ledger")
+            detail = f"{type(exc).__name__}: {exc}" if generic else str(exc)
             say(f"!! {what} failed: {detail}")
     say()
     say(f"== summary ({time.monotonic() - started:.0f} s) ==")
