@@ -32,6 +32,10 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _created(path: Path) -> None:
+    print(f"{PROG}: created a new store at {path}", file=sys.stderr, flush=True)
+
+
 def usd(text: str) -> float:
     """argparse type: a non-negative finite USD amount."""
     try:
@@ -381,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line for the operator, whatever went wrong
         _remove(created)
         return _fail(f"internal error: {type(exc).__name__}: {exc}")
+    if not exists:
+        _created(settings.path)
     return _print(result)
 
 
@@ -423,10 +429,13 @@ def _sync(args: argparse.Namespace, settings: StoreSettings) -> int:
     interval = args.interval if args.interval is not None else sync.interval_s
     if interval < 1:
         return _fail("--interval must be at least 1 second (one KV write per key per second)")
+    exists = Store.exists(settings.path)
     try:
         store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
     except (StoreError, OSError) as exc:
         return _fail(exc)
+    if not exists:  # said at once: a sync loop may run for days
+        _created(settings.path)
     with store, replication.KVClient(cf, sync) as client:
         progress = replication.progress_reporter(sys.stderr)
         replicator = replication.Replicator(store, client, sync, progress=progress)

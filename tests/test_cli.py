@@ -25,9 +25,14 @@ def aigw(tmp_path):
     return run
 
 
+CREATED = "aigw: created a new store at "
+
+
 def ok(result: subprocess.CompletedProcess) -> dict:
+    """The JSON answer of a command that succeeded, saying nothing on stderr (but, for the
+    first command on a store, that it created it)."""
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert [line for line in result.stderr.splitlines() if not line.startswith(CREATED)] == []
     return json.loads(result.stdout)
 
 
@@ -207,3 +212,60 @@ def test_a_failed_first_command_leaves_no_store_behind(aigw, tmp_path):
     one_error_line(aigw("import", str(tmp_path / "bad.json")), 1)
     one_error_line(aigw("org", "create", "--name", " ", "--budget", "1"), 1)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_command_that_creates_a_store_says_where_on_stderr(aigw, tmp_path):
+    first = aigw("org", "create", "--name", "A", "--budget", "1")
+    assert first.returncode == 0 and first.stderr == f"{CREATED}{tmp_path / 'store'}\n"
+    assert aigw("org", "create", "--name", "B", "--budget", "1").stderr == ""  # it exists now
+    for name, args in (("demo", ("demo",)), ("import", ("import", "-"))):
+        other = tmp_path / name
+        done = aigw("--store", str(other), *args, stdin="[]", store_args=False)
+        assert done.returncode == 0 and done.stderr == f"{CREATED}{other}\n", name
+    failed = aigw("--store", str(tmp_path / "never"), "org", "create", "--name", " ",
+                  "--budget", "1", store_args=False)
+    assert CREATED not in failed.stderr and not (tmp_path / "never").exists()
+    assert CREATED not in aigw("--store", str(tmp_path / "never"), "health",
+                               store_args=False).stderr
+
+
+BAD_IMPORT = [
+    ("user:u1:quota", {"month_usage_usd": 1, "current_month": "2026-11", "request_count": "1.5"},
+     'item 1: user:u1:quota: request_count: expected an integer, got "1.5"'),
+    ("apikey:" + "ab" * 32, {"user_id": "u1", "passthrough": "false"},
+     'item 1: apikey:abababababab...: passthrough: expected a boolean, got "false"'),
+    ("org:o2:config", {"org_id": "o2", "monthly_budget_usd": "inf"},
+     'item 1: org:o2:config: monthly_budget_usd: expected a number or null, got "inf"'),
+    ("user:u2:config", {"user_id": "u2", "status": "Active"},
+     'item 1: user:u2:config: status: expected one of active, suspended'),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_IMPORT)
+def test_import_refuses_a_bad_record_naming_key_field_and_reason(aigw, tmp_path, key, value,
+                                                                 message):
+    good = {"key": "org:o1:config", "value": json.dumps({"org_id": "o1", "name": "A"})}
+    (tmp_path / "dump.json").write_text(json.dumps([good, {"key": key,
+                                                           "value": json.dumps(value)}]))
+    line = one_error_line(aigw("import", "dump.json"), 1)
+    assert message in line and "internal error" not in line
+    assert not (tmp_path / "store").exists()  # nothing written, no store left behind
+
+
+def test_usage_shows_the_parts_the_gateway_counts(aigw):
+    org = ok(aigw("org", "create", "--name", "A", "--budget", "10"))
+    user = ok(aigw("user", "create", "--org", org["org_id"], "--email", "a@b.c",
+                   "--limit", "5"))
+    ok(aigw("import", "-", stdin=json.dumps([{
+        "key": f"user:{user['user_id']}:quota",
+        "value": json.dumps({"month_usage_usd": 1.25, "request_count": 2,
+                             "current_month": ok(aigw("usage", "org", org["org_id"]))[
+                                 "current_month"]})}])))
+    usage = ok(aigw("usage", "user", user["user_id"]))
+    assert {k: usage[k] for k in ("current_usage_usd", "this_node_usd", "other_nodes_usd",
+                                  "quota_record_usd", "request_count", "this_node_requests",
+                                  "other_nodes_requests", "quota_record_requests",
+                                  "remaining_usd")} == {
+        "current_usage_usd": 1.25, "this_node_usd": 0.0, "other_nodes_usd": 0.0,
+        "quota_record_usd": 1.25, "request_count": 2, "this_node_requests": 0,
+        "other_nodes_requests": 0, "quota_record_requests": 2, "remaining_usd": 3.75}

@@ -274,6 +274,7 @@ def test_cli_sync_once_with_wrangler_credentials_and_health(kv, tmp_path):
     assert result["ok"] is True and result["listed"] == 11 and result["fetched"] == 11
     assert result["full"] is True and result["requests"] == 2  # one list page, one bulk get
     assert "sync: listed 11, fetched 11, changed 11" in done.stderr
+    assert f"aigw: created a new store at {tmp_path / 'store'}\n" in done.stderr
     assert kv.token not in done.stdout + done.stderr  # the token is never logged
     assert all(r.authorized for r in kv.requests)
 
@@ -555,9 +556,10 @@ def test_cli_sync_once_that_cannot_complete_exits_with_one_line(kv, tmp_path):
     done = run_aigw(tmp_path, "sync", "--once", "--api-base", kv.api_base, env=cf_env(kv))
 
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("aigw: error: sync pass did not complete, nothing applied: ")
-    assert "HTTP 503" in done.stderr and kv.token not in done.stderr
+    created, error = done.stderr.splitlines()  # the store the pass opened, then the error
+    assert created == f"aigw: created a new store at {tmp_path / 'store'}"
+    assert error.startswith("aigw: error: sync pass did not complete, nothing applied: ")
+    assert "HTTP 503" in error and kv.token not in done.stderr
     health = json.loads(run_aigw(tmp_path, "health").stdout)
     assert health["last_sync"] is None and health["records"]["orgs"] == 0
 
