@@ -32,6 +32,19 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+# What a credential looks like: gateway keys, the providers' key shapes, and any long random
+# token (40 characters or more, four digits among them: a key of a shape not listed here). An
+# error never prints one, whatever raised it.
+_CREDENTIAL = re.compile(
+    r"gw_(?:live|test)_\w+|\b(?:sk|rk|pk)[-_][\w-]{6,}|\bAIza[\w-]{10,}|\bxai-[\w-]{6,}"
+    r"|\bgsk_\w{6,}|\b(?=(?:[A-Za-z_-]*[0-9]){4})[\w-]{40,}")
+
+
+def redact(text: str) -> str:
+    """`text` with anything shaped like a credential replaced by `<redacted>`."""
+    return _CREDENTIAL.sub("<redacted>", text)
+
+
 def _created(path: Path) -> None:
     print(f"{PROG}: created a new store at {path}", file=sys.stderr, flush=True)
 
@@ -308,7 +321,7 @@ def _print(value: Any) -> int:
 
 
 def _fail(message: object, code: int = 1) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {redact(_one_line(message))}", file=sys.stderr)
     return code
 
 
@@ -317,7 +330,7 @@ def _health_failure(settings: StoreSettings, exc: object) -> int:
         "ok": False,
         "store": str(settings.path),
         "hash": settings.hash_algorithm,
-        "error": _one_line(exc),
+        "error": redact(_one_line(exc)),
     })
     return _fail(exc)
 

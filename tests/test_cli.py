@@ -252,6 +252,36 @@ def test_import_refuses_a_bad_record_naming_key_field_and_reason(aigw, tmp_path,
     assert not (tmp_path / "store").exists()  # nothing written, no store left behind
 
 
+def test_errors_never_show_a_credential(aigw, tmp_path):
+    provider_key = "sk-proj-" + "Zq7" * 15
+    gateway_key = "gw_live_" + "ab" * 16
+    dump = [
+        {"key": "org:o1:config", "value": json.dumps({"provider_keys": provider_key})},
+        {"key": "org:o2:config", "value": json.dumps({"provider_keys": {"openai": provider_key},
+                                                      "failure_mode": provider_key})},
+        {"key": "apikey:" + "cd" * 32, "value": json.dumps({"user_id": "u",
+                                                            "passthrough": gateway_key})},
+        {"key": "user:u:config", "value": json.dumps({"status": gateway_key[:20]})},
+        {"key": "user:u:keys:k", "value": json.dumps({"key_id": provider_key})},
+    ]
+    (tmp_path / "dump.json").write_text(json.dumps(dump))
+    result = aigw("import", "dump.json")
+    line = one_error_line(result, 1)
+    assert "provider_keys: expected an object" in line and "and 2 more bad items" in line
+    # An org record already in the store, with a literal provider key, and a bad field.
+    ok(aigw("import", "-", stdin=json.dumps([{"key": "org:o3:config", "value": json.dumps({
+        "org_id": "o3", "provider_keys": {"openai": provider_key}})}])))
+    shown = ok(aigw("org", "show", "o3"))
+    assert shown["provider_keys"] == {"openai": "<redacted>"}
+    updated = aigw("org", "update", "o3", "--name", provider_key)
+    assert updated.returncode == 0
+    for done in (result, updated, aigw("org", "update", "o3", "--budget", "1",
+                                       "--provider-key", f"openai={provider_key}"),
+                 aigw("user", "show", gateway_key), aigw("key", "revoke", gateway_key),
+                 aigw("usage", "key", provider_key)):
+        assert provider_key[:12] not in done.stderr and "gw_live_" not in done.stderr, done
+
+
 def test_usage_shows_the_parts_the_gateway_counts(aigw):
     org = ok(aigw("org", "create", "--name", "A", "--budget", "10"))
     user = ok(aigw("user", "create", "--org", org["org_id"], "--email", "a@b.c",
