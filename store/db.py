@@ -54,6 +54,13 @@ LMDB_MAX_KEY = 511
 _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
+CONFIG_DBS = ("records", "meta", "stamps", "remote")
+LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
+# Each ledger commit syncs its data pages but not its meta page (MDB_NOMETASYNC): LMDB keeps the
+# database intact on an OS crash, which may undo the last commit (`Store.flush` bounds that in
+# time). No writable map: see the module docstring.
+LEDGER_SYNC = {"sync": True, "metasync": False}
+
 RESOLVE_CACHE_SIZE = 200_000
 _GATEWAYS = b"gateways"  # ledger meta: the gateway processes using this ledger
 GATEWAY_TIMEOUT_S = 30.0  # a registered gateway without a heartbeat for this long is gone
@@ -891,15 +898,10 @@ class Store:
         hash_key("", hash_algorithm)  # rejects an unknown algorithm early
         if not create and not Store.exists(self.path):
             raise StoreMissing(missing_store_message(self.path))
-        config_env = self._open(
-            "config", ("records", "meta", "stamps", "remote"), map_size=map_size, create=create)
+        config_env = self._open("config", CONFIG_DBS, map_size=map_size, create=create)
         try:
-            # Each commit syncs its data pages, not its meta page (MDB_NOMETASYNC): LMDB keeps
-            # the database intact on an OS crash, which may undo the last commit (the Flusher
-            # bounds that in time). The ledger is node-local: a store has one once opened.
-            ledger_env = self._open(
-                "ledger", ("usage", "reservations", "requests", "grace", "meta"),
-                map_size=map_size, metasync=False)
+            # The ledger is node-local: a store that has a config environment gets one.
+            ledger_env = self._open("ledger", LEDGER_DBS, map_size=map_size, **LEDGER_SYNC)
         except BaseException:
             config_env.close()
             raise
@@ -908,11 +910,12 @@ class Store:
         self.ledger = Ledger(ledger_env)
         self._closed = False
 
-    def _open(self, name: str, dbs: Sequence[str], *, map_size: int, metasync: bool = True,
-              create: bool = True) -> _Env:
+    def _open(self, name: str, dbs: Sequence[str], *, map_size: int, sync: bool = True,
+              metasync: bool = True, create: bool = True) -> _Env:
         where = self.path / name
         try:
-            return _Env(where, dbs, map_size=map_size, metasync=metasync, create=create)
+            return _Env(where, dbs, map_size=map_size, sync=sync, metasync=metasync,
+                        create=create)
         except FileNotFoundError as exc:
             raise StoreMissing(missing_store_message(self.path)) from exc
         except lmdb.Error as exc:
@@ -967,11 +970,23 @@ class Flusher:
         self._thread.start()
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self._interval):
             try:
                 self._store.flush()
+            except StoreUnavailable as exc:  # a full or failing disk: once, not every second
+                if not failing:
+                    log.error("ledger sync failed (%s); retrying every %.1fs", exc,
+                              self._interval)
+                failing = True
+                continue
             except Exception:
                 log.exception("ledger sync failed; retrying in %.1fs", self._interval)
+                failing = True
+                continue
+            if failing:
+                log.warning("ledger sync works again")
+            failing = False
 
     def stop(self) -> None:
         self._stop.set()

@@ -29,6 +29,14 @@ sys.stdin.read()
 """
 
 
+OPEN_AND_READ = """
+import sys
+from store.db import Store
+with Store(sys.argv[1], create=False) as store:
+    print(store.ledger.counters([("org", "o")], "2026-11")[0].requests)
+"""
+
+
 def never(counters: list) -> None:
     return None
 
@@ -102,6 +110,10 @@ def _full_disk_scenario(path: str, shrink_map: bool) -> dict:
         during = ledger.counters(LEVELS, MONTH)
         grew = ledger._env.env.info()["map_size"] > map_before
         reservations_during = len(ledger.reservations())
+        # Another process (a gateway retrying, `aigw usage`) can still open it and read.
+        opened_while_full = subprocess.run(
+            [sys.executable, "-c", OPEN_AND_READ, path], capture_output=True, text=True,
+            timeout=60)
         flush = _attempt(store.flush)
         filler.unlink()
         ledger.reserve("after", LEVELS, MONTH, 10, never)
@@ -121,6 +133,8 @@ def _full_disk_scenario(path: str, shrink_map: bool) -> dict:
         "reservations_during": reservations_during, "flush": flush, "after": after,
         "grace_after": grace_after, "reopened": reopened_counters, "logged": logged,
         "grace_log": grace_log,
+        "opened_while_full": (opened_while_full.returncode, opened_while_full.stdout.strip(),
+                              opened_while_full.stderr[-500:]),
     }
 
 
@@ -154,6 +168,7 @@ def test_a_full_disk_is_unavailable_and_loses_nothing(small_disk: Path, shrink_m
     for op, outcome in seen["failed"].items():
         assert outcome.startswith("unavailable:") and "No space left" in outcome, (op, outcome)
     assert seen["flush"] == "ok"
+    assert seen["opened_while_full"][:2] == (0, "30"), seen["opened_while_full"]
     assert seen["during"] == seen["before"]  # the failed writes changed nothing
     assert [c[:3] for c in seen["before"]] == [(90, 0, 30)] * 3
     assert seen["reservations_during"] == 0
@@ -280,3 +295,31 @@ def test_a_resize_inside_a_transaction_is_refused(tmp_path: Path):
         with pytest.raises(StoreUnavailable, match="outside a transaction"):
             env.read(nested)
         assert store.ledger.counters(LEVELS, MONTH)[0].requests == 0
+
+
+def test_the_flusher_reports_a_failing_sync_once_and_keeps_running(caplog):
+    """A full disk must not crash the sync thread or log a traceback every second."""
+    import logging
+    import time
+
+    from store.db import Flusher
+
+    class Failing:
+        calls = 0
+
+        def flush(self) -> None:
+            Failing.calls += 1
+            if Failing.calls <= 5:
+                raise StoreUnavailable("store sync failed (x): No space left on device")
+
+    flusher = Flusher(Failing(), 0.001)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="aigw.store"):
+        flusher.start()
+        deadline = time.monotonic() + 30
+        while Failing.calls < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        flusher.stop()
+    assert Failing.calls >= 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("ledger sync failed" in m for m in messages) == 1, messages
+    assert sum("works again" in m for m in messages) == 1
