@@ -229,8 +229,10 @@ def test_records_of_both_workers_gateway_versions_parse():
     new = ApiKey.parse("h", {"key_id": "k2", "key_hash": "h", "org_id": "o", "user": "u2",
                              "monthly_limit_usd": 5, "status": "revoked"})
     assert (new.user_id, new.org_id, new.active) == ("u2", "o", False)
-    org = Org.parse("o", {"name": "Acme", "monthly_budget_usd": "100", "failure_mode": "fail-open"})
+    org = Org.parse("o", {"name": "Acme", "monthly_budget_usd": 100, "failure_mode": "fail-open"})
     assert org.failure_mode == "fail_open" and org.fallback_daily_limit_usd == 10.0
+    with pytest.raises(RecordError):  # amounts are JSON numbers (store/records.py is strict)
+        Org.parse("o", {"monthly_budget_usd": "100"})
     assert normalize_failure_mode("FAIL-CLOSED") == "fail_closed"
     with pytest.raises(RecordError):
         Org.parse("o", {"monthly_budget_usd": -1})
