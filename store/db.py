@@ -919,7 +919,7 @@ class Store:
         except FileNotFoundError as exc:
             raise StoreMissing(missing_store_message(self.path)) from exc
         except lmdb.Error as exc:
-            if not create and not where.exists():
+            if not create and not Store.exists(self.path):  # removed since the check
                 raise StoreMissing(missing_store_message(self.path)) from exc
             raise StoreUnavailable(f"cannot open store at {self.path}: {_reason(exc)}") from exc
         except OSError as exc:  # creating its directories

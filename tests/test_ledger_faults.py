@@ -207,10 +207,10 @@ def _as_nobody(fn: Callable[[], Any]) -> Any:
     return pickle.loads(data)
 
 
-def _open_store(path: Path) -> Any:
+def _open_store(path: Path, create: bool = True) -> Any:
     def attempt() -> tuple:
         try:
-            with Store(path):
+            with Store(path, create=create):
                 return ("opened",)
         except StoreMissing as exc:
             return ("missing", str(exc))
@@ -225,14 +225,16 @@ def test_a_store_that_cannot_be_opened_is_unavailable_with_the_reason(tmp_path: 
         store.ledger.settle(None, LEVELS, MONTH, 5)
     path.chmod(0)
     try:
-        outcome = _as_nobody(_open_store(path))
+        # As the gateway opens it (create=False) and as aigw does: the reason, not "missing".
+        outcomes = [_as_nobody(_open_store(path, create)) for create in (False, True)]
     finally:
         path.chmod(0o755)
-    if os.geteuid() == 0:
-        assert outcome[0] == "ok", outcome
-        outcome = outcome[1]
-    assert outcome[0] == "unavailable", outcome
-    assert f"cannot open store at {path}" in outcome[1] and "Permission denied" in outcome[1]
+    for outcome in outcomes:
+        if os.geteuid() == 0:
+            assert outcome[0] == "ok", outcome
+            outcome = outcome[1]
+        assert outcome[0] == "unavailable", outcome
+        assert f"cannot open store at {path}" in outcome[1] and "Permission denied" in outcome[1]
     # Once the rights are back, opening again (the gateway retries) finds the ledger intact.
     with Store(path) as store:
         assert store.ledger.counters(LEVELS, MONTH)[0].used_nusd == 5
