@@ -909,6 +909,7 @@ class Store:
         self.records = Records(config_env)
         self.ledger = Ledger(ledger_env)
         self._closed = False
+        self._sync_lock = threading.Lock()  # close waits for a flush in progress (Flusher)
 
     def _open(self, name: str, dbs: Sequence[str], *, map_size: int, sync: bool = True,
               metasync: bool = True, create: bool = True) -> _Env:
@@ -940,15 +941,19 @@ class Store:
     def flush(self) -> None:
         """fsync the store: the ledger's last commit survives an OS crash or power loss once
         this returns. Safe from another thread (it takes no transaction)."""
-        for env in self._envs:
-            env.sync()
+        with self._sync_lock:
+            if self._closed:
+                return
+            for env in self._envs:
+                env.sync()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for env in self._envs:
-            env.close()
+        with self._sync_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for env in self._envs:
+                env.close()
 
     def __enter__(self) -> "Store":
         return self

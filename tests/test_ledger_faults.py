@@ -325,3 +325,31 @@ def test_the_flusher_reports_a_failing_sync_once_and_keeps_running(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("ledger sync failed" in m for m in messages) == 1, messages
     assert sum("works again" in m for m in messages) == 1
+
+
+def test_close_waits_for_a_flush_in_progress(tmp_path: Path, monkeypatch):
+    """The Flusher's fsync may outlast its stop() timeout on a stalled disk: closing the store
+    must not free the environment under it."""
+    store = Store(tmp_path / "s")
+    env = store.ledger._env
+    in_sync, release = threading.Event(), threading.Event()
+    real_sync = env.sync
+
+    def slow_sync() -> None:
+        in_sync.set()
+        release.wait(30)
+        real_sync()
+
+    monkeypatch.setattr(env, "sync", slow_sync)
+    flushing = threading.Thread(target=store.flush)
+    flushing.start()
+    assert in_sync.wait(30)
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive()  # waits for the fsync
+    release.set()
+    flushing.join(30)
+    closing.join(30)
+    assert not closing.is_alive() and store._closed
+    store.flush()  # a flush after close does nothing
