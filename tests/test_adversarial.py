@@ -8,6 +8,7 @@ Groq-like provider on exact host names; `options_gateway` adds the new options (
 their own, since they change or measure the whole process.
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ from store import Store
 from tests.support.attack import (
     CHAT,
     RawResponse,
+    brotli_bomb,
+    deflate_from_gzip,
     error_kinds,
     gzip_bomb,
     http_request,
@@ -34,6 +37,8 @@ from tests.support.attack import (
     plain_request,
     tunnel_request,
     wait_for_exit,
+    zstd_bomb,
+    zstd_compress,
 )
 from tests.support.gateway import (
     ANTHROPIC_KEY,
@@ -186,6 +191,23 @@ def options_gateway(tmp_path_factory, fake_provider_server):
 def bomb(tmp_path_factory) -> bytes:
     """1 GiB of zeros, gzip-encoded (about 1 MiB): built once per session."""
     return gzip_bomb(tmp_path_factory.mktemp("bomb") / "bomb.gz")
+
+
+@pytest.fixture(scope="session")
+def bombs(bomb) -> dict[str, tuple[str, bytes]]:
+    """Content-Encoding and body of 1 GiB bombs in every encoding mitmproxy decodes, and as a
+    later member (gzip) or frame (zstd) behind a small JSON-looking first one: a decoder that
+    stops after the first member would see a small body, while the provider decodes all."""
+    prefix = json.dumps(CHAT).encode()[:-1] + b', "pad": "'
+    zstd_1g = zstd_bomb()
+    return {
+        "gzip": ("gzip", bomb),
+        "deflate": ("deflate", deflate_from_gzip(bomb, 1 << 30)),
+        "br": ("br", brotli_bomb()),
+        "zstd": ("zstd", zstd_1g),
+        "gzip-members": ("gzip", gzip.compress(prefix) + bomb),
+        "zstd-frames": ("zstd", zstd_compress(prefix) + zstd_1g),
+    }
 
 
 # --------------------------------------------------------------------------- 1. reload
@@ -370,7 +392,6 @@ def bomb_gateway(tmp_path_factory, fake_provider_server):
     tmp = tmp_path_factory.mktemp("adv-bomb")
     proxy = start_gateway(tmp, fake_provider_server.address, config_text=BASE_CONFIG)
     proxy.store = Store(proxy.store_dir)
-    proxy.acct = seed(proxy.store, suffix="bomb")
     try:
         yield proxy
     finally:
@@ -378,11 +399,12 @@ def bomb_gateway(tmp_path_factory, fake_provider_server):
         proxy.store.close()
 
 
-def send_bomb(proxy: Proxy, bomb: bytes, headers: list[tuple[str, str]]) -> RawResponse:
+def send_bomb(proxy: Proxy, bomb: bytes, headers: list[tuple[str, str]],
+              encoding: str = "gzip") -> RawResponse:
     return tunnel_request(proxy, connect="api.openai.com:443", sni="api.openai.com",
                           request=http_request("POST", "/v1/chat/completions",
                                                host="api.openai.com", body=bomb,
-                                               headers=[("Content-Encoding", "gzip"),
+                                               headers=[("Content-Encoding", encoding),
                                                         *headers]))
 
 
@@ -397,11 +419,14 @@ def test_5_a_gzip_bomb_without_a_valid_key_is_401_without_decoding(bomb_gateway,
     assert peak_rss_bytes(bomb_gateway.pid) < 600 * 2**20
 
 
-def test_5_a_gzip_bomb_with_a_valid_key_is_413_and_nothing_is_reserved(bomb_gateway,
-                                                                       fake_provider, bomb):
-    acct = bomb_gateway.acct
+@pytest.mark.parametrize("variant", ["gzip", "deflate", "br", "zstd", "gzip-members",
+                                     "zstd-frames"])
+def test_5_a_bomb_with_a_valid_key_is_413_and_nothing_is_reserved(bomb_gateway, fake_provider,
+                                                                  bombs, variant):
+    acct = seed(bomb_gateway.store, suffix=f"bomb-{variant}")
+    encoding, body = bombs[variant]
     started = time.monotonic()
-    resp = send_bomb(bomb_gateway, bomb, bearer(acct.api_key))
+    resp = send_bomb(bomb_gateway, body, bearer(acct.api_key), encoding)
     assert_denied(resp, 413, "request_too_large", bomb_gateway)
     assert time.monotonic() - started < 15
     forwarded_nothing(fake_provider, acct.api_key)

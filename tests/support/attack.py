@@ -200,6 +200,45 @@ def gzip_bomb(path: Path, decoded_size: int = 1 << 30, chunk: int = 1 << 20) -> 
     return data
 
 
+def deflate_from_gzip(gz: bytes, decoded_size: int) -> bytes:
+    """The zlib-wrapped (Content-Encoding: deflate) form of a one-member gzip of zeros made by
+    `gzip_bomb`: the same deflate data, a zlib header and the Adler-32 of `decoded_size` zeros
+    (no second compression pass)."""
+    if gz[:4] != b"\x1f\x8b\x08\x00":
+        raise ValueError("expected a gzip member without optional header fields")
+    adler = ((decoded_size % 65521) << 16) | 1  # a stays 1 over zeros; b counts them
+    return b"\x78\xda" + gz[10:-8] + adler.to_bytes(4, "big")
+
+
+def brotli_bomb(decoded_size: int = 1 << 30, chunk: int = 1 << 20) -> bytes:
+    """Brotli of `decoded_size` zeros (about 190 KiB for 1 GiB)."""
+    import brotli
+
+    c = brotli.Compressor(quality=1)
+    zeros = bytes(chunk)
+    return b"".join(c.process(zeros) for _ in range(decoded_size // chunk)) + c.finish()
+
+
+def zstd_bomb(decoded_size: int = 1 << 30, chunk: int = 1 << 20) -> bytes:
+    """One zstd frame of `decoded_size` zeros (about 32 KiB for 1 GiB)."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        from backports import zstd  # type: ignore[no-redef]
+
+    c = zstd.ZstdCompressor()
+    zeros = bytes(chunk)
+    return b"".join(c.compress(zeros) for _ in range(decoded_size // chunk)) + c.flush()
+
+
+def zstd_compress(data: bytes) -> bytes:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        from backports import zstd  # type: ignore[no-redef]
+    return zstd.compress(data)
+
+
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM (the peak resident set size) of a process, from /proc."""
     text = Path(f"/proc/{pid}/status").read_text()

@@ -498,6 +498,8 @@ class FakeProvider(ThreadedServer):
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             body, body_error = b"", f"body too large: {exc.text}"
+        except Exception as exc:  # e.g. a Content-Encoding aiohttp cannot decode
+            body, body_error = b"", f"body unreadable: {exc!r}"
         try:
             parsed = json.loads(body) if body else None
         except ValueError:
@@ -524,7 +526,8 @@ class FakeProvider(ThreadedServer):
             self._requests.append(rec)
             self._changed.notify_all()
         if body_error is not None:
-            return web.Response(status=413, text=body_error)
+            status = 413 if body_error.startswith("body too large") else 400
+            return web.Response(status=status, text=body_error)
 
         scenario = self._resolve(request)
         if scenario.response_delay:
