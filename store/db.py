@@ -11,9 +11,11 @@ Durability: both environments use settings LMDB documents as keeping the databas
 crash or power loss. The config environment syncs every commit; the ledger syncs each commit's
 data but not its meta page (MDB_NOMETASYNC), so an OS crash can undo the last commit and nothing
 else; `flush()` syncs that too, and callers run it on a timer (`Flusher`). No writable map
-(MDB_WRITEMAP): with it, a full filesystem kills the process with SIGBUS, and with no-sync it can
-corrupt the database on an OS crash. A killed process loses nothing in any case. A full disk or
-map, or a store that cannot be opened, is `StoreUnavailable`; nothing committed is lost.
+(MDB_WRITEMAP): with it, a full filesystem kills the process with SIGBUS. No MDB_NOSYNC: with it
+LMDB keeps the database intact on an OS crash only on a filesystem that preserves write order (not
+ext4 or xfs), and never with a writable map. A killed process loses nothing in any case. A full
+disk or map, or a store that cannot be opened, is `StoreUnavailable`; nothing committed is lost.
+docs/performance.md has what the syncs cost.
 """
 
 import functools
