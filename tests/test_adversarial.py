@@ -32,6 +32,7 @@ from tests.support.attack import (
     deflate_from_gzip,
     error_kinds,
     gzip_bomb,
+    h2_tunnel_request,
     http_request,
     peak_rss_bytes,
     plain_request,
@@ -326,6 +327,39 @@ def test_3_sni_host_and_connect_target_that_disagree_get_421(gateway, fake_provi
         "POST", "/v1/chat/completions", host=host, headers=bearer(acct.api_key), body=CHAT))
     assert_denied(resp, 421, "misdirected_request", gateway)
     forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY, ANTHROPIC_KEY)
+
+
+@pytest.mark.parametrize("authority,status", [("api.anthropic.com", 421),
+                                              ("www.example.org", 421),
+                                              ("api.openai.com", 200)])
+def test_3_http2_authority_is_checked_like_a_host_header(gateway, fake_provider, account,
+                                                         authority, status):
+    acct = account()
+    resp = h2_tunnel_request(gateway, connect="api.openai.com:443", sni="api.openai.com",
+                             authority=authority, path="/v1/chat/completions",
+                             headers=[("authorization", f"Bearer {acct.api_key}"),
+                                      ("content-type", "application/json")],
+                             body=json.dumps(CHAT).encode())
+    if status == 200:
+        assert resp.status == 200, f"{resp.status} {resp.body[:300]!r}\n{tail(gateway)}"
+        assert fake_provider.last.credential == OPENAI_KEY
+        assert not fake_provider.saw_secret(acct.api_key)
+    else:
+        assert_denied(resp, status, "misdirected_request", gateway)
+        forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY)
+
+
+@pytest.mark.parametrize("url,host", [
+    ("http://www.example.org/v1/chat/completions", "api.openai.com"),
+    ("http://api.openai.com/v1/chat/completions", "www.example.org"),
+])
+def test_3_plain_http_naming_a_provider_anywhere_is_refused(gateway, fake_provider, account,
+                                                            url, host):
+    acct = account()
+    resp = plain_request(gateway, http_request("POST", url, host=host,
+                                               headers=bearer(acct.api_key), body=CHAT))
+    assert resp.status in (403, 421), f"{resp.status} {resp.body[:300]!r}\n{tail(gateway)}"
+    forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY)
 
 
 @pytest.mark.parametrize("connect,host", [

@@ -114,6 +114,55 @@ def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: byte
         sock.close()
 
 
+def h2_tunnel_request(proxy: Proxy, *, connect: str, sni: str, authority: str, path: str,
+                      headers: list[tuple[str, str]], body: bytes) -> RawResponse:
+    """One HTTP/2 POST (ALPN h2) through a CONNECT tunnel: `:authority` as given."""
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT)
+    try:
+        sock.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
+        head = _read_head(sock)
+        if int(head.split(b" ", 2)[1]) != 200:
+            raise AssertionError(f"CONNECT {connect} answered {head!r}")
+        ctx = proxy.ssl_context()
+        ctx.set_alpn_protocols(["h2"])
+        tls = ctx.wrap_socket(sock, server_hostname=sni)
+        if tls.selected_alpn_protocol() != "h2":
+            raise AssertionError(f"the proxy did not speak h2: {tls.selected_alpn_protocol()}")
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":authority", authority),
+                              (":scheme", "https"), (":path", path), *headers,
+                              ("content-length", str(len(body)))])
+        conn.send_data(1, body, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        status, answer, data = 0, {}, b""
+        deadline = time.monotonic() + IO_TIMEOUT
+        while time.monotonic() < deadline:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            ended = False
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer = {k.decode().lower(): v.decode() for k, v in event.headers}
+                    status = int(answer.get(":status", 0))
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset,
+                                        h2.events.ConnectionTerminated)):
+                    ended = True
+            tls.sendall(conn.data_to_send())
+            if ended:
+                break
+        return RawResponse(status, "", answer, data)
+    finally:
+        sock.close()
+
+
 def plain_request(proxy: Proxy, request: bytes) -> RawResponse:
     """Send `request` (absolute-form, plain HTTP) to the proxy itself; read the answer."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT) as sock:
