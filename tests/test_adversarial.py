@@ -251,6 +251,17 @@ def test_1_a_reload_with_a_bad_mitm_yaml_forwards_nothing_and_answers_503(tmp_pa
         assert_denied(resp, 503, None, proxy)
         forwarded_nothing(fake_provider, acct.api_key)
         assert proxy.is_running()
+
+        # Fixed and reloaded again: it decides again, without a restart.
+        proxy.config.write_text(BASE_CONFIG)
+        later += 5
+        os.utime(script, (later, later))
+        deadline = time.monotonic() + 10
+        while (status := openai_post(proxy, acct.api_key).status_code) != 200:
+            assert status == 503, status
+            assert time.monotonic() < deadline, f"not deciding again:\n{tail(proxy)}"
+            time.sleep(0.2)
+        assert fake_provider.last.credential == OPENAI_KEY
     finally:
         proxy.stop()
 
