@@ -632,6 +632,8 @@ def _bulk_item(item: Any) -> tuple[str, bytes]:
         raw = _item_value(item)
     except UnicodeError:
         raise RecordError(f"{label}: not valid UTF-8 text") from None
+    except RecursionError:
+        raise RecordError(f"{label}: nested too deeply") from None
     except RecordError as exc:
         if str(exc).startswith(label):
             raise

@@ -284,6 +284,8 @@ def _import(store: Store, args: argparse.Namespace) -> dict:
         items = json.loads(text)
     except ValueError as exc:
         raise admin.AdminError(f"{name}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise admin.AdminError(f"{name}: not valid JSON: nested too deeply") from None
     try:
         return admin.import_bulk(store, items)
     except admin.AdminError as exc:

@@ -283,6 +283,8 @@ def _decode[T](cls: type[T], raw: bytes | str | dict, label: str) -> T:
         raise RecordError(f"{label}: {_reason(cls, str(exc), raw)}") from None
     except msgspec.DecodeError:
         raise RecordError(f"{label}: not valid JSON (UTF-8)") from None
+    except RecursionError:  # msgspec decodes nested values recursively
+        raise RecordError(f"{label}: nested too deeply") from None
     except (TypeError, ValueError) as exc:  # a Python caller's dict with keys that are not text
         raise RecordError(f"{label}: not a JSON object: {type(exc).__name__}") from None
 
@@ -351,7 +353,7 @@ def _value_at(raw: bytes | str | dict, path: str) -> Any:
     """The value at a msgspec path (`.a.b[0]`) of the raw record, if it can be found."""
     try:
         data = raw if isinstance(raw, dict) else orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, RecursionError):
         return _MISSING_VALUE
     for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
         try:

@@ -299,3 +299,15 @@ def test_usage_shows_the_parts_the_gateway_counts(aigw):
         "current_usage_usd": 1.25, "this_node_usd": 0.0, "other_nodes_usd": 0.0,
         "quota_record_usd": 1.25, "request_count": 2, "this_node_requests": 0,
         "other_nodes_requests": 0, "quota_record_requests": 2, "remaining_usd": 3.75}
+
+
+def test_import_of_json_nested_too_deeply_is_one_error_line(aigw, tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    line = one_error_line(aigw("import", "deep.json"), 1)
+    assert "deep.json: not valid JSON: nested too deeply" in line
+    for depth in (900, 5_000):  # within and past what Python's own JSON reader nests
+        nested = "[" * depth + "]" * depth
+        (tmp_path / "deep_value.json").write_text(
+            '[{"key": "org:o:config", "value": {"name": ' + nested + '}}]')
+        line = one_error_line(aigw("import", "deep_value.json"), 1)
+        assert "internal error" not in line and "deep_value.json: " in line

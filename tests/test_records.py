@@ -287,6 +287,19 @@ def test_issue_10_cases_are_refused_naming_key_field_and_reason(key, raw, messag
     assert message in str(caught.value)
 
 
+def test_values_nested_too_deeply_are_refused_not_a_crash():
+    nested: dict = {}
+    for _ in range(5_000):
+        nested = {"x": nested}
+    for kind, (key, valid, rules) in KINDS.items():
+        field = next(iter(rules))
+        for raw in (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                    b'{"%s": ' % field.encode() + b"[" * 5_000 + b"]" * 5_000 + b"}",
+                    {**valid, field: nested}):
+            error = outcome(key, raw)
+            assert error is not None and str(error).startswith(key.split(":")[0]), kind
+
+
 def test_records_of_both_workers_versions_read_as_documented():
     old = ApiKey.parse(HASH, orjson.dumps({"user_id": "u1", "key_id": "k1", "name": "n",
                                            "status": "active", "created_at": "x"}))

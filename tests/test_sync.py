@@ -665,17 +665,19 @@ def test_bad_records_among_good_ones_are_rejected_and_the_rest_applies(kv, make_
     for key, (value, _) in BAD_RECORDS.items():
         kv.put(key, json.dumps(value))
     kv.put("org:org_big:config", '{"org_id": "org_big", "monthly_budget_usd": 1e400}')
+    kv.put("org:org_deep:config", '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     node = make_node()
 
     with caplog.at_level("WARNING", logger="aigw.sync"):
         summary = node.replicator.sync_once()
 
     rejected = {r["key"]: r["reason"] for r in summary.rejected}
-    assert set(rejected) == {*BAD_RECORDS, "org:org_big:config"}
+    assert set(rejected) == {*BAD_RECORDS, "org:org_big:config", "org:org_deep:config"}
     for key, (_, reason) in BAD_RECORDS.items():
         assert reason in rejected[key], key
         assert node.store.records.get(key) is None  # never applied
     assert "expected a finite number" in rejected["org:org_big:config"]
+    assert rejected["org:org_deep:config"] == "nested too deeply"
     assert all(r["kept_previous"] is False for r in summary.rejected)
     for item in namespace:  # every good record applied
         if item["key"] != "user:user_old:quota":
@@ -683,9 +685,9 @@ def test_bad_records_among_good_ones_are_rejected_and_the_rest_applies(kv, make_
     identity = node.store.records.resolve(node.store.hash(OLD_KEY), this_month())
     assert check_identity(identity, None) is None
     stored = node.store.records.meta("last_sync")
-    assert stored["rejected_count"] == 6 and stored["rejected"] == summary.rejected
+    assert stored["rejected_count"] == 7 and stored["rejected"] == summary.rejected
     warnings = [r.getMessage() for r in caplog.records]
-    assert sum("not replicated" in line for line in warnings) == 6
+    assert sum("not replicated" in line for line in warnings) == 7
     assert any("apikey:" in line and "passthrough" in line for line in warnings)
 
 
