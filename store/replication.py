@@ -25,7 +25,7 @@ import blake3
 import httpx
 import orjson
 
-from store.db import LMDB_MAX_KEY, Store
+from store.db import LMDB_MAX_KEY, Store, StoreError
 from store.money import month_of, utc_now
 from store.records import MAX_COUNT, RecordError, parse_usage_key, record_label, validate_record
 from store.settings import ConfigError, Section
@@ -375,6 +375,12 @@ class Replicator:
     def sync_once(self, full: bool | None = None) -> PassSummary:
         """List, fetch what changed, apply in one transaction; push this node's usage.
         Raises SyncError (nothing applied) if the pass cannot complete."""
+        try:
+            return self._pass(full)
+        except StoreError as exc:  # its one write transaction did not commit
+            raise SyncError(f"the local store refused the pass: {exc}") from None
+
+    def _pass(self, full: bool | None) -> PassSummary:
         started = time.monotonic()
         requests_before = self.client.budget.used
         summary = PassSummary()
@@ -408,9 +414,9 @@ class Replicator:
                 except RecordError as exc:
                     self._reject(summary, name, exc)
                 continue
-            if len(name.encode()) > LMDB_MAX_KEY:
+            if not name or len(name.encode()) > LMDB_MAX_KEY:
                 self._reject(summary, name, RecordError(
-                    f"{record_label(name)}: key longer than LMDB's {LMDB_MAX_KEY} bytes"))
+                    f"{record_label(name)}: an LMDB key has 1 to {LMDB_MAX_KEY} bytes"))
                 continue
             listed.add(name)
             known = local_stamps.get(name)
@@ -487,7 +493,7 @@ class Replicator:
         """Report a record (or usage figures) the pass does not apply: stderr and the summary."""
         label = record_label(name)
         reason = str(exc).removeprefix(f"{label}: ")
-        kept = not name.startswith(USAGE_PREFIX) and len(name.encode()) <= LMDB_MAX_KEY \
+        kept = not name.startswith(USAGE_PREFIX) and 0 < len(name.encode()) <= LMDB_MAX_KEY \
             and self.store.records.get(name) is not None
         summary.rejected.append({"key": name, "reason": reason, "kept_previous": kept})
         log.warning("sync: %s not replicated: %s%s", label, reason,

@@ -768,6 +768,28 @@ def test_malformed_usage_figures_of_other_nodes_are_rejected_not_a_crash(kv, mak
     assert admit(node, raw, USD) is None
 
 
+def test_a_store_that_refuses_the_pass_fails_it_cleanly(kv, make_node, monkeypatch):
+    from store.db import StoreUnavailable
+
+    kv.load_bulk(workers_namespace(this_month()))
+    kv.put("", "{}", check=False)  # KV never lists an empty name; LMDB could not hold one
+    node = make_node()
+
+    def full_disk(*args, **kwargs):
+        raise StoreUnavailable("store write failed: No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(node.store.records, "replicate", full_disk)
+        with pytest.raises(SyncError, match="the local store refused the pass: .*No space"):
+            node.replicator.sync_once()
+        reports: list[str] = []
+        run_loop(node.replicator, 1.0, stop=lambda: len(reports) >= 2, sleep=lambda s: None,
+                 report=reports.append)
+        assert all("pass failed, nothing applied" in line for line in reports)
+    summary = node.replicator.sync_once()
+    assert [r["key"] for r in summary.rejected] == [""] and summary.changed == 11
+
+
 def test_cli_sync_reports_each_rejected_record_and_exits_0(kv, tmp_path):
     kv.load_bulk(workers_namespace(this_month()))
     bad_key = f"apikey:{sha256('gw_live_' + '6f' * 16)}"
