@@ -493,9 +493,9 @@ def hot_path(s: Settings, report: Report, profile: bool) -> None:
 
 # The ledger settings compared: name -> py-lmdb open flags. The first is the store's own.
 LEDGER_SETTINGS = {
-    "safe (no writemap, data synced per commit)": None,  # store.db.LEDGER_SYNC
+    "now (no sync, no writemap)": None,  # store.db.LEDGER_SYNC
     "old (writemap, no sync)": {"sync": False, "metasync": False, "writemap": True},
-    "no sync, no writemap": {"sync": False, "metasync": False},
+    "synced (data synced per commit, MDB_NOMETASYNC)": {"sync": True, "metasync": False},
 }
 LEDGER_SAFE, LEDGER_OLD, LEDGER_NOSYNC = LEDGER_SETTINGS
 

@@ -7,15 +7,14 @@
 Keeping them apart means a large configuration write (an import, a sync pass) never holds the lock
 that a request's ledger write needs.
 
-Durability: both environments use settings LMDB documents as keeping the database intact on an OS
-crash or power loss. The config environment syncs every commit; the ledger syncs each commit's
-data but not its meta page (MDB_NOMETASYNC), so an OS crash can undo the last commit and nothing
-else; `flush()` syncs that too, and callers run it on a timer (`Flusher`). No writable map
-(MDB_WRITEMAP): with it, a full filesystem kills the process with SIGBUS. No MDB_NOSYNC: with it
-LMDB keeps the database intact on an OS crash only on a filesystem that preserves write order (not
-ext4 or xfs), and never with a writable map. A killed process loses nothing in any case. A full
-disk or map, or a store that cannot be opened, is `StoreUnavailable`; nothing committed is lost.
-docs/performance.md has what the syncs cost.
+Durability: the config environment syncs every commit. The ledger commits without sync and
+without a writable map (MDB_NOSYNC alone): LMDB documents that its transactions then keep
+atomicity, consistency and isolation and lose only durability, on a filesystem that preserves
+write order, so an OS crash or power loss can lose the commits since the last `flush()`, which
+callers run on a timer (`Flusher`). No writable map (MDB_WRITEMAP): with it, a full filesystem
+kills the process with SIGBUS, and with no-sync LMDB says it can corrupt the database on an OS
+crash. A killed process loses nothing in any case (the pages are the OS's). A full disk or map,
+or a store that cannot be opened, is `StoreUnavailable`; nothing committed is lost.
 """
 
 import functools
@@ -58,10 +57,10 @@ _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 CONFIG_DBS = ("records", "meta", "stamps", "remote")
 LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
-# Each ledger commit syncs its data pages but not its meta page (MDB_NOMETASYNC): LMDB keeps the
-# database intact on an OS crash, which may undo the last commit (`Store.flush` bounds that in
-# time). No writable map: see the module docstring.
-LEDGER_SYNC = {"sync": True, "metasync": False}
+# The ledger is written twice per request, on the event loop: no sync on commit (an fsync per
+# commit cost 20x the write and a third of the gateway's throughput: docs/performance.md), and no
+# writable map (see the module docstring). `Store.flush` bounds what an OS crash can lose.
+LEDGER_SYNC = {"sync": False, "metasync": False}
 
 RESOLVE_CACHE_SIZE = 200_000
 _GATEWAYS = b"gateways"  # ledger meta: the gateway processes using this ledger
