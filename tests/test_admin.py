@@ -305,6 +305,22 @@ def test_health(store):
     assert result["ok"] is True and result["hash"] == "blake3"
     assert result["records"]["orgs"] == 0 and result["reservations_in_flight"] == 0
     assert result["node_id"].startswith("node_") and result["last_sync"] is None
+    assert (result["invalid_records"], result["invalid"]) == (0, [])
+
+
+def test_health_names_stored_records_the_gateway_would_refuse(store, user):
+    # As an older aigw imported them, or another tool wrote them into the store.
+    store.records.write({
+        "org:o1:config": b'{"monthly_budget_usd": "100"}',
+        f"apikey:{HASH}": b'{"user_id": "u1", "passthrough": "false"}',
+        "misc": b"anything",
+    })
+    result = admin.health(store)
+    assert result["invalid_records"] == 2
+    assert sorted(result["invalid"], key=lambda r: r["key"]) == [
+        {"key": f"apikey:{HASH}", "reason": 'passthrough: expected a boolean, got "false"'},
+        {"key": "org:o1:config",
+         "reason": 'monthly_budget_usd: expected a number or null, got "100"'}]
 
 
 def test_demo_is_idempotent(store):
