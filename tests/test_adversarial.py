@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -555,6 +556,34 @@ def test_6_no_secret_in_verbose_output_or_saved_flows(tmp_path, fake_provider):
         assert "<redacted>" in flow.request.headers.get("authorization", ""), flow.request.headers
 
 
+def test_6_no_provider_key_in_the_output_when_the_upstream_cannot_be_reached(tmp_path):
+    """The credential was injected but never sent: the error flow must not hold it either."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    saved = tmp_path / "flows.mitm"
+    with Store(tmp_path / "store") as store:
+        acct = seed(store, suffix="dead")
+    proxy = start_gateway(tmp_path, dead, config_text=BASE_CONFIG,
+                          sets={"flow_detail": 4, "termlog_verbosity": "debug"},
+                          args=["-w", str(saved)])
+    try:
+        assert openai_post(proxy, acct.api_key).status_code == 502
+        resp = proxy.httpx_client(timeout=15).post(
+            "https://api.anthropic.com/v1/messages", headers={"x-api-key": acct.api_key,
+                                                             "anthropic-version": "2023-06-01"},
+            json={"model": "claude-sonnet-4-6", "max_tokens": 5,
+                  "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 502
+    finally:
+        proxy.stop()
+    output, flows = proxy.log_path.read_bytes(), saved.read_bytes()
+    assert b"/v1/messages" in flows
+    for name, secret in {**PROVIDER_ENV, "gateway key": acct.api_key}.items():
+        assert secret.encode() not in output, f"{name} in mitmdump's output"
+        assert secret.encode() not in flows, f"{name} in the -w file"
+
+
 # --------------------------------------------------------------------------- 7. other headers
 
 
@@ -576,11 +605,11 @@ def test_7_the_gateway_key_in_other_credential_headers_never_reaches_the_provide
     headers["authorization"] = f"Bearer {key}"
     client = proxy.httpx_client(timeout=15)
     if kind == "openai":
-        resp = client.post("https://api.openai.com/v1/chat/completions", json=CHAT,
+        resp = client.post(f"https://api.openai.com/v1/chat/completions?key={key}", json=CHAT,
                            headers=headers)
         expected = {"authorization": f"Bearer {OPENAI_KEY}"}
     elif kind == "anthropic":
-        resp = client.post("https://api.anthropic.com/v1/messages", headers={
+        resp = client.post(f"https://api.anthropic.com/v1/messages?key={key}", headers={
             **headers, "anthropic-version": "2023-06-01"}, json={
             "model": "claude-sonnet-4-6", "max_tokens": 5,
             "messages": [{"role": "user", "content": "hi"}]})
@@ -591,7 +620,8 @@ def test_7_the_gateway_key_in_other_credential_headers_never_reaches_the_provide
         expected = {"x-goog-api-key": GEMINI_KEY}
     else:
         resp = client.post("https://myres.openai.azure.com/openai/deployments/gpt-4o/chat/"
-                           "completions?api-version=2024-10-21", json=CHAT, headers=headers)
+                           f"completions?api-version=2024-10-21&key={key}", json=CHAT,
+                           headers=headers)
         expected = {"api-key": AZURE_KEY}
     assert resp.status_code == 200, f"{resp.text}\n{tail(proxy)}"
     got = fake_provider.last
