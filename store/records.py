@@ -234,17 +234,18 @@ class UsageFigures(msgspec.Struct):
 def parse_usage_key(name: str, metadata: Any, prefix: str) -> tuple[str, str, str, str, int, int]:
     """(node, month, level, id, nano-dollars, requests) of another node's usage key and its
     metadata; RecordError naming the key otherwise."""
+    label = record_label(name)
     parts = name[len(prefix):].split(":", 3)
     if len(parts) != 4 or not all(parts):
-        raise RecordError(f"{name}: expected {prefix}NODE:MONTH:LEVEL:ID")
+        raise RecordError(f"{label}: expected {prefix}NODE:MONTH:LEVEL:ID")
     node, month, level, level_id = parts
     if not re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", month):
-        raise RecordError(f"{name}: month: expected YYYY-MM, got {_show(month)}")
+        raise RecordError(f"{label}: month: expected YYYY-MM, got {_show(month)}")
     if level not in LEVELS:
-        raise RecordError(f"{name}: level: expected one of key, user, org, got {_show(level)}")
+        raise RecordError(f"{label}: level: expected one of key, user, org, got {_show(level)}")
     if not isinstance(metadata, dict):
-        raise RecordError(f"{name}: metadata: expected an object, got {_show(metadata)}")
-    figures = _decode(UsageFigures, metadata, f"{name}: metadata")
+        raise RecordError(f"{label}: metadata: expected an object, got {_show(metadata)}")
+    figures = _decode(UsageFigures, metadata, f"{label}: metadata")
     return node, month, level, level_id, figures.n, figures.r
 
 

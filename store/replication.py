@@ -509,7 +509,7 @@ class Replicator:
         total = remote.get((month, level, level_id), (0, 0))
         summed = (total[0] + used, total[1] + requests)
         if max(summed) > MAX_COUNT:
-            raise RecordError(f"{name}: metadata: the nodes' totals overflow 64 bits")
+            raise RecordError(f"{record_label(name)}: metadata: the nodes' totals overflow 64 bits")
         remote[(month, level, level_id)] = summed
 
     def push_usage(self) -> int:
