@@ -269,6 +269,26 @@ class Gateway:
 
     # --- the request path --------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A provider's request body is never streamed upstream: mitmproxy would send it before
+        the `request` hook, undecided (`stream_large_bodies`). One of unknown length that
+        mitmproxy could still decide to stream while reading it is refused (411)."""
+        try:
+            config = self.config
+            if config is None or flow.response is not None:
+                return
+            where = route(config, _names_of(flow))
+            if where.provider is None:
+                return
+            request = flow.request
+            if request.stream:
+                request.stream = False
+            if (ctx.options.stream_large_bodies and "content-length" not in request.headers
+                    and "transfer-encoding" in request.headers):
+                self._deny(flow, where.provider, _length_required())
+        except Exception as exc:  # the request hook decides, or refuses, on its own
+            _log_fault("could not check a request's headers", exc)
+
     def request(self, flow: http.HTTPFlow):
         """Synchronous for ordinary bodies; a large or compressed body is read off the event
         loop (mitmproxy awaits the coroutine returned then). Never lets an exception pass:
@@ -963,6 +983,16 @@ def _too_large(limit: int) -> Denial:
         413,
         "request_too_large",
         f"The request body is larger than the gateway's limit of {limit} bytes (decoded).",
+        headers=(("x-should-retry", "false"),),
+    )
+
+
+def _length_required() -> Denial:
+    return Denial(
+        411,
+        "length_required",
+        "The gateway needs a Content-Length on requests to a provider while mitmproxy streams "
+        "large bodies (stream_large_bodies).",
         headers=(("x-should-retry", "false"),),
     )
 

@@ -585,3 +585,33 @@ def test_start_warns_of_providers_without_a_host_credential(gateway, monkeypatch
     assert len(warned) == 1 and "AIGW_TEST_ANTHROPIC_KEY" in warned[0]
     assert "AIGW_TEST_OPENAI_KEY" not in warned[0]
     assert PROVIDER_KEY not in caplog.text  # names the variable, never a key
+
+
+def test_a_provider_request_body_is_never_streamed_upstream_undecided(gateway):
+    """mitmproxy streams a body over stream_large_bodies before the request hook runs: the
+    gateway takes the stream back for provider hosts, so it decides on the whole body."""
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    flow.request.stream = True  # what stream_large_bodies does before requestheaders
+    gw.requestheaders(flow)
+    assert not flow.request.stream and flow.response is None
+    other = chat_flow(s.api_key, host="example.com")
+    other.request.stream = True
+    gw.requestheaders(other)
+    assert other.request.stream  # not a provider: not ours to touch
+
+
+def test_a_body_of_unknown_length_is_refused_while_large_bodies_stream(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    flow.request.headers.pop("content-length", None)
+    flow.request.headers["transfer-encoding"] = "chunked"
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    with taddons.context(Proxyserver()) as tctx:  # the addon that declares the option
+        tctx.options.update(stream_large_bodies="1m")
+        gw.requestheaders(flow)
+    assert flow.response.status_code == 411
+    assert s.api_key not in str(flow.request.headers)
