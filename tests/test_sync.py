@@ -871,6 +871,30 @@ def three(kv: FakeKV, make_node) -> tuple[Clock, list[Node]]:
     return clock, [make_node(name) for name in "abc"]
 
 
+def test_usage_on_one_node_shows_the_spend_another_node_made(kv, three):
+    from store import admin
+
+    clock, (a, b, _) = three
+    raw = "gw_live_" + "7e" * 16
+    org, user, key = put_account(kv, "w", org_budget=1.0, raw_key=raw)
+    kv.put(f"org:{org}:quota", json.dumps({"month_usage_usd": 0.25, "request_count": 5,
+                                          "current_month": this_month()}))
+    sync_round(kv, clock, [a, b])
+    assert admit(a, raw, 80 * USD // 100) is None  # A spends $0.80 of the org's $1
+    sync_round(kv, clock, [a, b])
+
+    denial = admit(b, raw, USD // 100)  # B refuses: A's spend plus the Workers' quota record
+    assert denial is not None and denial.error_type == "organization_quota_exceeded"
+    usage = admin.level_usage(b.store, "org", org)
+    assert (usage["this_node_usd"], usage["other_nodes_usd"], usage["quota_record_usd"]) == (
+        0.0, 0.8, 0.25)
+    assert usage["current_usage_usd"] == 1.05 and usage["remaining_usd"] == 0.0
+    assert (usage["this_node_requests"], usage["other_nodes_requests"],
+            usage["quota_record_requests"], usage["request_count"]) == (0, 1, 5, 6)
+    assert admin.level_usage(b.store, "key", key)["other_nodes_usd"] == 0.8
+    assert admin.level_usage(a.store, "org", org)["this_node_usd"] == 0.8
+
+
 def test_three_nodes_count_each_others_spend(kv, three):
     clock, (a, b, c) = three
     raw = "gw_live_" + "3c" * 16
