@@ -302,6 +302,18 @@ def test_2_plain_http_to_a_provider_is_refused_and_not_forwarded(gateway, fake_p
     forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY, GEMINI_KEY)
 
 
+@pytest.mark.parametrize("port", [80, 443])
+def test_2_plain_http_inside_a_connect_tunnel_is_refused(gateway, fake_provider, account, port):
+    acct = account()
+    resp = tunnel_request(gateway, connect=f"api.openai.com:{port}", sni=None, tls=False,
+                          request=http_request("POST", "/v1/chat/completions",
+                                               host="api.openai.com",
+                                               headers=bearer(acct.api_key), body=CHAT))
+    assert resp.status == 403, f"{resp.status} {resp.body[:300]!r}\n{tail(gateway)}"
+    assert "https_required" in resp.error_kinds(), resp.body
+    forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY)
+
+
 def test_2_a_plain_http_provider_opted_in_is_forwarded_with_its_credential(options_gateway,
                                                                           fake_provider):
     key = options_gateway.acct.api_key
@@ -374,16 +386,17 @@ def test_3_plain_http_naming_a_provider_anywhere_is_refused(gateway, fake_provid
     forwarded_nothing(fake_provider, acct.api_key, OPENAI_KEY)
 
 
-@pytest.mark.parametrize("connect,host", [
-    ("api.openai.com:443", "API.OPENAI.COM."),
-    ("api.openai.com:443", "api.openai.com:443"),
-    ("API.OPENAI.COM:443", "api.openai.com"),
-    ("api.openai.com.:443", "Api.OpenAI.com"),
+@pytest.mark.parametrize("connect,sni,host", [
+    ("api.openai.com:443", "api.openai.com", "API.OPENAI.COM."),
+    ("api.openai.com:443", "api.openai.com", "api.openai.com:443"),
+    ("API.OPENAI.COM:443", "api.openai.com", "api.openai.com"),
+    ("api.openai.com.:443", "api.openai.com", "Api.OpenAI.com"),
+    ("api.openai.com:443", "API.OpenAI.COM", "api.openai.com"),
 ])
 def test_3_host_names_are_normalised_before_matching(gateway, fake_provider, account, connect,
-                                                     host):
+                                                     sni, host):
     acct = account()
-    resp = tunnel_request(gateway, connect=connect, sni="api.openai.com", request=http_request(
+    resp = tunnel_request(gateway, connect=connect, sni=sni, request=http_request(
         "POST", "/v1/chat/completions", host=host, headers=bearer(acct.api_key), body=CHAT))
     assert resp.status == 200, f"{resp.status} {resp.body[:300]!r}\n{tail(gateway)}"
     assert fake_provider.last.credential == OPENAI_KEY
@@ -631,15 +644,30 @@ def test_7_the_gateway_key_in_other_credential_headers_never_reaches_the_provide
     assert not fake_provider.saw_secret(key)
 
 
+@pytest.mark.parametrize("where", ["openai-bearer", "anthropic-x-api-key", "gemini-query",
+                                   "gemini-query-latin1"])
 def test_7_a_key_followed_by_a_non_breaking_space_is_not_accepted(gateway, fake_provider,
-                                                                   account):
+                                                                   account, where):
     acct = account()
-    resp = tunnel_request(gateway, connect="api.openai.com:443", sni="api.openai.com",
-                          request=http_request(
-                              "POST", "/v1/chat/completions", host="api.openai.com", body=CHAT,
-                              headers=[("Authorization", f"Bearer {acct.api_key}".encode()
-                                        + b"\xa0")]))
-    assert_denied(resp, 401, "invalid_api_key", gateway)
+    key = acct.api_key.encode()
+    if where == "openai-bearer":
+        host, path, body = "api.openai.com", "/v1/chat/completions", CHAT
+        headers = [("Authorization", b"Bearer " + key + b"\xa0")]
+        kind = "invalid_api_key"
+    elif where == "anthropic-x-api-key":
+        host, path = "api.anthropic.com", "/v1/messages"
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}
+        headers = [("x-api-key", key + b"\xa0"), ("anthropic-version", "2023-06-01")]
+        kind = "authentication_error"
+    else:
+        host, body, headers = "generativelanguage.googleapis.com", GEMINI_BODY, []
+        path = f"{GEMINI_PATH}?key={acct.api_key}" + (
+            "%C2%A0" if where == "gemini-query" else "%A0")
+        kind = "unauthenticated"
+    resp = tunnel_request(gateway, connect=f"{host}:443", sni=host, request=http_request(
+        "POST", path, host=host, body=body, headers=headers))
+    assert_denied(resp, 401, kind, gateway)
     forwarded_nothing(fake_provider, acct.api_key)
 
 

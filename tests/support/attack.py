@@ -95,9 +95,10 @@ def _b(value: str | bytes) -> bytes:
 
 
 def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: bytes,
-                   check_hostname: bool = True) -> RawResponse:
+                   check_hostname: bool = True, tls: bool = True) -> RawResponse:
     """CONNECT `connect` through the proxy, TLS with `sni` (the proxy's CA trusted), send
-    `request`, read the answer until the connection closes."""
+    `request`, read the answer until the connection closes. `tls=False`: plain HTTP inside
+    the tunnel."""
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT)
     try:
         sock.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
@@ -105,6 +106,9 @@ def tunnel_request(proxy: Proxy, *, connect: str, sni: str | None, request: byte
         status = int(head.split(b" ", 2)[1])
         if status != 200:
             raise AssertionError(f"CONNECT {connect} answered {head!r}")
+        if not tls:
+            _send(sock, request)
+            return parse_response(_read_all(sock))
         ctx = proxy.ssl_context()
         ctx.check_hostname = check_hostname and sni is not None
         tls = ctx.wrap_socket(sock, server_hostname=sni)
