@@ -111,12 +111,12 @@ def bearer(key: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {key}")]
 
 
-def openai_post(proxy: Proxy, key: str | None, body=CHAT, host: str = "api.openai.com",
-                extra: dict[str, str] | None = None) -> httpx.Response:
+def openai_post(proxy: Proxy, key: str | None, body=CHAT,
+                host: str = "api.openai.com") -> httpx.Response:
     """POST a chat completion over HTTPS through the proxy with plain httpx."""
     headers = {"authorization": f"Bearer {key}"} if key is not None else {}
     return proxy.httpx_client(timeout=15).post(
-        f"https://{host}/v1/chat/completions", json=body, headers={**headers, **(extra or {})})
+        f"https://{host}/v1/chat/completions", json=body, headers=headers)
 
 
 def assert_denied(resp: httpx.Response | RawResponse, status: int, kind: str | None,

@@ -285,6 +285,7 @@ def zstd_bomb(decoded_size: int = 1 << 30, chunk: int = 1 << 20) -> bytes:
 
 
 def zstd_compress(data: bytes) -> bytes:
+    """One zstd frame of `data`."""
     try:
         from compression import zstd  # type: ignore[import-not-found]
     except ImportError:
