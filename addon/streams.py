@@ -276,16 +276,18 @@ def _decode_one(data: bytes, name: str, limit: int) -> bytes:
     budget = limit + 1  # one byte past the limit proves the body is too large
     try:
         if name in ("gzip", "x-gzip", "deflate"):
-            wbits = 16 + zlib.MAX_WBITS if name != "deflate" else (
-                zlib.MAX_WBITS if data[:1] and (data[0] & 0x0F) == 8
-                and int.from_bytes(data[:2]) % 31 == 0 else -zlib.MAX_WBITS)
-            obj = zlib.decompressobj(wbits)
             pending = data
-            while pending and not obj.eof:
-                out += obj.decompress(pending[:_INPUT_STEP], budget - len(out))
-                pending = obj.unconsumed_tail + pending[_INPUT_STEP:]
-                if len(out) >= budget:
+            while pending and len(out) < budget:  # gzip allows several members in a row
+                wbits = 16 + zlib.MAX_WBITS if name != "deflate" else (
+                    zlib.MAX_WBITS if (pending[0] & 0x0F) == 8
+                    and int.from_bytes(pending[:2]) % 31 == 0 else -zlib.MAX_WBITS)
+                obj = zlib.decompressobj(wbits)
+                while pending and not obj.eof and len(out) < budget:
+                    out += obj.decompress(pending[:_INPUT_STEP], budget - len(out))
+                    pending = obj.unconsumed_tail + pending[_INPUT_STEP:]
+                if not obj.eof or name == "deflate":
                     break
+                pending = obj.unused_data + pending
         elif name == "br":
             obj = brotli.Decompressor()
             for start in range(0, len(data) or 1, _INPUT_STEP):
@@ -296,15 +298,19 @@ def _decode_one(data: bytes, name: str, limit: int) -> bytes:
                 if len(out) >= budget:
                     break
         elif name == "zstd":
-            obj = zstd.ZstdDecompressor()
             pending = data
-            while len(out) < budget and not obj.eof:
-                chunk, pending = pending[:_INPUT_STEP], pending[_INPUT_STEP:]
-                out += obj.decompress(chunk, budget - len(out))
-                while len(out) < budget and not obj.needs_input and not obj.eof:
-                    out += obj.decompress(b"", budget - len(out))
-                if not pending:
+            while pending and len(out) < budget:  # zstd allows several frames in a row
+                obj = zstd.ZstdDecompressor()
+                while len(out) < budget and not obj.eof:
+                    chunk, pending = pending[:_INPUT_STEP], pending[_INPUT_STEP:]
+                    out += obj.decompress(chunk, budget - len(out))
+                    while len(out) < budget and not obj.needs_input and not obj.eof:
+                        out += obj.decompress(b"", budget - len(out))
+                    if not pending:
+                        break
+                if not obj.eof:
                     break
+                pending = obj.unused_data + pending
         else:
             raise ValueError(f"unsupported content-encoding {name!r}")
     except (zlib.error, brotli.error, zstd.ZstdError) as exc:
