@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from store.db import LMDB_MAX_KEY, Store, StoreError, _remote_sum
+from store.db import LMDB_MAX_KEY, Store, StoreError
 from store.hashing import looks_like_gateway_key, new_gateway_key
 from store.money import from_usd, month_of, to_usd, utc_now
 from store.records import (
@@ -503,11 +503,8 @@ def _quota_usage(store: Store, level: str, level_id: str, month: str) -> tuple[i
 
 def _other_nodes(store: Store, level: str, level_id: str, month: str) -> tuple[int, int]:
     """The other nodes' totals for `month` as the last sync pass replicated them: the figures
-    `Records.resolve` gives the request path. Records offers no read of one level's totals
-    outside `resolve`, so this reads its `remote` table the way `resolve` does."""
-    records = store.records
-    return records._env.read(
-        lambda txn: _remote_sum(txn, records._remote, month, level, level_id))
+    `Records.resolve` gives the request path."""
+    return store.records.remote_usage(month, level, level_id)
 
 
 def _limit_of(store: Store, level: str, level_id: str) -> float | None:

@@ -400,6 +400,11 @@ class Records(_Part):
         except RecordError as exc:
             raise StoreUnavailable(f"unreadable record: {exc}") from exc
 
+    def remote_usage(self, month: str, level: str, level_id: str) -> tuple[int, int]:
+        """Other nodes' totals (nano-dollars, requests) of one level for `month`, as the last
+        sync pass replicated them: what `resolve` gives the request path."""
+        return self._env.read(lambda txn: _remote_sum(txn, self._remote, month, level, level_id))
+
     def last_sync(self) -> dict | None:
         """The summary of the last complete sync pass (None if there never was one), as seen
         by the last `resolve`."""
