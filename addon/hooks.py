@@ -325,9 +325,13 @@ class Gateway:
             request.host = where.host  # never to the address: to the provider host it names
         if request.scheme != "https" and not provider.plain_http:
             return self._deny(flow, provider, _https_required(provider))
+        if header(request, b"upgrade") is not None:
+            return self._deny(flow, provider, _upgrade_refused())
         credential = known["credential"] = provider.adapter.credential(request)
         if credential is None:
             return self._deny(flow, provider, unauthorized("No API key provided."))
+        if not credential.isascii():  # no key of ours, nor a provider's; hashing may fail on it
+            return self._deny(flow, provider, unauthorized("Incorrect API key provided."))
         limit = config.policy.max_request_body_bytes
         raw = request.raw_content or b""
         if len(raw) > limit:
@@ -983,6 +987,16 @@ def _too_large(limit: int) -> Denial:
         413,
         "request_too_large",
         f"The request body is larger than the gateway's limit of {limit} bytes (decoded).",
+        headers=(("x-should-retry", "false"),),
+    )
+
+
+def _upgrade_refused() -> Denial:
+    return Denial(
+        403,
+        "upgrade_not_supported",
+        "The gateway does not meter WebSocket or other upgraded sessions (such as the Realtime "
+        "API), so it does not forward them.",
         headers=(("x-should-retry", "false"),),
     )
 

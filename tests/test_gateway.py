@@ -615,3 +615,25 @@ def test_a_body_of_unknown_length_is_refused_while_large_bodies_stream(gateway):
         gw.requestheaders(flow)
     assert flow.response.status_code == 411
     assert s.api_key not in str(flow.request.headers)
+
+
+def test_an_upgrade_to_a_websocket_is_refused_not_forwarded_unmetered(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key, path="/v1/realtime?model=gpt-4o", headers={
+        "upgrade": "websocket", "connection": "Upgrade"})
+    decide(gw, flow)
+    assert flow.response.status_code == 403
+    assert json.loads(flow.response.content)["error"]["code"] == "upgrade_not_supported"
+    assert gw.store.ledger.reservations() == []
+
+
+def test_a_credential_that_is_not_ascii_is_401(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(None, host="generativelanguage.googleapis.com",
+                     path=f"/v1beta/models/gemini-2.5-flash:generateContent?key={s.api_key}%A0")
+    flow.request.query["key"] = s.api_key + "\udca0"  # as a %A0 reads: not encodable
+    decide(gw, flow)
+    assert flow.response.status_code == 401
+    assert s.api_key not in flow.request.path
