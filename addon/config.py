@@ -159,7 +159,8 @@ def parse_policy(section: Section) -> Policy:
         reservation_timeout_s=section.integer(
             "reservation_timeout_s", defaults.reservation_timeout_s, minimum=1
         ),
-        flush_interval_s=section.number("flush_interval_s", defaults.flush_interval_s),
+        flush_interval_s=section.number("flush_interval_s", defaults.flush_interval_s,
+                                        minimum=0.05),
         fail_closed_retry_after_s=section.integer(
             "fail_closed_retry_after_s", defaults.fail_closed_retry_after_s, minimum=1
         ),
@@ -206,7 +207,9 @@ def parse_providers(section: Section) -> tuple[Provider, ...]:
 def _host_entry(entry: Section, index: int, value: Any) -> str:
     """One `hosts` entry: an exact host name (or IP address), or `*.domain`."""
     host = normalize_host(value) if isinstance(value, str) else ""
-    if host and (is_ip_address(host) or _HOST_NAME.fullmatch(host)):
+    # A wildcard stands for one label of a domain that is not a top-level one (`*.com`: no).
+    if host and (is_ip_address(host) or _HOST_NAME.fullmatch(host)
+                 and not (host.startswith("*.") and "." not in host[2:])):
         return host
     raise entry.error(
         f"hosts[{index}]",

@@ -63,6 +63,9 @@ MAINTENANCE_EVERY = 6  # ticks between maintenance passes (30 s)
 NOT_READY_LOG_EVERY = 6  # ticks between repeats of the not-ready error (30 s)
 NOT_READY_RETRY_AFTER_S = 10
 READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
+STREAMING_REFUSED = (
+    "aigw: mitmproxy's stream_large_bodies sends a request body upstream before the gateway "
+    "has decided on it; unset it (the gateway streams provider responses itself)")
 _GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this process
 # Kept across script reloads (this module is imported, not reloaded): the allow_hosts the gateway
 # derived, so a new instance still recognises them as its own, and the last good configuration,
@@ -110,11 +113,23 @@ class CredentialInjector:
 
     def __init__(self) -> None:
         self.pending: dict[str, tuple[Adapter, str]] = {}
+        self.sent: dict[str, http.HTTPFlow] = {}  # holding a credential until redacted
 
     def request(self, flow: http.HTTPFlow) -> None:
         entry = self.pending.pop(flow.id, None)
         if entry is not None and flow.response is None and flow.live:
             entry[0].set_credential(flow.request, entry[1])
+            self.sent[flow.id] = flow
+
+    def redact(self, flow: http.HTTPFlow) -> None:
+        self.pending.pop(flow.id, None)
+        self.sent.pop(flow.id, None)
+        redact_credentials(flow.request)
+
+    def redact_all(self) -> None:
+        """Flows still in flight (at shutdown, a saved-flows file gets them next)."""
+        for flow in list(self.sent.values()):
+            self.redact(flow)
 
 
 class Gateway:
@@ -148,7 +163,11 @@ class Gateway:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "aigw_config" in updated or "aigw_store" in updated:
+        if getattr(ctx.options, "stream_large_bodies", None):
+            self._not_ready = STREAMING_REFUSED
+            raise exceptions.OptionsError(STREAMING_REFUSED)
+        if "aigw_config" in updated or "aigw_store" in updated or (
+                self._not_ready == STREAMING_REFUSED):
             error = self._load()
             if error is not None:
                 raise exceptions.OptionsError(error)
@@ -163,10 +182,12 @@ class Gateway:
         self._budgets.clear()
         try:
             config = load_config(path, ctx.options.aigw_store or None)
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError names file, key and reason; anything else too
+            message = str(exc) if isinstance(exc, ConfigError) else (
+                f"{path}: cannot be read: {_fault_text(exc)}")
             self._config_seen = (path, _mtime(path))
-            self._not_ready = f"invalid configuration: {exc}"
-            return str(exc)
+            self._not_ready = f"invalid configuration: {message}"
+            return message
         self._config_seen = None
         self.config = config
         _LAST_GOOD[:] = [config]
@@ -264,6 +285,7 @@ class Gateway:
         except Exception as exc:  # the master may be gone already
             _log_fault("could not remove the credential injector", exc)
         self._not_ready = "the gateway is shutting down"
+        self.injector.redact_all()
         self._retry_unsettled()
         self._close_store()
 
@@ -271,23 +293,13 @@ class Gateway:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A provider's request body is never streamed upstream: mitmproxy would send it before
-        the `request` hook, undecided (`stream_large_bodies`). One of unknown length that
-        mitmproxy could still decide to stream while reading it is refused (411)."""
-        try:
-            config = self.config
-            if config is None or flow.response is not None:
-                return
-            where = route(config, _names_of(flow))
-            if where.provider is None:
-                return
-            request = flow.request
-            if request.stream:
-                request.stream = False
-            if (ctx.options.stream_large_bodies and "content-length" not in request.headers
-                    and "transfer-encoding" in request.headers):
-                self._deny(flow, where.provider, _length_required())
-        except Exception as exc:  # the request hook decides, or refuses, on its own
-            _log_fault("could not check a request's headers", exc)
+        the `request` hook, undecided (the gateway also refuses `stream_large_bodies`)."""
+        if flow.request.stream and self.config is not None:
+            try:
+                if route(self.config, _names_of(flow)).provider is not None:
+                    flow.request.stream = False
+            except Exception as exc:  # the request hook decides, or refuses, on its own
+                _log_fault("could not check a request's headers", exc)
 
     def request(self, flow: http.HTTPFlow):
         """Synchronous for ordinary bodies; a large or compressed body is read off the event
@@ -528,7 +540,7 @@ class Gateway:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if "aigw" in flow.metadata:
-            redact_credentials(flow.request)  # sent: nothing after this needs the credential
+            self.injector.redact(flow)  # sent: nothing after this needs the credential
         flight = self._flights.get(flow.id)
         response = flow.response
         if flight is None or response is None:
@@ -558,9 +570,8 @@ class Gateway:
             _log_fault("could not tap the stream; it will be charged an estimate", exc)
 
     def response(self, flow: http.HTTPFlow):
-        self.injector.pending.pop(flow.id, None)
         if "aigw" in flow.metadata:
-            redact_credentials(flow.request)
+            self.injector.redact(flow)
         flight = self._flights.pop(flow.id, None)
         if flight is None:
             return None
@@ -997,16 +1008,6 @@ def _upgrade_refused() -> Denial:
         "upgrade_not_supported",
         "The gateway does not meter WebSocket or other upgraded sessions (such as the Realtime "
         "API), so it does not forward them.",
-        headers=(("x-should-retry", "false"),),
-    )
-
-
-def _length_required() -> Denial:
-    return Denial(
-        411,
-        "length_required",
-        "The gateway needs a Content-Length on requests to a provider while mitmproxy streams "
-        "large bodies (stream_large_bodies).",
         headers=(("x-should-retry", "false"),),
     )
 

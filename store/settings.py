@@ -4,6 +4,7 @@ Every error names the file, the key and the reason, e.g.
 `mitm.yaml: pricing.models.gpt-4o.input_per_1m: must be a non-negative number, not 'x'`.
 """
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,9 @@ class Section:
 
     def number(self, name: str, default: float | None = None, *, minimum: float = 0) -> float:
         value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            raise self.error(name, f"must be a number >= {minimum:g}, not {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < minimum):
+            raise self.error(name, f"must be a finite number >= {minimum:g}, not {value!r}")
         return float(value)
 
     def integer(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:

@@ -492,12 +492,17 @@ def test_allow_hosts_is_derived_from_the_providers(gateway):
     ],
 )
 def test_bad_config_names_the_file_and_key(tmp_path, text, needle):
+    good = tmp_path / "good.yaml"  # mitmproxy rolls a refused option back to the previous value
+    good.write_text(f"store: {{path: {tmp_path / 'store'}}}\n")
+    Store(tmp_path / "store").close()
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     gw = Gateway()
     with taddons.context(gw) as tctx:
+        tctx.configure(gw, aigw_config=str(good))
         with pytest.raises(exceptions.OptionsError) as raised:
             tctx.configure(gw, aigw_config=str(config))
+        gw.done()
     assert str(config) in str(raised.value) and needle in str(raised.value)
 
 
@@ -602,19 +607,19 @@ def test_a_provider_request_body_is_never_streamed_upstream_undecided(gateway):
     assert other.request.stream  # not a provider: not ours to touch
 
 
-def test_a_body_of_unknown_length_is_refused_while_large_bodies_stream(gateway):
-    gw = gateway()
-    s = seed(gw.store)
-    flow = chat_flow(s.api_key)
-    flow.request.headers.pop("content-length", None)
-    flow.request.headers["transfer-encoding"] = "chunked"
+def test_stream_large_bodies_is_refused(gateway):
+    """With it mitmproxy sends a large request body upstream before the request hook."""
     from mitmproxy.addons.proxyserver import Proxyserver
 
+    gw = gateway()
     with taddons.context(Proxyserver()) as tctx:  # the addon that declares the option
         tctx.options.update(stream_large_bodies="1m")
-        gw.requestheaders(flow)
-    assert flow.response.status_code == 411
-    assert s.api_key not in str(flow.request.headers)
+        with pytest.raises(exceptions.OptionsError, match="stream_large_bodies"):
+            gw.configure({"stream_large_bodies"})
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    decide(gw, flow)
+    assert flow.response.status_code == 503
 
 
 def test_an_upgrade_to_a_websocket_is_refused_not_forwarded_unmetered(gateway):

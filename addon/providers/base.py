@@ -74,8 +74,7 @@ REDACTED = "<redacted>"
 
 
 def _query_holds_credential(request: http.Request) -> bool:
-    path = request.path
-    return "key=" in path and "?" in path  # cheap pre-check before mitmproxy parses the query
+    return "?" in request.path  # cheap pre-check before mitmproxy parses the query
 
 
 def redact_credentials(request: http.Request) -> None:
@@ -89,9 +88,9 @@ def redact_credentials(request: http.Request) -> None:
         )
     if _query_holds_credential(request):
         query = request.query
-        for name in CREDENTIAL_QUERY:
-            if name in query:
-                query[name] = REDACTED
+        if any(_is_credential_name(name) for name in query):
+            query.fields = tuple(  # names as decoded: `%6Bey` is `key` too
+                (k, REDACTED) if _is_credential_name(k) else (k, v) for k, v in query.items(True))
 
 
 def remove_credentials(request: http.Request) -> None:
@@ -106,9 +105,13 @@ def remove_credentials(request: http.Request) -> None:
 def _remove_query_credentials(request: http.Request) -> None:
     if _query_holds_credential(request):
         query = request.query
-        for name in CREDENTIAL_QUERY:
-            if name in query:
-                del query[name]
+        if any(_is_credential_name(name) for name in query):
+            query.fields = tuple(
+                (k, v) for k, v in query.items(True) if not _is_credential_name(k))
+
+
+def _is_credential_name(name: str) -> bool:
+    return name.strip().lower() in CREDENTIAL_QUERY
 
 
 class Adapter:

@@ -2,6 +2,7 @@
 
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from mitmproxy import http
 
@@ -67,7 +68,8 @@ class GeminiAdapter(Adapter):
         return request.query.get("key") if "key=" in request.path else None
 
     def model(self, request: http.Request, body: Any) -> str | None:
-        match = _MODEL.search(request.path)
+        # The path only, as the provider reads it: decoded (`%3A`), never the query.
+        match = _MODEL.search(unquote(request.path.partition("?")[0]))
         return match.group(1) if match else None
 
     def max_output_tokens(self, request: http.Request, body: Any) -> int | None:
