@@ -40,7 +40,7 @@ from addon.routing import route
 from addon.streams import BodyTooLarge, decode_bounded
 from store import Store, StoreUnavailable
 from store.db import Counter, Flusher, Identity, Level, StoreMissing, UsageRecord
-from store.hashing import hash_key, looks_like_gateway_key
+from store.hashing import looks_like_gateway_key
 from store.money import (
     day_of,
     from_usd,
@@ -63,6 +63,7 @@ MAINTENANCE_EVERY = 6  # ticks between maintenance passes (30 s)
 NOT_READY_LOG_EVERY = 6  # ticks between repeats of the not-ready error (30 s)
 NOT_READY_RETRY_AFTER_S = 10
 READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
+UNVERIFIED = "unverified"  # the grace bucket of keys whose user the gateway could not look up
 STREAMING_REFUSED = (
     "aigw: mitmproxy's stream_large_bodies sends a request body upstream before the gateway "
     "has decided on it; unset it (the gateway streams provider responses itself)")
@@ -72,6 +73,9 @@ _GATEWAYS_HERE: set[str] = set()  # the gateways (instances) running in this pro
 # whose providers give a not-ready gateway's answers their native shape.
 _DERIVED_ALLOW_HOSTS: list[list[str]] = []
 _LAST_GOOD: list[GatewayConfig] = []
+# The requests in flight, also kept across reloads: a new instance settles the flows its
+# predecessor admitted (their responses arrive after the reload).
+_FLIGHTS: dict[str, "Flight"] = {}
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -141,7 +145,7 @@ class Gateway:
         self._config_seen: tuple[str, float] | None = None  # a bad file's path and mtime
         self._store_warned_at = -1e9
         self._flusher: Flusher | None = None
-        self._flights: dict[str, Flight] = {}
+        self._flights = _FLIGHTS
         self._accounts: dict[str, Account] = {}
         self._budgets: dict[tuple, Budget] = {}  # one per level, limit and outside usage
         self._unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
@@ -320,7 +324,9 @@ class Gateway:
         try:
             await later
         except Exception as exc:
-            self._failed(flow, exc, known)
+            again = self._failed(flow, exc, known)
+            if again is not None:
+                await again
 
     def _request(self, flow: http.HTTPFlow, known: dict):
         config = self.config
@@ -339,6 +345,8 @@ class Gateway:
             return self._deny(flow, provider, _https_required(provider))
         if header(request, b"upgrade") is not None:
             return self._deny(flow, provider, _upgrade_refused())
+        if provider.adapter.is_unmetered(request):
+            return self._deny(flow, provider, _unmetered_refused())
         credential = known["credential"] = provider.adapter.credential(request)
         if credential is None:
             return self._deny(flow, provider, unauthorized("No API key provided."))
@@ -349,10 +357,9 @@ class Gateway:
         if len(raw) > limit:
             return self._deny(flow, provider, _too_large(limit), strip_body=True)
         account = self._authenticate(flow, provider, credential, known)
-        if account is None:
-            return None  # decided: denied, failure mode or passthrough
-        encoded = header(request, b"content-encoding") is not None
-        if len(raw) > LARGE_BODY or encoded and len(raw) > INLINE_DECODE:
+        if not isinstance(account, Account):
+            return account  # decided (denied, passthrough), or a failure mode still reading
+        if _needs_thread(request):
             return self._admit_later(flow, provider, account, known)
         decoded, body = _read_body(request, limit)
         return self._admit(flow, provider, account, decoded, body, known)
@@ -363,13 +370,14 @@ class Gateway:
         limit = self.config.policy.max_request_body_bytes
         decoded, body = await asyncio.to_thread(_read_body, flow.request, limit)
         if flow.live and flow.response is None and flow.error is None:
-            self._admit(flow, provider, account, decoded, body, known)
+            later = self._admit(flow, provider, account, decoded, body, known)
+            if later is not None:  # a failure mode that reads the body again
+                await later
 
-    def _authenticate(
-        self, flow: http.HTTPFlow, provider: Provider, credential: str, known: dict
-    ) -> "Account | None":
-        """The key's account, or None once the request is decided (denied, passed through,
-        or taken by a failure mode)."""
+    def _authenticate(self, flow: http.HTTPFlow, provider: Provider, credential: str,
+                      known: dict):
+        """The key's Account; anything else once the request is decided (denied, passed
+        through) or taken by a failure mode (which may return a coroutine still reading)."""
         assert self.config is not None
         if self.store is None:
             return self._unavailable(flow, provider, None, "store unavailable", credential)
@@ -705,7 +713,7 @@ class Gateway:
                                  "error": denial.error_type}
         log.info("aigw: denied %s %s: %s", flow.request.host, denial.status, denial.error_type)
 
-    def _failed(self, flow: http.HTTPFlow, exc: Exception, known: dict) -> None:
+    def _failed(self, flow: http.HTTPFlow, exc: Exception, known: dict):
         """An unexpected fault while deciding: the failure mode, never an undecided forward."""
         _log_fault("request decision failed", exc)
         self._flights.pop(flow.id, None)
@@ -718,13 +726,28 @@ class Gateway:
         flow.response = None
         provider = known.get("provider") or _shape_provider(flow)
         try:
-            self._unavailable(flow, provider, known.get("org"),
-                              f"internal error: {type(exc).__name__}",
-                              known.get("credential"), known.get("user_id"))
+            later = self._unavailable(flow, provider, known.get("org"),
+                                      f"internal error: {type(exc).__name__}",
+                                      known.get("credential"), known.get("user_id"))
         except Exception as again:  # even the failure mode failed: refuse
-            _log_fault("the failure mode failed too; refusing", again)
-            flow.response = None
-            self._deny(flow, provider, _not_ready_denial())
+            later = None
+            self._refuse_after(flow, provider, again)
+        if later is not None:
+            return self._settled_failure(flow, provider, later)
+        return None
+
+    async def _settled_failure(self, flow: http.HTTPFlow, provider: Provider, later) -> None:
+        try:
+            await later
+        except Exception as again:
+            self._refuse_after(flow, provider, again)
+
+    def _refuse_after(self, flow: http.HTTPFlow, provider: Provider, exc: Exception) -> None:
+        _log_fault("the failure mode failed too; refusing", exc)
+        self.injector.pending.pop(flow.id, None)
+        self._flights.pop(flow.id, None)
+        flow.response = None
+        self._deny(flow, provider, _not_ready_denial())
 
     def _unavailable(
         self,
@@ -750,7 +773,9 @@ class Gateway:
             org.fallback_daily_limit_usd if org is not None else policy.fallback_daily_limit_usd
         )
         now = utc_now()
-        who = f"user:{user_id}" if user_id else f"key:{hash_key(credential)[:16]}"
+        # Keys the gateway could not check (their user unknown) share one cap: inventing keys
+        # must not multiply the fallback limit.
+        who = f"user:{user_id}" if user_id else UNVERIFIED
         if self._grace_used(day_of(now), who) >= limit:
             return self._deny(
                 flow,
@@ -764,15 +789,29 @@ class Gateway:
                              ("x-should-retry", "false")),
                 ),
             )
-        decoded, body = _read_body(flow.request, policy.max_request_body_bytes)
-        if decoded is None:
-            return self._deny(flow, provider, _too_large(policy.max_request_body_bytes),
-                              strip_body=True)
         secret = _provider_secret(provider, org) if looks_like_gateway_key(credential) else (
             credential
         )
         if secret is None:
             return self._deny(flow, provider, _no_credential(provider))
+        grace = functools.partial(self._grace, flow, provider, org, reason, secret, who, now)
+        limit_bytes = policy.max_request_body_bytes
+        if _needs_thread(flow.request):
+            return self._grace_later(flow, grace, limit_bytes)
+        return grace(*_read_body(flow.request, limit_bytes))
+
+    async def _grace_later(self, flow: http.HTTPFlow, grace, limit: int) -> None:
+        decoded, body = await asyncio.to_thread(_read_body, flow.request, limit)
+        if flow.live and flow.response is None and flow.error is None:
+            grace(decoded, body)
+
+    def _grace(self, flow: http.HTTPFlow, provider: Provider, org: Org | None, reason: str,
+               secret: str, who: str, now, decoded: bytes | None, body) -> None:
+        """Forward in fail-open mode: charged to the grace ledger when it settles."""
+        assert self.config is not None
+        if decoded is None:
+            limit = self.config.policy.max_request_body_bytes
+            return self._deny(flow, provider, _too_large(limit), strip_body=True)
         self._send_with(flow, provider.adapter, secret)
         self._flights[flow.id] = Flight(
             provider=provider,
@@ -889,6 +928,13 @@ def _names_of(flow: http.HTTPFlow) -> list[str]:
     return names
 
 
+def _needs_thread(request: http.Request) -> bool:
+    """Whether reading the body would hold the event loop too long: large, or compressed."""
+    size = len(request.raw_content or b"")
+    return size > LARGE_BODY or size > INLINE_DECODE and (
+        header(request, b"content-encoding") is not None)
+
+
 def _read_body(request: http.Request, limit: int) -> tuple[bytes | None, object]:
     """The request body decoded within `limit` bytes and its JSON value: (None, None) when it
     is larger. A body that cannot be decoded is judged by the provider: its raw bytes."""
@@ -998,6 +1044,16 @@ def _too_large(limit: int) -> Denial:
         413,
         "request_too_large",
         f"The request body is larger than the gateway's limit of {limit} bytes (decoded).",
+        headers=(("x-should-retry", "false"),),
+    )
+
+
+def _unmetered_refused() -> Denial:
+    return Denial(
+        403,
+        "endpoint_not_metered",
+        "The gateway cannot meter batch or fine-tuning jobs (they are billed after the "
+        "request), so it does not forward them.",
         headers=(("x-should-retry", "false"),),
     )
 

@@ -642,3 +642,76 @@ def test_a_credential_that_is_not_ascii_is_401(gateway):
     decide(gw, flow)
     assert flow.response.status_code == 401
     assert s.api_key not in flow.request.path
+
+
+def test_keys_the_gateway_cannot_check_share_one_fail_open_cap(tmp_path, monkeypatch):
+    """With the store down, any `gw_live_` key is forwarded in fail-open mode: inventing keys
+    must not multiply the daily fallback limit."""
+    monkeypatch.setenv("AIGW_TEST_OPENAI_KEY", PROVIDER_KEY)
+    config = tmp_path / "mitm.yaml"
+    config.write_text((CONFIG % {"store": tmp_path / "store", "unknown": "block"}).replace(
+        "policy: {unknown_credentials: block}",
+        "policy: {default_failure_mode: fail_open, fallback_daily_limit_usd: 0.001}"))
+    Store(tmp_path / "store").close()
+    gw = Gateway()
+    with taddons.context(gw) as tctx:
+        tctx.configure(gw, aigw_config=str(config))
+        gw.store.close()
+        gw.store = None  # the store became unreadable
+        first = chat_flow("gw_live_" + "1" * 32)
+        decide(gw, first)
+        assert first.response is None and first.metadata["aigw"]["decision"] == "grace"
+        assert first.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+        forward(gw, first, openai_response(prompt=1000, completion=200))  # $0.0045 > $0.001
+        second = chat_flow("gw_live_" + "2" * 32)  # another invented key
+        decide(gw, second)
+        assert second.response.status_code == 429
+        gw.done()
+
+
+def test_a_large_body_in_fail_open_mode_is_read_off_the_event_loop(gateway, monkeypatch):
+    gw = gateway()
+    s = seed(gw.store, failure_mode="fail_open")
+    monkeypatch.setattr(gw.store.ledger, "reserve", lambda *a, **k: (_ for _ in ()).throw(
+        StoreUnavailable("down")))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 600_000}]}
+    flow = chat_flow(s.api_key, body)
+    pending = gw.request(flow)
+    assert asyncio.iscoroutine(pending)
+    run(pending)
+    gw.injector.request(flow)
+    assert flow.response is None and flow.metadata["aigw"]["decision"] == "grace"
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+def test_a_flow_admitted_before_a_reload_is_settled_after_it(gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    decide(gw, flow)
+    gw.done()  # mitmproxy reloads the script: a new instance takes over
+    successor = gateway()
+    forward(successor, flow, openai_response(prompt=1000, completion=200))
+    assert usage(successor, "key", s.key_id).requests == 1
+
+
+@pytest.mark.parametrize("host,path", [
+    ("api.openai.com", "/v1/batches"),
+    ("api.openai.com", "/v1/fine_tuning/jobs"),
+    ("api.anthropic.com", "/v1/messages/batches"),
+    ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.5-flash:batchGenerateContent"),
+])
+def test_jobs_billed_after_the_request_are_refused(gateway, host, path):
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(None, host=host, path=path,
+                     headers={"authorization": f"Bearer {s.api_key}", "x-api-key": s.api_key,
+                              "x-goog-api-key": s.api_key})
+    decide(gw, flow)
+    assert flow.response.status_code == 403
+    assert b"batch or fine-tuning jobs" in flow.response.content  # each provider's own shape
+    assert gw.store.ledger.reservations() == []
+    files = chat_flow(s.api_key, path="/v1/batches/batch_abc")  # reading a batch is fine
+    files.request.method = "GET"
+    decide(gw, files)
+    assert files.response is None

@@ -1,5 +1,6 @@
 """Anthropic Messages: `x-api-key`; input counts exclude cache reads and writes."""
 
+import re
 from typing import Any
 
 from mitmproxy import http
@@ -68,6 +69,7 @@ class AnthropicMeter(UsageMeter):
 
 class AnthropicAdapter(Adapter):
     kind = "anthropic"
+    unmetered_paths = re.compile(r"/messages/batches/?$")
     credential_header = b"x-api-key"
 
     def credential(self, request: http.Request) -> str | None:

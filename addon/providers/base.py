@@ -2,6 +2,7 @@
 read (whole body or stream events), and what a native error looks like."""
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -133,6 +134,16 @@ class Adapter:
         replace_headers(
             request, CREDENTIAL_HEADERS, (self.credential_header, self.credential_prefix + secret)
         )
+
+    # Endpoints billed after the request (batch and fine-tuning jobs): their cost never shows
+    # in the response, so the gateway cannot meter them and does not forward them.
+    unmetered_paths: ClassVar[re.Pattern | None] = None
+
+    def is_unmetered(self, request: http.Request) -> bool:
+        """Whether the request starts work billed later, which the gateway cannot meter."""
+        pattern = self.unmetered_paths
+        return (pattern is not None and request.method == "POST"
+                and pattern.search(request.path.partition("?")[0]) is not None)
 
     def model(self, request: http.Request, body: Any) -> str | None:
         value = body.get("model") if isinstance(body, dict) else None

@@ -59,6 +59,7 @@ class GeminiMeter(UsageMeter):
 
 class GeminiAdapter(Adapter):
     kind = "gemini"
+    unmetered_paths = re.compile(r":(batchGenerateContent|asyncBatchEmbedContent)$|/batches/?$")
     credential_header = b"x-goog-api-key"
 
     def credential(self, request: http.Request) -> str | None:

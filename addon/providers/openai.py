@@ -1,6 +1,7 @@
 """OpenAI (Chat Completions, Responses, embeddings) and every OpenAI-compatible host."""
 
 import json
+import re
 from typing import Any
 
 from mitmproxy import http
@@ -57,6 +58,7 @@ class OpenAIMeter(UsageMeter):
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
+    unmetered_paths = re.compile(r"/(batches|fine_tuning/jobs)/?$")
     credential_header = b"authorization"
     credential_prefix = "Bearer "
 
