@@ -1,0 +1,383 @@
+"""The usage ledger: monthly counters per key, user and org; reservations of requests in flight;
+the per-request usage log; and the fail-open grace ledger.
+
+Written twice per request, on the event loop: no sync on commit (an fsync per commit cost 20x the
+write and a third of the gateway's throughput: docs/performance.md), and no writable map (with
+it a full filesystem kills the process with SIGBUS). `Store.flush` bounds what an OS crash can
+lose. The gateways sharing the ledger are registered in it (`store.registry`), so that the
+reservations of one that crashed can be released.
+"""
+
+import functools
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import lmdb
+import orjson
+
+from store.lmdb_env import _enc, _Env, _now_ms, _Part
+from store.registry import IsLive, Registry
+
+T = TypeVar("T")
+
+_COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
+_GRACE = struct.Struct("<qq")  # used_nusd, requests
+
+LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
+LEDGER_SYNC = {"sync": False, "metasync": False}
+
+
+class Counter(NamedTuple):
+    """A level's monthly totals in the ledger."""
+
+    used_nusd: int = 0
+    reserved_nusd: int = 0
+    requests: int = 0
+    updated_ms: int = 0
+
+    @classmethod
+    def unpack(cls, raw: bytes | None) -> "Counter":
+        return cls._make(_COUNTER.unpack(raw)) if raw else _ZERO
+
+
+_ZERO = Counter()
+
+
+class UsageRecord(NamedTuple):
+    """One metered request in the ledger's log: what was charged, to whom, and on what basis.
+    Stored as a JSON array in this field order (compact: the log grows by one per request)."""
+
+    at: float
+    provider: str
+    model: str | None
+    key_id: str | None
+    user_id: str | None
+    org_id: str | None
+    mode: str  # metered | grace
+    status: int | None
+    error: str | None
+    cost_nusd: int
+    estimated: bool  # no usage from the provider: charged an estimate
+    input: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+    reasoning: int = 0
+    grace_who: str | None = None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(tuple(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "UsageRecord":
+        return cls(*orjson.loads(raw))
+
+
+Level = tuple[str, str]  # ("key" | "user" | "org", id)
+
+
+@functools.lru_cache(maxsize=100_000)
+def _counter_key(month: str, level: Level) -> bytes:
+    return _enc(f"{month}|{level[0]}|{level[1]}")
+
+
+@functools.lru_cache(maxsize=100_000)
+def _counter_keys_cached(month: str, levels: tuple[Level, ...]) -> tuple[bytes, ...]:
+    return tuple(_counter_key(month, level) for level in levels)
+
+
+def _counter_keys(month: str, levels: Iterable[Level]) -> tuple[bytes, ...]:
+    """The ledger keys of the levels' counters for `month` (cached: one look-up a request)."""
+    return _counter_keys_cached(month, levels if isinstance(levels, tuple) else tuple(levels))
+
+
+def _reservation(amount: int, created_ms: int, pid: int, host: str, keys: list[bytes]) -> bytes:
+    """A reservation, compact: amount, time and owner, then the counters it holds."""
+    head = f"{amount}|{created_ms}|{pid}|{host}".encode()
+    return b"\x1f".join([head, *keys])
+
+
+def _parse_reservation(raw: bytes) -> tuple[int, int, int, str, list[bytes]]:
+    head, *keys = raw.split(b"\x1f")
+    amount, created, pid, host = head.decode().split("|", 3)
+    return int(amount), int(created), int(pid), host, keys
+
+
+def _reservation_record(raw: bytes) -> dict:
+    amount, created, pid, host, keys = _parse_reservation(raw)
+    levels = [k.decode().split("|", 2) for k in keys]
+    return {
+        "amount_nusd": amount,
+        "created_ms": created,
+        "pid": pid,
+        "host": host,
+        "month": levels[0][0] if levels else None,
+        "levels": [[lv[1], lv[2]] for lv in levels],
+    }
+
+
+class Ledger(_Part):
+    """Monthly usage counters per key, user and org; reservations for requests in flight; the
+    per-request usage log; and the fail-open grace ledger."""
+
+    def __init__(self, env: _Env) -> None:
+        self._env = env
+        self._usage = env.dbs["usage"]
+        self._reservations = env.dbs["reservations"]
+        self._log = env.dbs["requests"]
+        self._grace = env.dbs["grace"]
+        self._meta = env.dbs["meta"]
+        self.registry = Registry(env, self._meta)
+
+    # --- the gateways sharing this ledger (to release a crashed one's reservations) ----------
+
+    def join(self, gateway: str, info: dict[str, Any], is_live: IsLive) -> list[str]:
+        """Register this gateway process on the ledger (see `Registry.join`)."""
+        return self.registry.join(gateway, info, is_live)
+
+    def heartbeat(self) -> list[str]:
+        """Refresh this gateway's registration (see `Registry.heartbeat`)."""
+        return self.registry.heartbeat()
+
+    def leave(self) -> None:
+        """Remove this gateway's registration."""
+        self.registry.leave()
+
+    def gateways(self) -> list[str]:
+        """The live gateway processes registered on this ledger."""
+        return self.registry.gateways()
+
+    # --- the ledger ---------------------------------------------------------------------------
+
+    def counters(self, levels: Iterable[Level], month: str) -> list[Counter]:
+        keys = _counter_keys(month, levels)
+        return self._env.read(
+            lambda txn: [Counter.unpack(txn.get(k, db=self._usage)) for k in keys]
+        )
+
+    def reserve(
+        self,
+        reservation_id: str,
+        levels: Sequence[Level],
+        month: str,
+        amount_nusd: int,
+        refuse: Callable[[list[Counter]], T | None],
+        *,
+        owner: dict | None = None,
+    ) -> T | None:
+        """Read the levels' counters and call `refuse(counters)` inside one write transaction;
+        unless it returns a reason to refuse, add `amount_nusd` to each level's reserved total and
+        record the reservation. Returns the reason, or None when reserved. Atomic across
+        processes sharing the store."""
+        keys = _counter_keys(month, levels)
+        rid = _enc(reservation_id)
+        pid = (owner or {}).get("pid", 0)
+        host = (owner or {}).get("host", "")
+        usage, unpack, pack = self._usage, _COUNTER.unpack, _COUNTER.pack
+
+        def apply(txn: lmdb.Transaction) -> T | None:
+            get = txn.get
+            counters = []
+            for k in keys:
+                raw = get(k, db=usage)
+                counters.append(Counter._make(unpack(raw)) if raw else _ZERO)
+            reason = refuse(counters)
+            if reason is None:
+                now = _now_ms()
+                put = txn.put
+                for k, c in zip(keys, counters, strict=True):
+                    put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
+                put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
+            return reason
+
+        return self._env.write_fast(apply)
+
+    def settle(
+        self,
+        reservation_id: str | None,
+        levels: Sequence[Level],
+        month: str,
+        cost_nusd: int,
+        record: UsageRecord | None = None,
+    ) -> list[Counter]:
+        """Release a reservation (if still held), add the real cost and one request to each
+        level, and log the request, in one transaction. Returns the counters after the write."""
+        keys = _counter_keys(month, levels)
+        entry = None if record is None else record.encode()
+        rid = None if reservation_id is None else _enc(reservation_id)
+
+        def apply(txn: lmdb.Transaction) -> list[Counter]:
+            get, put = txn.get, txn.put
+            usage = self._usage
+            released = 0
+            if rid is not None:
+                raw = get(rid, db=self._reservations)
+                if raw is not None:
+                    released = int(raw[: raw.index(b"|")])  # the amount leads the record
+                    txn.delete(rid, db=self._reservations)
+            now = _now_ms()
+            after = []
+            pack, unpack = _COUNTER.pack, _COUNTER.unpack
+            for k in keys:
+                raw_counter = get(k, db=usage)
+                used, reserved, requests, _ = unpack(raw_counter) if raw_counter else _ZERO
+                value = Counter(used + cost_nusd, reserved - released if reserved > released
+                                else 0, requests + 1, now)
+                put(k, pack(*value), db=usage)
+                after.append(value)
+            if entry is not None:
+                suffix = reservation_id or os.urandom(6).hex()
+                put(_enc(f"{time.time_ns():020d}|{suffix}"), entry, db=self._log)
+            return after
+
+        return self._env.write_fast(apply)
+
+    def release(self, reservation_id: str) -> bool:
+        """Drop a reservation without charging anything (the request was never forwarded)."""
+        rid = _enc(reservation_id)
+
+        def apply(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(rid, db=self._reservations)
+            if raw is None:
+                return False
+            self._unreserve(txn, raw)
+            txn.delete(rid, db=self._reservations)
+            return True
+
+        return self._env.write(apply)
+
+    def _unreserve(self, txn: lmdb.Transaction, raw: bytes) -> None:
+        amount, _, _, _, keys = _parse_reservation(raw)
+        for k in keys:
+            c = Counter.unpack(txn.get(k, db=self._usage))
+            txn.put(k, _COUNTER.pack(c[0], max(0, c[1] - amount), c[2], c[3]), db=self._usage)
+
+    def release_stale(self, stale: Callable[[dict], bool] | float) -> int:
+        """Release the reservations left by crashed gateways; returns how many.
+
+        `stale` is either the reservation timeout in milliseconds, then one transaction reads
+        which gateways are live and releases every reservation older than the timeout or held
+        by a gateway no longer registered; or (the older form) a predicate over a reservation's
+        record (`reservations()`), the caller having judged liveness itself."""
+        if callable(stale):
+            is_stale = stale
+            timeout_ms = None
+        else:
+            is_stale = None
+            timeout_ms = float(stale)
+
+        def apply(txn: lmdb.Transaction) -> int:
+            if is_stale is not None:
+                judge = is_stale
+            else:
+                live = self.registry.live(txn)  # in the releasing transaction: no race
+                now_ms = _now_ms()
+
+                def judge(record: dict) -> bool:
+                    if now_ms - int(record.get("created_ms", 0)) > timeout_ms:
+                        return True
+                    return str(record.get("host", "")) not in live
+
+            stale_entries = [
+                (k, v) for k, v in txn.cursor(db=self._reservations)
+                if judge(_reservation_record(v))
+            ]
+            for k, v in stale_entries:
+                self._unreserve(txn, v)
+                txn.delete(k, db=self._reservations)
+            return len(stale_entries)
+
+        return self._env.write(apply)
+
+    def reservations(self) -> list[dict]:
+        """The reservations held by requests in flight."""
+        return self._env.read(
+            lambda txn: [_reservation_record(v) for _, v in txn.cursor(db=self._reservations)]
+        )
+
+    def month_counters(self, month: str) -> dict[Level, Counter]:
+        """Every level's counter for `month` on this node."""
+        prefix = f"{month}|".encode()
+
+        def collect(txn: lmdb.Transaction) -> dict[Level, Counter]:
+            out: dict[Level, Counter] = {}
+            cursor = txn.cursor(db=self._usage)
+            if not cursor.set_range(prefix):
+                return out
+            for k, v in cursor:
+                if not k.startswith(prefix):
+                    break
+                _, level, level_id = k.decode().split("|", 2)
+                out[(level, level_id)] = Counter.unpack(v)
+            return out
+
+        return self._env.read(collect)
+
+    def reset(self, level: Level, month: str) -> Counter:
+        """Zero a level's usage and request count for the month (reservations in flight stay)."""
+        k = _counter_key(month, level)
+
+        def apply(txn: lmdb.Transaction) -> Counter:
+            before = Counter.unpack(txn.get(k, db=self._usage))
+            txn.put(k, _COUNTER.pack(0, before.reserved_nusd, 0, _now_ms()), db=self._usage)
+            return before
+
+        return self._env.write(apply)
+
+    def log_entries(self, since_ns: int = 0) -> list[UsageRecord]:
+        """The metered requests logged since `since_ns` (epoch nanoseconds), oldest first."""
+        start = f"{since_ns:020d}".encode()
+
+        def collect(txn: lmdb.Transaction) -> list[UsageRecord]:
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(start):
+                return []
+            out = []
+            for k, v in cursor:
+                if not k[:1].isdigit():
+                    break
+                out.append(UsageRecord.decode(v))
+            return out
+
+        return self._env.read(collect)
+
+    def grace_used(self, day: str, who: str) -> tuple[int, int]:
+        raw = self._env.read(lambda txn: txn.get(_enc(f"{day}|{who}"), db=self._grace))
+        return _GRACE.unpack(raw) if raw else (0, 0)
+
+    def grace_charge(
+        self, day: str, who: str, cost_nusd: int, record: UsageRecord
+    ) -> tuple[int, int]:
+        """Add a fail-open request to the day's grace total and keep it for reconciliation."""
+        k = _enc(f"{day}|{who}")
+
+        def apply(txn: lmdb.Transaction) -> tuple[int, int]:
+            raw = txn.get(k, db=self._grace)
+            used, count = _GRACE.unpack(raw) if raw else (0, 0)
+            after = (used + cost_nusd, count + 1)
+            txn.put(k, _GRACE.pack(*after), db=self._grace)
+            entry = _enc(f"grace|{time.time_ns():020d}|{os.urandom(4).hex()}")
+            txn.put(entry, record.encode(), db=self._log)
+            return after
+
+        return self._env.write(apply)
+
+    def grace_log(self) -> list[UsageRecord]:
+        """Requests forwarded in fail-open mode, kept for reconciliation."""
+
+        def collect(txn: lmdb.Transaction) -> list[UsageRecord]:
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(b"grace|"):
+                return []
+            out = []
+            for k, v in cursor:
+                if not k.startswith(b"grace|"):
+                    break
+                out.append(UsageRecord.decode(v))
+            return out
+
+        return self._env.read(collect)

@@ -1,0 +1,279 @@
+"""The configuration records: KV keys to JSON values in the Workers gateway's layout, the sync
+metadata (version stamps, other nodes' usage totals, the last pass), and the request path's
+look-up of a presented key with its user and org (`Records.resolve`).
+
+The config environment syncs every commit: its writes are admin commands and sync passes.
+"""
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import orjson
+
+from store.errors import StoreUnavailable
+from store.lmdb_env import _enc, _Env, _Part
+from store.records import (
+    ApiKey,
+    Org,
+    QuotaRecord,
+    RecordError,
+    User,
+    apikey_key,
+    org_config_key,
+    org_quota_key,
+    user_config_key,
+    user_quota_key,
+)
+
+CONFIG_DBS = ("records", "meta", "stamps", "remote")
+RESOLVE_CACHE_SIZE = 200_000  # entries of each of resolve's caches (least recently used go)
+_SUMS = struct.Struct("<qq")  # other nodes' totals: nano-dollars, requests
+
+
+@dataclass(slots=True)  # built per request: a frozen one costs a call per field
+class Identity:
+    """Everything a request's decision needs from the configuration records."""
+
+    key_hash: str
+    key: ApiKey | None
+    user: User | None
+    org: Org | None
+    user_quota: QuotaRecord | None  # the Workers gateway's own totals, if replicated
+    org_quota: QuotaRecord | None
+    # Other gateway nodes' totals this month (nano-dollars, requests) for key, user and org,
+    # as the last sync pass found them in KV.
+    remote: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0))
+
+
+class Records(_Part):
+    """Configuration records: KV keys to JSON values, as the Workers gateway lays them out."""
+
+    def __init__(self, env: _Env) -> None:
+        self._env = env
+        self._db = env.dbs["records"]
+        self._meta = env.dbs["meta"]
+        self._stamps = env.dbs["stamps"]
+        self._remote = env.dbs["remote"]
+        self._cache: dict[str, Identity] = {}
+        self._cache_txnid = -1
+        self._cache_month = ""
+        self._last_sync: dict | None = None
+        self._parse_cache: dict[tuple, Any] = {}
+        self._level_cache: dict[tuple[str, str], tuple] = {}  # for the snapshot of `_cache`
+
+    def get(self, key: str) -> bytes | None:
+        return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
+
+    def get_json(self, key: str) -> dict | None:
+        raw = self.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of those `keys` that exist, read in one transaction."""
+        names = list(keys)
+
+        def collect(txn: lmdb.Transaction) -> dict[str, bytes]:
+            found = ((name, txn.get(_enc(name), db=self._db)) for name in names)
+            return {name: raw for name, raw in found if raw is not None}
+
+        return self._env.read(collect)
+
+    def resolve(self, key_hash: str, month: str = "") -> Identity:
+        """Look up a presented key's hash, its user and its org in one read transaction, with
+        other nodes' totals for `month` (YYYY-MM).
+
+        Answers are cached until the records change: any committed write (an admin command, a
+        sync pass) moves the environment's transaction id and empties the cache, so a
+        revocation is seen by the next request. Until then a key's answer is the same object:
+        the gateway keeps what it derived from it (and the checks it passed) while it is."""
+        try:  # the common case: a key seen since the last commit
+            with self._env.lock, self._env.env.begin() as txn:
+                if txn.id() == self._cache_txnid and month == self._cache_month:
+                    hit = self._cache.get(key_hash)
+                    if hit is not None:
+                        return hit
+        except lmdb.Error:
+            pass  # the full path below retries and reports it
+
+        def lookup(txn: lmdb.Transaction) -> Identity:
+            txnid = txn.id()
+            if txnid != self._cache_txnid or month != self._cache_month:
+                self._cache.clear()
+                self._level_cache.clear()
+                self._cache_txnid, self._cache_month = txnid, month
+                raw_sync = txn.get(b"last_sync", db=self._meta)
+                self._last_sync = orjson.loads(raw_sync) if raw_sync else None
+            else:
+                hit = self._cache.get(key_hash)
+                if hit is not None:
+                    return hit
+
+            raw_key = txn.get(apikey_key(key_hash).encode(), db=self._db)
+            if raw_key is None:
+                identity = Identity(key_hash, None, None, None, None, None)
+            else:
+                key = ApiKey.parse(key_hash, raw_key)
+                user, user_quota, user_remote = self._level(txn, "user", key.user_id, month)
+                org_id = key.org_id or (user.org_id if user else None)
+                org, org_quota, org_remote = (
+                    self._level(txn, "org", org_id, month) if org_id else (None, None, (0, 0)))
+                key_remote = _remote_sum(txn, self._remote, month, "key", key.key_id)
+                identity = Identity(key_hash, key, user, org, user_quota, org_quota,
+                                    (key_remote, user_remote, org_remote))
+            if len(self._cache) >= RESOLVE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key_hash] = identity
+            return identity
+
+        try:
+            return self._env.read(lookup)
+        except RecordError as exc:
+            raise StoreUnavailable(f"unreadable record: {exc}") from exc
+
+    def remote_usage(self, month: str, level: str, level_id: str) -> tuple[int, int]:
+        """Other nodes' totals (nano-dollars, requests) of one level for `month`, as the last
+        sync pass replicated them: what `resolve` gives the request path."""
+        return self._env.read(lambda txn: _remote_sum(txn, self._remote, month, level, level_id))
+
+    def last_sync(self) -> dict | None:
+        """The summary of the last complete sync pass (None if there never was one), as seen
+        by the last `resolve`."""
+        return self._last_sync
+
+    def replicate(
+        self,
+        puts: dict[str, bytes],
+        deletes: Iterable[str],
+        stamps: dict[str, str],
+        remote: dict[tuple[str, str, str], tuple[int, int]] | None,
+        summary: dict,
+    ) -> None:
+        """Apply a complete sync pass in one transaction: records written and deleted, the
+        version stamp of every replicated key (deleted keys lose theirs), other nodes' usage
+        totals (replaced whole), and the pass summary (`last_sync`)."""
+        encoded = [(_enc(k), v) for k, v in puts.items()]
+        removed = [_enc(k) for k in deletes]
+        stamped = [(_enc(k), v.encode()) for k, v in stamps.items()]
+        sums = None
+        if remote is not None:
+            sums = [(_enc(f"{m}|{lv}|{i}"), _SUMS.pack(*v)) for (m, lv, i), v in remote.items()]
+        meta = orjson.dumps(summary)
+
+        def apply(txn: lmdb.Transaction) -> None:
+            for k, v in encoded:
+                txn.put(k, v, db=self._db)
+            for k in removed:
+                txn.delete(k, db=self._db)
+                txn.delete(k, db=self._stamps)
+            for k, v in stamped:
+                txn.put(k, v, db=self._stamps)
+            if sums is not None:
+                txn.drop(self._remote, delete=False)
+                for k, v in sums:
+                    txn.put(k, v, db=self._remote)
+            txn.put(b"last_sync", meta, db=self._meta)
+
+        self._env.write(apply)
+
+    def stamps(self) -> dict[str, str]:
+        """Version stamps of the replicated keys ("" for a key written by another tool)."""
+        return self._env.read(
+            lambda txn: {k.decode(): v.decode() for k, v in txn.cursor(db=self._stamps)}
+        )
+
+    def _level(self, txn: lmdb.Transaction, level: str, level_id: str, month: str) -> tuple:
+        """A user's or an org's record, quota record and other nodes' totals, read once per
+        snapshot of the records (`resolve` empties this cache when they change): the keys of
+        one user or org share them."""
+        cached = self._level_cache.get((level, level_id))
+        if cached is None:
+            kind, config_key, quota_key = (
+                (User, user_config_key, user_quota_key) if level == "user"
+                else (Org, org_config_key, org_quota_key))
+            get, db = txn.get, self._db
+            cached = (
+                self._parsed(kind, level_id, get(config_key(level_id).encode(), db=db)),
+                self._parsed(QuotaRecord, None, get(quota_key(level_id).encode(), db=db)),
+                _remote_sum(txn, self._remote, month, level, level_id),
+            )
+            if len(self._level_cache) >= RESOLVE_CACHE_SIZE:
+                self._level_cache.clear()
+            self._level_cache[(level, level_id)] = cached
+        return cached
+
+    def _parsed(self, kind: type, record_id: str | None, raw: bytes | None) -> Any:
+        """A user, org or quota record parsed once per distinct value: many keys share them."""
+        if raw is None:
+            return None
+        cache_key = (kind, record_id, raw)
+        parsed = self._parse_cache.get(cache_key)
+        if parsed is None:
+            parsed = kind.parse(raw) if record_id is None else kind.parse(record_id, raw)
+            if len(self._parse_cache) >= RESOLVE_CACHE_SIZE:
+                self._parse_cache.clear()
+            self._parse_cache[cache_key] = parsed
+        return parsed
+
+    def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
+        """Apply puts and deletes in one transaction: all or nothing."""
+        encoded = [(_enc(k), v) for k, v in puts.items()]
+        encoded_deletes = [_enc(k) for k in deletes]
+
+        def apply(txn: lmdb.Transaction) -> None:
+            for k, v in encoded:
+                txn.put(k, v, db=self._db)
+            for k in encoded_deletes:
+                txn.delete(k, db=self._db)
+
+        self._env.write(apply)
+
+    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        start = prefix.encode()
+
+        def collect(txn: lmdb.Transaction) -> list[tuple[str, bytes]]:
+            out = []
+            cursor = txn.cursor(db=self._db)
+            if not cursor.set_range(start):
+                return out
+            for k, v in cursor:
+                if not k.startswith(start):
+                    break
+                out.append((k.decode(), v))
+            return out
+
+        return self._env.read(collect)
+
+    def count(self) -> dict[str, int]:
+        """Record counts by kind: org, user, apikey, key listing, quota, other."""
+
+        def tally(txn: lmdb.Transaction) -> dict[str, int]:
+            counts = {"orgs": 0, "users": 0, "apikeys": 0, "key_listings": 0, "quotas": 0,
+                      "other": 0}
+            for k in txn.cursor(db=self._db).iternext(keys=True, values=False):
+                parts = k.decode().split(":")
+                if parts[0] == "apikey":
+                    counts["apikeys"] += 1
+                elif parts[-1] == "quota":
+                    counts["quotas"] += 1
+                elif parts[0] == "org" and parts[-1] == "config":
+                    counts["orgs"] += 1
+                elif parts[0] == "user" and parts[-1] == "config":
+                    counts["users"] += 1
+                elif parts[0] == "user" and len(parts) == 4:
+                    counts["key_listings"] += 1
+                else:
+                    counts["other"] += 1
+            return counts
+
+        return self._env.read(tally)
+
+
+
+def _remote_sum(txn: lmdb.Transaction, db: Any, month: str, level: str, level_id: str
+                ) -> tuple[int, int]:
+    raw = txn.get(f"{month}|{level}|{level_id}".encode(), db=db)
+    return _SUMS.unpack(raw) if raw else (0, 0)
