@@ -342,7 +342,7 @@ def test_unexpected_exception_never_forwards_silently(gateway, monkeypatch):
 def test_unexpected_exception_takes_the_fail_open_orgs_mode(gateway, monkeypatch):
     gw = gateway()
     s = seed(gw.store, failure_mode="fail_open")
-    monkeypatch.setattr("addon.hooks.decide_budgets", lambda *a: 1 / 0)
+    monkeypatch.setattr("addon.admission.decide_budgets", lambda *a: 1 / 0)
     flow = chat_flow(s.api_key)
     decide(gw, flow)
     assert flow.response is None and flow.metadata["aigw"]["decision"] == "grace"
@@ -563,15 +563,14 @@ def test_liveness_trusts_a_pid_only_in_our_own_pid_namespace():
     import os
     import socket
 
-    from addon.hooks import _PIDNS
+    from addon.runtime import _PIDNS, is_live
 
-    gw = Gateway()
     ours = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _PIDNS}
-    assert gw._is_live("other/instance", {**ours, "pidns": "pid:[4026599999]"})
-    assert gw._is_live("elsewhere/x", {**ours, "host": "another-host"})
+    assert is_live("other/instance", {**ours, "pidns": "pid:[4026599999]"})
+    assert is_live("elsewhere/x", {**ours, "host": "another-host"})
     # In our namespace, our own pid under another name is a predecessor that reused it.
-    assert not gw._is_live("old/instance", ours)
-    assert not gw._is_live("gone/instance", {**ours, "pid": 2**22 + 12345})
+    assert not is_live("old/instance", ours)
+    assert not is_live("gone/instance", {**ours, "pid": 2**22 + 12345})
 
 
 def test_denial_amounts_are_exact_with_at_least_cents():
