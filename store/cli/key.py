@@ -1,0 +1,54 @@
+"""`aigw key create|register|revoke|list`: API keys of a user."""
+
+import click
+
+from store import admin
+from store.cli.params import USD
+from store.cli.runner import late_globals, on_target
+
+group = click.Group("key", help="API keys.", no_args_is_help=False)
+
+
+@group.command("create", help="Issue a gateway key (printed once, never stored).")
+@click.option("--user", "user_id", required=True, metavar="USER_ID", help="the key's user")
+@click.option("--name", default=admin.DEFAULT_KEY_NAME, show_default=True, help="the key's name")
+@click.option("--limit", type=USD, metavar="USD", help="monthly limit of this key in USD")
+@late_globals()
+@click.pass_context
+def create(ctx: click.Context, user_id: str, name: str, limit: float | None) -> int:
+    """Issue a gateway key."""
+    return on_target(ctx, lambda store: admin.create_key(store, user_id, name, limit))
+
+
+@group.command("register",
+               help="Register a developer's own provider key (metered, forwarded unchanged).")
+@click.option("--user", "user_id", required=True, metavar="USER_ID", help="the key's user")
+@click.option("--name", required=True, help="the key's name")
+@click.option("--from-env", required=True, metavar="VAR",
+              help="environment variable holding the provider key")
+@click.option("--limit", type=USD, metavar="USD", help="monthly limit of this key in USD")
+@late_globals()
+@click.pass_context
+def register(ctx: click.Context, user_id: str, name: str, from_env: str,
+             limit: float | None) -> int:
+    """Register a developer's own provider key, read from an environment variable."""
+    return on_target(ctx, lambda store: admin.register_key(store, user_id, name, from_env,
+                                                           limit))
+
+
+@group.command("revoke", help="Revoke a key.")
+@click.argument("key_id", metavar="KEY_ID")
+@late_globals()
+@click.pass_context
+def revoke(ctx: click.Context, key_id: str) -> int:
+    """Revoke a key."""
+    return on_target(ctx, lambda store: admin.revoke_key(store, key_id))
+
+
+@group.command("list", help="List a user's keys, with each key's limit and last_used_at.")
+@click.option("--user", "user_id", required=True, metavar="USER_ID", help="whose keys")
+@late_globals()
+@click.pass_context
+def list_(ctx: click.Context, user_id: str) -> int:
+    """List a user's keys."""
+    return on_target(ctx, lambda store: admin.list_keys(store, user_id))

@@ -1,0 +1,43 @@
+"""`aigw user create|update|show`: users of an org."""
+
+import click
+
+from store import admin
+from store.cli.params import USD
+from store.cli.runner import late_globals, nothing_to_change, on_target
+from store.records import USER_STATUSES
+
+group = click.Group("user", help="Users.", no_args_is_help=False)
+
+
+@group.command("create", help="Create a user in an org.")
+@click.option("--org", "org_id", required=True, metavar="ORG_ID", help="the user's org")
+@click.option("--email", required=True, help="the user's e-mail address")
+@click.option("--limit", type=USD, required=True, metavar="USD", help="monthly limit in USD")
+@late_globals()
+@click.pass_context
+def create(ctx: click.Context, org_id: str, email: str, limit: float) -> int:
+    """Create a user in an org."""
+    return on_target(ctx, lambda store: admin.create_user(store, org_id, email, limit))
+
+
+@group.command("update", help="Change a user's limit or status.")
+@click.argument("user_id", metavar="USER_ID")
+@click.option("--limit", type=USD, metavar="USD", help="monthly limit in USD")
+@click.option("--status", type=click.Choice(USER_STATUSES), help="a suspended user's keys get 401")
+@late_globals()
+@click.pass_context
+def update(ctx: click.Context, user_id: str, limit: float | None, status: str | None) -> int:
+    """Change a user's limit or status."""
+    nothing_to_change(ctx, {"limit": limit, "status": status})
+    return on_target(ctx, lambda store: admin.update_user(store, user_id, limit_usd=limit,
+                                                          status=status))
+
+
+@group.command("show", help="Show a user.")
+@click.argument("user_id", metavar="USER_ID")
+@late_globals()
+@click.pass_context
+def show(ctx: click.Context, user_id: str) -> int:
+    """Show a user."""
+    return on_target(ctx, lambda store: admin.show_user(store, user_id))
