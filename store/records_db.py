@@ -16,6 +16,7 @@ import orjson
 
 from store.errors import StoreUnavailable
 from store.lmdb_env import _enc, _Env, _Part
+from store.lru import LRU
 from store.records import (
     ApiKey,
     Org,
@@ -58,12 +59,14 @@ class Records(_Part):
         self._meta = env.dbs["meta"]
         self._stamps = env.dbs["stamps"]
         self._remote = env.dbs["remote"]
-        self._cache: dict[str, Identity] = {}
+        self._cache: LRU[str, Identity] = LRU(RESOLVE_CACHE_SIZE)
         self._cache_txnid = -1
+        self._cache_generation = -1
         self._cache_month = ""
         self._last_sync: dict | None = None
-        self._parse_cache: dict[tuple, Any] = {}
-        self._level_cache: dict[tuple[str, str], tuple] = {}  # for the snapshot of `_cache`
+        self._parse_cache: LRU[tuple, Any] = LRU(RESOLVE_CACHE_SIZE)
+        # A user's or org's parsed records for the generation of `_cache`.
+        self._level_cache: LRU[tuple[str, str], tuple] = LRU(RESOLVE_CACHE_SIZE)
 
     def get(self, key: str) -> bytes | None:
         return self._env.read(lambda txn: txn.get(_enc(key), db=self._db))
@@ -86,10 +89,12 @@ class Records(_Part):
         """Look up a presented key's hash, its user and its org in one read transaction, with
         other nodes' totals for `month` (YYYY-MM).
 
-        Answers are cached until the records change: any committed write (an admin command, a
-        sync pass) moves the environment's transaction id and empties the cache, so a
-        revocation is seen by the next request. Until then a key's answer is the same object:
-        the gateway keeps what it derived from it (and the checks it passed) while it is."""
+        Answers are cached while the records stay the same: every write that changes a record
+        or other nodes' totals (an admin command, a sync pass that brought something new) moves
+        the records' generation in the same transaction, which empties the cache, so a
+        revocation is seen by the next request; a pass that changed nothing keeps it. Until then
+        a key's answer is the same object: the gateway keeps what it derived from it (and the
+        checks it passed) while it is."""
         try:  # the common case: a key seen since the last commit
             with self._env.lock, self._env.env.begin() as txn:
                 if txn.id() == self._cache_txnid and month == self._cache_month:
@@ -100,17 +105,11 @@ class Records(_Part):
             pass  # the full path below retries and reports it
 
         def lookup(txn: lmdb.Transaction) -> Identity:
-            txnid = txn.id()
-            if txnid != self._cache_txnid or month != self._cache_month:
-                self._cache.clear()
-                self._level_cache.clear()
-                self._cache_txnid, self._cache_month = txnid, month
-                raw_sync = txn.get(b"last_sync", db=self._meta)
-                self._last_sync = orjson.loads(raw_sync) if raw_sync else None
-            else:
-                hit = self._cache.get(key_hash)
-                if hit is not None:
-                    return hit
+            if txn.id() != self._cache_txnid or month != self._cache_month:
+                self._refresh(txn, month)
+            hit = self._cache.get(key_hash)
+            if hit is not None:
+                return hit
 
             raw_key = txn.get(apikey_key(key_hash).encode(), db=self._db)
             if raw_key is None:
@@ -124,15 +123,25 @@ class Records(_Part):
                 key_remote = _remote_sum(txn, self._remote, month, "key", key.key_id)
                 identity = Identity(key_hash, key, user, org, user_quota, org_quota,
                                     (key_remote, user_remote, org_remote))
-            if len(self._cache) >= RESOLVE_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key_hash] = identity
+            self._cache.put(key_hash, identity)
             return identity
 
         try:
             return self._env.read(lookup)
         except RecordError as exc:
             raise StoreUnavailable(f"unreadable record: {exc}") from exc
+
+    def _refresh(self, txn: lmdb.Transaction, month: str) -> None:
+        """Another commit since the cache was filled: the last pass's summary is read again,
+        and the cached answers go only if the records changed (or the month did)."""
+        generation = _generation(txn, self._meta)
+        if generation != self._cache_generation or month != self._cache_month:
+            self._cache.clear()
+            self._level_cache.clear()
+            self._cache_generation, self._cache_month = generation, month
+        self._cache_txnid = txn.id()
+        raw_sync = txn.get(b"last_sync", db=self._meta)
+        self._last_sync = orjson.loads(raw_sync) if raw_sync else None
 
     def remote_usage(self, month: str, level: str, level_id: str) -> tuple[int, int]:
         """Other nodes' totals (nano-dollars, requests) of one level for `month`, as the last
@@ -164,17 +173,18 @@ class Records(_Part):
         meta = orjson.dumps(summary)
 
         def apply(txn: lmdb.Transaction) -> None:
-            for k, v in encoded:
-                txn.put(k, v, db=self._db)
+            changed = self._apply(txn, encoded, removed)
             for k in removed:
-                txn.delete(k, db=self._db)
                 txn.delete(k, db=self._stamps)
             for k, v in stamped:
                 txn.put(k, v, db=self._stamps)
-            if sums is not None:
+            if sums is not None and dict(sums) != dict(txn.cursor(db=self._remote)):
                 txn.drop(self._remote, delete=False)
                 for k, v in sums:
                     txn.put(k, v, db=self._remote)
+                changed = True
+            if changed:
+                _bump_generation(txn, self._meta)
             txn.put(b"last_sync", meta, db=self._meta)
 
         self._env.write(apply)
@@ -187,7 +197,7 @@ class Records(_Part):
 
     def _level(self, txn: lmdb.Transaction, level: str, level_id: str, month: str) -> tuple:
         """A user's or an org's record, quota record and other nodes' totals, read once per
-        snapshot of the records (`resolve` empties this cache when they change): the keys of
+        generation of the records (`resolve` empties this cache when they change): the keys of
         one user or org share them."""
         cached = self._level_cache.get((level, level_id))
         if cached is None:
@@ -200,9 +210,7 @@ class Records(_Part):
                 self._parsed(QuotaRecord, None, get(quota_key(level_id).encode(), db=db)),
                 _remote_sum(txn, self._remote, month, level, level_id),
             )
-            if len(self._level_cache) >= RESOLVE_CACHE_SIZE:
-                self._level_cache.clear()
-            self._level_cache[(level, level_id)] = cached
+            self._level_cache.put((level, level_id), cached)
         return cached
 
     def _parsed(self, kind: type, record_id: str | None, raw: bytes | None) -> Any:
@@ -213,9 +221,7 @@ class Records(_Part):
         parsed = self._parse_cache.get(cache_key)
         if parsed is None:
             parsed = kind.parse(raw) if record_id is None else kind.parse(record_id, raw)
-            if len(self._parse_cache) >= RESOLVE_CACHE_SIZE:
-                self._parse_cache.clear()
-            self._parse_cache[cache_key] = parsed
+            self._parse_cache.put(cache_key, parsed)
         return parsed
 
     def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
@@ -224,12 +230,28 @@ class Records(_Part):
         encoded_deletes = [_enc(k) for k in deletes]
 
         def apply(txn: lmdb.Transaction) -> None:
-            for k, v in encoded:
-                txn.put(k, v, db=self._db)
-            for k in encoded_deletes:
-                txn.delete(k, db=self._db)
+            if self._apply(txn, encoded, encoded_deletes):
+                _bump_generation(txn, self._meta)
 
         self._env.write(apply)
+
+    def _apply(self, txn: lmdb.Transaction, puts: list[tuple[bytes, bytes]],
+               deletes: list[bytes]) -> bool:
+        """Write what differs from the stored records; whether anything did."""
+        changed = False
+        get, put, db = txn.get, txn.put, self._db
+        for k, v in puts:
+            if get(k, db=db) != v:
+                put(k, v, db=db)
+                changed = True
+        for k in deletes:
+            changed = txn.delete(k, db=db) or changed
+        return changed
+
+    def generation(self) -> int:
+        """The records' generation: moved by every write that changed a record or other
+        nodes' totals, and by no other."""
+        return self._env.read(lambda txn: _generation(txn, self._meta))
 
     def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
         start = prefix.encode()
@@ -277,3 +299,16 @@ def _remote_sum(txn: lmdb.Transaction, db: Any, month: str, level: str, level_id
                 ) -> tuple[int, int]:
     raw = txn.get(f"{month}|{level}|{level_id}".encode(), db=db)
     return _SUMS.unpack(raw) if raw else (0, 0)
+
+
+_GENERATION = b"records_generation"  # config meta: moved by every change resolve could see
+_U64 = struct.Struct("<Q")
+
+
+def _generation(txn: lmdb.Transaction, meta: Any) -> int:
+    raw = txn.get(_GENERATION, db=meta)
+    return _U64.unpack(raw)[0] if raw else 0
+
+
+def _bump_generation(txn: lmdb.Transaction, meta: Any) -> None:
+    txn.put(_GENERATION, _U64.pack(_generation(txn, meta) + 1), db=meta)

@@ -279,3 +279,101 @@ def test_a_store_that_cannot_be_looked_at_counts_as_existing(tmp_path, monkeypat
     # Opening it then reports the real reason, instead of "no store".
     monkeypatch.setattr("pathlib.Path.is_file", denied)
     assert Store.exists(tmp_path / "none")
+
+
+def test_release_stale_by_timeout_reads_liveness_in_its_own_transaction(tmp_path, monkeypatch):
+    """`release_stale(timeout_ms)`: the registry is read inside the releasing transaction; a
+    live gateway's fresh reservation stays, a gone gateway's and an old one go."""
+    with Store(tmp_path / "s") as store:
+        a, b = store.ledger, second_gateway(store)
+        a.join("host/a", {"pid": 101}, alive)
+        b.join("host/b", {"pid": 102}, alive)
+        a.reserve("r1", LEVELS, "2026-11", 500, never, owner={"host": "host/a", "pid": 101})
+        b.reserve("r2", LEVELS, "2026-11", 200, never, owner={"host": "host/b", "pid": 102})
+        a.reserve("r3", LEVELS, "2026-11", 50, never, owner={"host": "gone", "pid": 7})
+        assert a.release_stale(60_000) == 1  # only the unregistered gateway's
+        assert sorted(r["host"] for r in a.reservations()) == ["host/a", "host/b"]
+        b.leave()
+        assert a.release_stale(60_000) == 1  # b left: its reservation is released
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 61)
+        assert a.release_stale(60_000) == 1  # older than the timeout, though a is live
+        assert a.reservations() == []
+        assert [c.reserved_nusd for c in a.counters(LEVELS, "2026-11")] == [0] * 3
+
+
+def _account_records(key_hash: str, status: str = "active") -> dict[str, bytes]:
+    return {
+        "org:o:config": json.dumps({"org_id": "o", "monthly_budget_usd": 10}).encode(),
+        "user:u:config": json.dumps({"user_id": "u", "org_id": "o"}).encode(),
+        f"apikey:{key_hash}": json.dumps({"key_id": "k", "user_id": "u",
+                                          "status": status}).encode(),
+    }
+
+
+def test_a_sync_pass_that_changes_nothing_keeps_the_cached_answers(tmp_path):
+    with Store(tmp_path / "s") as store:
+        records = _account_records("h1")
+        store.records.write(records)
+        first = store.records.resolve("h1", "2026-11")
+        assert store.records.resolve("h1", "2026-11") is first
+        generation = store.records.generation()
+        # A pass that brings the same values and the same totals: cached answers stay, the
+        # pass's summary is seen.
+        store.records.replicate(records, [], {k: "" for k in records}, {}, {"finished_at": 1.0})
+        assert store.records.generation() == generation
+        assert store.records.resolve("h1", "2026-11") is first
+        assert store.records.last_sync() == {"finished_at": 1.0}
+        # Other nodes' totals that changed: a new answer with them.
+        store.records.replicate(records, [], {}, {("2026-11", "user", "u"): (5, 1)},
+                                {"finished_at": 2.0})
+        second = store.records.resolve("h1", "2026-11")
+        assert second is not first and second.remote[1] == (5, 1)
+        # The same write again (an admin command that changed nothing) keeps it too.
+        store.records.write(records)
+        assert store.records.resolve("h1", "2026-11") is second
+
+
+def test_a_revocation_is_seen_by_the_next_resolve_in_another_process(tmp_path):
+    with Store(tmp_path / "s") as store:
+        store.records.write(_account_records("h1"))
+        assert store.records.resolve("h1", "2026-11").key.active
+        in_another_process(_revoke, str(tmp_path / "s"))
+        assert store.records.resolve("h1", "2026-11").key.status == "revoked"
+
+
+def _revoke(path: str) -> None:
+    with Store(path) as store:
+        store.records.write(_account_records("h1", status="revoked"))
+
+
+def test_resolve_caches_evict_the_least_recently_used(tmp_path, monkeypatch):
+    """At their bound the caches drop the coldest entries, not everything."""
+    with Store(tmp_path / "s") as store:
+        records = {}
+        for i in range(5):
+            records.update({k.replace("h1", f"h{i}").replace('"k"', f'"k{i}"'): v.replace(
+                b'"k"', f'"k{i}"'.encode()) for k, v in _account_records("h1").items()})
+        store.records.write(records)
+        cache = store.records._cache
+        cache.size = 3
+        hot = store.records.resolve("h0", "2026-11")
+        for i in (1, 2, 0, 3, 0, 4):  # h0 stays the most recently used
+            store.records.resolve(f"h{i}", "2026-11")
+        assert len(cache) == 3
+        assert store.records.resolve("h0", "2026-11") is hot
+        assert "h1" not in cache and "h2" not in cache
+
+
+def test_lru_evicts_in_order_of_use():
+    from store.lru import LRU
+
+    lru: LRU[str, int] = LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # b is now the coldest
+    lru.put("c", 3)
+    assert "b" not in lru and lru.get("a") == 1 and lru.get("c") == 3
+    assert lru.pop("a") == 1 and len(lru) == 1
+    with pytest.raises(ValueError):
+        LRU(0)
