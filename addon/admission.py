@@ -6,7 +6,6 @@ it into the flow. Nothing here logs or answers the client."""
 
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from addon.streams import BodyTooLarge, decode_bounded
 from store import StoreUnavailable
 from store.db import Counter, Identity, Level
 from store.hashing import looks_like_gateway_key
+from store.lru import LRU
 from store.money import month_span, to_usd
 from store.records import Org
 
@@ -136,34 +136,13 @@ Outcome = Allowed | Denied | Unavailable | Passthrough | ReadBody | None
 FLIGHTS: dict[str, Flight] = {}
 
 
-class LRU(OrderedDict):
-    """A dict that forgets its least recently used entries beyond `size`."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get(self, key, default=None):
-        value = super().get(key, default)
-        if value is not default:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.size:
-            self.popitem(last=False)
-        return value
-
-
 class Admitter:
     """Decides requests on the runtime's configuration and store."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._accounts = LRU(CACHE_SIZE)
-        self._budgets = LRU(CACHE_SIZE)  # one per level, limit and outside usage
+        self._accounts: LRU[str, Account] = LRU(CACHE_SIZE)
+        self._budgets: LRU[tuple, Budget] = LRU(CACHE_SIZE)  # per level, limit, outside usage
         self._month: tuple[str, float, float] = ("", 0.0, 0.0)  # name, start, end
 
     def forget(self) -> None:
@@ -339,11 +318,15 @@ class Admitter:
         budgets = []
         for b in budgets_of(identity, month):
             shared_key = (b.level, b.id, b.limit_nusd, b.external_nusd, b.external_requests)
-            budgets.append(self._budgets.get(shared_key) or self._budgets.put(shared_key, b))
+            shared = self._budgets.get(shared_key)
+            if shared is None:
+                self._budgets.put(shared_key, b)
+            budgets.append(shared or b)
         account = Account(identity, month, tuple(budgets),
                           tuple(b.ledger_level for b in budgets), identity.key.user_id,
                           frozenset(identity.org.allowed_models or ()))
-        return self._accounts.put(key_hash, account)
+        self._accounts.put(key_hash, account)
+        return account
 
     def _month_at(self, now: float) -> str:
         """The UTC month of `now`, recomputed only when a month ends."""
