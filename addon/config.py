@@ -1,20 +1,38 @@
-"""mitm.yaml, parsed and validated once (in the addon's `configure`) into typed settings."""
+"""mitm.yaml, declared once as typed sections (msgspec Structs) and decoded in the addon's
+`configure` into the settings the request path reads."""
 
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
 
 from addon.pricing import Price, PriceTable
 from addon.providers import ADAPTERS, Adapter
-from store.records import FAILURE_MODES, normalize_failure_mode
-from store.settings import Section, StoreSettings, load_yaml, store_settings
+from store.records import FAIL_CLOSED, MAX_USD, RecordError, normalize_failure_mode
+from store.settings import (
+    ConfigText,
+    NonEmptyText,
+    StoreSection,
+    StoreSettings,
+    decode_section,
+    load_yaml,
+    show,
+)
 
 UNKNOWN_CREDENTIALS = ("block", "passthrough")
 FALLBACK_PRICE_USD_PER_1M = 1.0  # the Workers gateway's $0.001 per 1K tokens
+# Bounds far beyond any real setting that keep every figure a 64-bit count and every wait one
+# the OS accepts: a year of seconds, a billion tokens at $1 each, a TiB of body.
+MAX_SECONDS = 366 * 24 * 3600
+MAX_TOKENS = 10**9
+MAX_BODY_BYTES = 2**40
+MAX_PRICE_USD_PER_1M = 1_000_000.0
 
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "mitm.yaml"
 
 # A host entry: a DNS name, or `*.` and a name (the wildcard stands for exactly one label).
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
@@ -32,11 +50,124 @@ def normalize_host(value: str) -> str:
 
 
 def is_ip_address(host: str) -> bool:
+    """Whether a normalised host is an IPv4 or IPv6 address."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
+
+
+# --- the schema of mitm.yaml --------------------------------------------------------------
+
+
+class HostPattern(ConfigText):
+    """One `hosts` entry, normalised: an exact host name (or IP address), or `*.domain`."""
+
+    EXPECTED: ClassVar[str] = ("a host name such as api.example.com, or *.example.com for one "
+                               "label of that domain (not a regular expression)")
+
+    @classmethod
+    def parse(cls, value: Any) -> ConfigText:
+        """The entry normalised; ValueError for a regex, `*.com`, or anything not a name."""
+        host = normalize_host(value) if isinstance(value, str) else ""
+        # A wildcard stands for one label of a domain that is not a top-level one (`*.com`: no).
+        if host and (is_ip_address(host) or _HOST_NAME.fullmatch(host)
+                     and not (host.startswith("*.") and "." not in host[2:])):
+            return cls(host)
+        raise ValueError(f"must be {cls.EXPECTED}, not {show(value)}")
+
+
+class FailureMode(ConfigText):
+    """`fail_open` or `fail_closed`, in either spelling (`fail-open`) and any case."""
+
+    EXPECTED: ClassVar[str] = "one of fail_open, fail_closed (or fail-open, fail-closed)"
+
+    @classmethod
+    def parse(cls, value: Any) -> ConfigText:
+        """The mode in its underscore spelling; ValueError for anything else."""
+        try:
+            return cls(normalize_failure_mode(value))
+        except RecordError:
+            raise ValueError(f"must be {cls.EXPECTED}, not {show(value)}") from None
+
+
+Seconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_SECONDS)]
+UsdPer1M = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE_USD_PER_1M)]
+HostList = Annotated[list[HostPattern], msgspec.Meta(
+    min_length=1, description="a non-empty list of host names")]
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`policy:`."""
+
+    unknown_credentials: Literal[UNKNOWN_CREDENTIALS] = "block"  # type: ignore[valid-type]
+    default_failure_mode: FailureMode = FAIL_CLOSED  # type: ignore[assignment]
+    default_max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 4096
+    reservation_timeout_s: Seconds = 3600
+    flush_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=MAX_SECONDS)] = 1.0
+    fail_closed_retry_after_s: Seconds = 30
+    fallback_daily_limit_usd: Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)] = 10.0
+    # A replica older than this: quota data unavailable (null: no limit).
+    max_staleness_s: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
+    # The decoded size of a request body; a larger one gets 413.
+    max_request_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_BODY_BYTES)] = 32 * 2**20
+
+    def __post_init__(self) -> None:
+        # Readers compare and log plain strings, not FailureMode values.
+        msgspec.structs.force_setattr(self, "default_failure_mode", str(self.default_failure_mode))
+
+
+class ProviderSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`providers.NAME:`."""
+
+    kind: Literal[tuple(ADAPTERS)]  # type: ignore[valid-type]
+    hosts: HostList
+    api_key_env: NonEmptyText | None = None
+    # Credentials may go upstream without TLS (a server on a private network).
+    plain_http: bool = False
+
+    @classmethod
+    def before_decode(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`hosts: api.example.com` is a list of one."""
+        hosts = data.get("hosts")
+        return {**data, "hosts": [hosts]} if isinstance(hosts, str) else data
+
+
+class PriceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`pricing.fallback:` and `pricing.models.NAME:`: USD per 1M tokens."""
+
+    input_per_1m: UsdPer1M
+    output_per_1m: UsdPer1M
+    cached_input_per_1m: UsdPer1M | None = None  # absent: the input price
+    cache_write_per_1m: UsdPer1M | None = None  # absent: 1.25x input
+    cache_write_1h_per_1m: UsdPer1M | None = None  # absent: 2x input
+
+    def price(self) -> Price:
+        """The entry as the integer price the meter uses."""
+        return Price.from_usd_per_1m(self.input_per_1m, self.output_per_1m,
+                                     self.cached_input_per_1m, self.cache_write_per_1m,
+                                     self.cache_write_1h_per_1m)
+
+
+class PricingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`pricing:`."""
+
+    fallback: PriceSection | None = None  # absent: FALLBACK_PRICE_USD_PER_1M
+    models: dict[str, PriceSection] = {}
+
+
+class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole of mitm.yaml."""
+
+    store: StoreSection = StoreSection()
+    policy: Policy = Policy()
+    providers: dict[str, ProviderSection] = {}
+    pricing: PricingSection = PricingSection()
+    sync: Any = None  # store/replication.py reads it, from the same file
+
+
+# --- what the request path reads ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -62,19 +193,6 @@ class Provider:
     def default_credential(self) -> str | None:
         """The gateway host's own key for this provider (environment), if any."""
         return os.environ.get(self.api_key_env) or None if self.api_key_env else None
-
-
-@dataclass(frozen=True)
-class Policy:
-    unknown_credentials: str = "block"
-    default_failure_mode: str = "fail_closed"
-    default_max_output_tokens: int = 4096
-    reservation_timeout_s: int = 3600
-    flush_interval_s: float = 1.0
-    fail_closed_retry_after_s: int = 30
-    fallback_daily_limit_usd: float = 10.0
-    max_staleness_s: float | None = None  # a replica older than this: quota data unavailable
-    max_request_body_bytes: int = 32 * 1024 * 1024  # decoded size; larger bodies get 413
 
 
 @dataclass(frozen=True)
@@ -108,142 +226,35 @@ def load_config(path: str | Path, store_override: str | None = None) -> GatewayC
     """Read and validate mitm.yaml; raises ConfigError naming the file, key and reason."""
     source = str(path)
     data = load_yaml(path)
-    root = Section(source, "", data)
-    root.check_keys({"store", "policy", "providers", "pricing", "sync"})
+    file = decode_section(ConfigFile, data, source, "")
     # A file without `providers` or `pricing` gets the shipped ones: leaving them out must not
     # mean that no AI traffic is intercepted, or that every model costs the fallback price.
-    defaults = _shipped(path, {"providers", "pricing"} - set(data))
+    missing = {"providers", "pricing"} - set(data)
+    shipped = _shipped(path) if missing else None
+    providers = shipped.providers if shipped and "providers" in missing else file.providers
+    pricing = shipped.pricing if shipped and "pricing" in missing else file.pricing
     return GatewayConfig(
         source=source,
-        store=store_settings(data, source, store_override),
-        policy=parse_policy(root.section("policy")),
-        providers=parse_providers(_section(root, defaults, "providers")),
-        pricing=parse_pricing(_section(root, defaults, "pricing")),
+        store=file.store.settings(store_override),
+        policy=file.policy,
+        providers=tuple(_provider(name, entry) for name, entry in providers.items()),
+        pricing=_price_table(pricing),
     )
 
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "mitm.yaml"
-
-
-def _shipped(path: str | Path, missing: set[str]) -> Section | None:
-    if not missing or not SHIPPED_CONFIG.exists() or SHIPPED_CONFIG == Path(path).resolve():
+def _shipped(path: str | Path) -> ConfigFile | None:
+    if not SHIPPED_CONFIG.exists() or SHIPPED_CONFIG == Path(path).resolve():
         return None
-    return Section(str(SHIPPED_CONFIG), "", load_yaml(SHIPPED_CONFIG))
+    return decode_section(ConfigFile, load_yaml(SHIPPED_CONFIG), str(SHIPPED_CONFIG), "")
 
 
-def _section(root: Section, defaults: Section | None, name: str) -> Section:
-    if name not in root.data and defaults is not None:
-        return defaults.section(name)
-    return root.section(name)
+def _provider(name: str, entry: ProviderSection) -> Provider:
+    return Provider(name=name, kind=entry.kind, adapter=ADAPTERS[entry.kind](),
+                    hosts=tuple(str(host) for host in entry.hosts),
+                    api_key_env=entry.api_key_env, plain_http=entry.plain_http)
 
 
-def parse_policy(section: Section) -> Policy:
-    section.check_keys(set(Policy.__dataclass_fields__))
-    defaults = Policy()
-    try:
-        failure_mode = normalize_failure_mode(
-            section.data.get("default_failure_mode", defaults.default_failure_mode)
-        )
-    except ValueError:
-        raise section.error(
-            "default_failure_mode", f"must be one of {', '.join(FAILURE_MODES)}"
-        ) from None
-    return Policy(
-        unknown_credentials=section.text(
-            "unknown_credentials", defaults.unknown_credentials, UNKNOWN_CREDENTIALS
-        ),
-        default_failure_mode=failure_mode,
-        default_max_output_tokens=section.integer(
-            "default_max_output_tokens", defaults.default_max_output_tokens, minimum=1
-        ),
-        reservation_timeout_s=section.integer(
-            "reservation_timeout_s", defaults.reservation_timeout_s, minimum=1
-        ),
-        flush_interval_s=section.number("flush_interval_s", defaults.flush_interval_s,
-                                        minimum=0.05),
-        fail_closed_retry_after_s=section.integer(
-            "fail_closed_retry_after_s", defaults.fail_closed_retry_after_s, minimum=1
-        ),
-        fallback_daily_limit_usd=section.number(
-            "fallback_daily_limit_usd", defaults.fallback_daily_limit_usd
-        ),
-        max_staleness_s=(
-            None if section.data.get("max_staleness_s") is None
-            else section.number("max_staleness_s", minimum=1)
-        ),
-        max_request_body_bytes=section.integer(
-            "max_request_body_bytes", defaults.max_request_body_bytes, minimum=1
-        ),
-    )
-
-
-def parse_providers(section: Section) -> tuple[Provider, ...]:
-    providers = []
-    for name in section.data:
-        entry = section.section(str(name))
-        entry.check_keys({"kind", "hosts", "api_key_env", "plain_http"})
-        kind = entry.text("kind", None, tuple(ADAPTERS))
-        hosts = entry.data.get("hosts")
-        if isinstance(hosts, str):
-            hosts = [hosts]
-        if not isinstance(hosts, list) or not hosts:
-            raise entry.error("hosts", "must be a non-empty list of host names")
-        plain_http = entry.data.get("plain_http", False)
-        if not isinstance(plain_http, bool):
-            raise entry.error("plain_http", f"must be true or false, not {plain_http!r}")
-        providers.append(
-            Provider(
-                name=str(name),
-                kind=kind,
-                adapter=ADAPTERS[kind](),
-                hosts=tuple(_host_entry(entry, i, host) for i, host in enumerate(hosts)),
-                api_key_env=entry.optional_text("api_key_env"),
-                plain_http=plain_http,
-            )
-        )
-    return tuple(providers)
-
-
-def _host_entry(entry: Section, index: int, value: Any) -> str:
-    """One `hosts` entry: an exact host name (or IP address), or `*.domain`."""
-    host = normalize_host(value) if isinstance(value, str) else ""
-    # A wildcard stands for one label of a domain that is not a top-level one (`*.com`: no).
-    if host and (is_ip_address(host) or _HOST_NAME.fullmatch(host)
-                 and not (host.startswith("*.") and "." not in host[2:])):
-        return host
-    raise entry.error(
-        f"hosts[{index}]",
-        f"must be a host name such as api.example.com, or *.example.com for one label of "
-        f"that domain (not a regular expression), not {value!r}",
-    )
-
-
-def _price(section: Section) -> Price:
-    section.check_keys(
-        {"input_per_1m", "output_per_1m", "cached_input_per_1m", "cache_write_per_1m",
-         "cache_write_1h_per_1m"}
-    )
-
-    def optional(name: str) -> float | None:
-        return None if section.data.get(name) is None else section.number(name)
-
-    return Price.from_usd_per_1m(
-        section.number("input_per_1m"),
-        section.number("output_per_1m"),
-        optional("cached_input_per_1m"),
-        optional("cache_write_per_1m"),
-        optional("cache_write_1h_per_1m"),
-    )
-
-
-def parse_pricing(section: Section) -> PriceTable:
-    section.check_keys({"fallback", "models"})
-    if section.data.get("fallback") is None:
-        fallback = Price.from_usd_per_1m(FALLBACK_PRICE_USD_PER_1M, FALLBACK_PRICE_USD_PER_1M)
-    else:
-        fallback = _price(section.section("fallback"))
-    models_section = section.section("models")
-    models: dict[str, Any] = {
-        str(name): _price(models_section.section(str(name))) for name in models_section.data
-    }
-    return PriceTable(models, fallback)
+def _price_table(pricing: PricingSection) -> PriceTable:
+    fallback = pricing.fallback.price() if pricing.fallback is not None else \
+        Price.from_usd_per_1m(FALLBACK_PRICE_USD_PER_1M, FALLBACK_PRICE_USD_PER_1M)
+    return PriceTable({name: entry.price() for name, entry in pricing.models.items()}, fallback)
