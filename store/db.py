@@ -124,6 +124,12 @@ class Store:
     def hash(self, raw_key: str) -> str:
         return hash_key(raw_key, self.hash_algorithm)
 
+    def last_metered(self, key_ids: Sequence[str], month: str) -> list[int | None]:
+        """For each key, when this node last metered it in `month` (epoch milliseconds), or
+        None if it never did (`store.target.AdminTarget`)."""
+        counters = self.ledger.counters([("key", key_id) for key_id in key_ids], month)
+        return [c.updated_ms if c.requests and c.updated_ms else None for c in counters]
+
     def node_id(self) -> str:
         """This store's node id, created once."""
         node = self.ledger.meta("node_id")

@@ -1,0 +1,92 @@
+"""The Cloudflare target of the admin operations: the records API of the store over a KV
+namespace, so `aigw --target cloudflare org|user|key ...` manages every node from one place. Every
+value is written with its version stamp, so each node's next pass fetches it."""
+
+from collections.abc import Iterable, Sequence
+
+import orjson
+
+from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
+from store.cloudflare.sync import STAMP, stamp_of
+from store.hashing import hash_key
+
+
+def write_records(client: KVClient, records: dict[str, bytes], deletes: Iterable[str] = ()
+                  ) -> None:
+    """Admin writes straight to KV, each value with its version stamp (so syncs fetch it)."""
+    items = [{"key": k, "value": v.decode(), "metadata": {STAMP: stamp_of(v)}}
+             for k, v in records.items()]
+    for start in range(0, len(items), BULK_PUT):
+        failed = client.bulk_put(items[start:start + BULK_PUT])
+        if failed:
+            raise SyncError(f"Cloudflare did not write {len(failed)} keys: {failed[:5]}")
+    names = list(deletes)
+    if names:
+        failed = client.bulk_delete(names)
+        if failed:
+            raise SyncError(f"Cloudflare did not delete {len(failed)} keys: {failed[:5]}")
+
+
+class KVRecords:
+    """The records API of the store (`get`, `get_json`, `scan`, `write`) over a KV namespace, so
+    the admin operations can manage every node from one place (`aigw --target cloudflare`)."""
+
+    def __init__(self, client: KVClient) -> None:
+        self._client = client
+
+    def get(self, key: str) -> bytes | None:
+        return self._client.get(key)
+
+    def get_json(self, key: str) -> dict | None:
+        raw = self.get(key)
+        return None if raw is None else orjson.loads(raw)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of those `keys` that exist, fetched in bulk (BULK_GET a request)."""
+        names = list(keys)
+        out = {}
+        for start in range(0, len(names), BULK_GET):
+            values = self._client.bulk_get(names[start:start + BULK_GET])
+            for name in names[start:start + BULK_GET]:
+                entry = values.get(name)
+                value = entry.get("value") if isinstance(entry, dict) else entry
+                if value is None:
+                    raw = self._client.get(name)
+                    if raw is not None:
+                        out[name] = raw
+                else:
+                    out[name] = (value.encode() if isinstance(value, str)
+                                 else orjson.dumps(value))
+        return out
+
+    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        names = [item["name"] for item in self._client.list_all(prefix=prefix)
+                 if isinstance(item.get("name"), str)]
+        values = self.get_many(names)
+        return [(name, values[name]) for name in names if name in values]
+
+    def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
+        write_records(self._client, puts, deletes)
+
+
+class CloudflareTarget:
+    """The admin operations' target (`store.target.AdminTarget`) with the records in
+    Cloudflare KV."""
+
+    def __init__(self, client: KVClient, hash_algorithm: str) -> None:
+        hash_key("", hash_algorithm)  # rejects an unknown algorithm early
+        self._records = KVRecords(client)
+        self.hash_algorithm = hash_algorithm
+
+    @property
+    def records(self) -> KVRecords:
+        """The namespace's records."""
+        return self._records
+
+    def hash(self, raw_key: str) -> str:
+        """The digest under which a presented key is stored."""
+        return hash_key(raw_key, self.hash_algorithm)
+
+    def last_metered(self, key_ids: Sequence[str], month: str) -> list[int | None]:
+        """Unknown for every key: metering is in each node's own ledger, not in KV."""
+        return [None] * len(key_ids)
