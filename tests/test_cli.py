@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+
+from store.cli import cli, main
 
 AIGW = shutil.which("aigw", path=str(Path(sys.executable).parent)) or shutil.which("aigw")
 
@@ -92,12 +95,11 @@ def test_unknown_id_is_one_line_exit_1(aigw):
     one_error_line(aigw("key", "revoke", "key_nope"), 1)
 
 
-def test_bad_budget_is_exit_2(aigw):
-    for value in ("-5", "abc", "nan", "inf"):
-        line = one_error_line(aigw("org", "create", "--name", "A", "--budget", value), 2)
-        assert "--budget" in line
+def test_a_usage_error_of_the_real_binary_is_one_line_exit_2(aigw):
+    # The in-process tests below cover every case; this one runs the installed console script.
+    line = one_error_line(aigw("org", "create", "--name", "A", "--budget", "-5"), 2)
+    assert "--budget" in line
     one_error_line(aigw(), 2)
-    one_error_line(aigw("org", "update", "org_x"), 2)
 
 
 def test_bad_config_names_file_and_key(aigw, tmp_path):
@@ -196,15 +198,6 @@ def test_org_models_and_provider_keys_from_the_command_line(aigw):
     line = one_error_line(aigw("org", "update", org_id, "--provider-key",
                                "openai=sk-literal-fake"), 2)
     assert "env:VAR" in line and "sk-literal-fake" not in line
-
-
-def test_provider_key_errors_never_repeat_what_was_typed(aigw):
-    ok(aigw("org", "create", "--name", "A", "--budget", "1"))
-    for typed in ("sk-proj-fake-typed-0000", "=sk-proj-fake-typed-0000",
-                  "openai:sk-proj-fake-typed-0000", "openai=env:sk-proj-fake-typed-0000"):
-        line = one_error_line(aigw("org", "create", "--name", "B", "--budget", "1",
-                                   "--provider-key", typed), 2)
-        assert "sk-proj-fake" not in line
 
 
 def test_a_failed_first_command_leaves_no_store_behind(aigw, tmp_path):
@@ -311,3 +304,273 @@ def test_import_of_json_nested_too_deeply_is_one_error_line(aigw, tmp_path):
             '[{"key": "org:o:config", "value": {"name": ' + nested + '}}]')
         line = one_error_line(aigw("import", "deep_value.json"), 1)
         assert "internal error" not in line and "deep_value.json: " in line
+
+
+# --------------------------------------------------------------------------- in-process (CliRunner)
+# Argument handling, run in this process through click's CliRunner: the same contract as the
+# binary (one JSON value on stdout, or one `aigw: error:` line on stderr; exit 2 for a wrong
+# command line, 1 for a command that failed), without a Python start per case.
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """`aigw --store TMP/store ARGS` in-process, from a directory without a mitm.yaml."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+
+    def invoke(*args: str, stdin: str | None = None, env: dict | None = None,
+               store_args: bool = True) -> Result:
+        prefix = ["--store", str(store)] if store_args else []
+        return CliRunner().invoke(cli, [*prefix, *args], input=stdin, env=env,
+                                  catch_exceptions=False)
+
+    return invoke
+
+
+def answer(result: Result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith(CREATED)] == []
+    return json.loads(result.stdout)
+
+
+def error(result: Result, code: int) -> str:
+    """The one error line of a failed command (nothing on stdout)."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aigw: error: "), result.stderr
+    return lines[0]
+
+
+def _commands(group=cli, path=()):
+    """Every group and command, as its path of names."""
+    yield path
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("path", list(_commands()), ids=lambda p: " ".join(p) or "aigw")
+def test_help_works_on_every_group_and_command(run, path):
+    for flag in ("--help", "-h"):
+        result = run(*path, flag, store_args=False)
+        assert result.exit_code == 0 and result.stderr == ""
+        assert result.stdout.startswith(f"Usage: {' '.join(('aigw', *path))} ")
+
+
+def test_every_documented_command_is_there():
+    assert set(_commands()) >= {
+        (), ("org",), ("org", "create"), ("org", "update"), ("org", "show"), ("user",),
+        ("user", "create"), ("user", "update"), ("user", "show"), ("key",), ("key", "create"),
+        ("key", "register"), ("key", "revoke"), ("key", "list"), ("usage",), ("quota",),
+        ("quota", "reset"), ("import",), ("export",), ("health",), ("sync",), ("demo",)}
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("org", "create", "--name", "A", "--budget", "1", "--bogus"), "--bogus"),
+    (("org", "show", "o", "--budget", "1"), "--budget"),
+    (("user", "create", "--org", "o", "--email", "e", "--limit", "1", "--status", "active"),
+     "--status"),
+    (("key", "revoke", "k", "--force"), "--force"),
+    (("usage", "user", "u", "--month", "2026-11"), "--month"),
+    (("health", "--verbose"), "--verbose"),
+    (("export", "--format", "csv"), "--format"),
+    (("sync", "--forever"), "--forever"),
+    (("demo", "--again"), "--again"),
+    (("--bogus", "health"), "--bogus"),
+])
+def test_an_unknown_flag_is_exit_2_naming_it(run, args, flag):
+    assert flag in error(run(*args), 2)
+
+
+@pytest.mark.parametrize("args", [
+    ("nope",), ("org",), ("org", "delete", "o"), ("org", "show", "o", "extra"),
+    ("demo", "extra"), ("usage", "team", "x"), ("quota", "reset", "org", "o", "--reason"),
+])
+def test_a_wrong_command_line_is_exit_2(run, args):
+    error(run(*args), 2)
+
+
+@pytest.mark.parametrize("value", ["-5", "-0.01", "abc", "", "nan", "inf", "-inf", "1e400",
+                                   "1,5", "$5", "0x10"])
+@pytest.mark.parametrize("args", [
+    ("org", "create", "--name", "A", "--budget", "{}"),
+    ("org", "create", "--name", "A", "--budget", "1", "--fallback-daily-limit", "{}"),
+    ("org", "update", "o", "--budget", "{}"),
+    ("user", "create", "--org", "o", "--email", "e", "--limit", "{}"),
+    ("user", "update", "u", "--limit", "{}"),
+    ("key", "create", "--user", "u", "--limit", "{}"),
+    ("key", "register", "--user", "u", "--name", "n", "--from-env", "V", "--limit", "{}"),
+], ids=lambda a: " ".join(a[:2]) + " " + a[a.index("{}") - 1])
+def test_a_bad_amount_is_exit_2_naming_the_flag(run, tmp_path, args, value):
+    flag = args[args.index("{}") - 1]
+    line = error(run(*(value if a == "{}" else a for a in args)), 2)
+    assert f"'{flag}'" in line and "non-negative number of USD" in line
+    assert not (tmp_path / "store").exists()  # refused before anything opened a store
+
+
+@pytest.mark.parametrize(("value", "stored"), [("0", 0.0), ("12.5", 12.5), ("1e2", 100.0),
+                                                (" 3 ", 3.0)])
+def test_a_good_amount_is_taken_as_usd(run, value, stored):
+    assert answer(run("org", "create", "--name", "A", "--budget", value))[
+        "monthly_budget_usd"] == stored
+
+
+@pytest.mark.parametrize(("args", "missing"), [
+    (("org", "create", "--budget", "1"), "--name"),
+    (("org", "create", "--name", "A"), "--budget"),
+    (("org", "update"), "ORG_ID"),
+    (("org", "show"), "ORG_ID"),
+    (("user", "create", "--email", "e", "--limit", "1"), "--org"),
+    (("user", "create", "--org", "o", "--limit", "1"), "--email"),
+    (("user", "create", "--org", "o", "--email", "e"), "--limit"),
+    (("user", "update"), "USER_ID"),
+    (("user", "show"), "USER_ID"),
+    (("key", "create"), "--user"),
+    (("key", "register", "--user", "u", "--name", "n"), "--from-env"),
+    (("key", "register", "--user", "u", "--from-env", "V"), "--name"),
+    (("key", "revoke"), "KEY_ID"),
+    (("key", "list"), "--user"),
+    (("usage", "user"), "ID"),
+    (("usage",), "user|org|key"),
+    (("quota", "reset", "user", "u"), "--reason"),
+    (("quota", "reset", "user"), "ID"),
+    (("import",), "FILE"),
+    (("--store",), "--store"),
+])
+def test_a_missing_id_or_required_option_is_exit_2_naming_it(run, args, missing):
+    assert missing in error(run(*args), 2)
+
+
+@pytest.mark.parametrize(("args", "flags"), [
+    (("org", "update", "o"), "--name, --budget, --failure-mode, --fallback-daily-limit, "
+                             "--allowed-models, --provider-key"),
+    (("user", "update", "u"), "--limit, --status"),
+])
+def test_an_update_with_nothing_to_change_is_exit_2(run, args, flags):
+    line = error(run(*args), 2)
+    assert f"{' '.join(args[:2])}: nothing to change (give one of {flags})" in line
+
+
+@pytest.mark.parametrize("typed", [
+    "sk-proj-fake-typed-0000", "=sk-proj-fake-typed-0000", "openai:sk-proj-fake-typed-0000",
+    "openai=env:sk-proj-fake-typed-0000", "openai=sk-proj-fake-typed-0000",
+    "openai=env:", "openai=env", "openai=ENV:VAR", "openai=env:1VAR", "openai=env:MY-VAR",
+    "openai=env:A B", "openai=$VAR", "open ai=env:VAR", "=env:VAR", "openai", "",
+])
+def test_a_bad_provider_key_form_is_exit_2_and_never_repeats_it(run, tmp_path, typed):
+    line = error(run("org", "create", "--name", "B", "--budget", "1", "--provider-key", typed), 2)
+    assert "'--provider-key'" in line and "env:VAR" in line
+    for part in ("sk-proj-fake", "1VAR", "MY-VAR", "$VAR"):
+        assert part not in line
+    assert not (tmp_path / "store").exists()
+
+
+def test_good_provider_key_forms(run):
+    org = answer(run("org", "create", "--name", "A", "--budget", "1",
+                     "--provider-key", "openai=env:ACME_OPENAI", "--provider-key",
+                     " azure-openai = env: _AZ1 ", "--allowed-models", " a, ,b "))
+    assert org["provider_keys"] == {"openai": "<redacted>", "azure-openai": "<redacted>"}
+    assert org["allowed_models"] == ["a", "b"]
+    stored = next(json.loads(item["value"]) for item in json.loads(run("export").stdout)
+                  if item["key"] == f"org:{org['org_id']}:config")
+    assert stored["provider_keys"] == {"openai": "env:ACME_OPENAI", "azure-openai": "env:_AZ1"}
+    removed = answer(run("org", "update", org["org_id"], "--provider-key", "openai="))
+    assert removed["provider_keys"] == {"azure-openai": "<redacted>"}
+
+
+@pytest.mark.parametrize(("typed", "stored"), [("fail_open", "fail_open"),
+                                               ("FAIL-OPEN", "fail_open"),
+                                               (" fail-closed ", "fail_closed")])
+def test_failure_mode_spellings(run, typed, stored):
+    assert answer(run("org", "create", "--name", "A", "--budget", "1", "--failure-mode",
+                      typed))["failure_mode"] == stored
+
+
+def test_a_bad_failure_mode_or_status_is_exit_2(run):
+    assert "'--failure-mode'" in error(run("org", "create", "--name", "A", "--budget", "1",
+                                           "--failure-mode", "open"), 2)
+    assert "'--status'" in error(run("user", "update", "u", "--status", "Active"), 2)
+
+
+def test_register_reads_the_named_variable_only(run):
+    org = answer(run("org", "create", "--name", "A", "--budget", "1"))
+    user = answer(run("user", "create", "--org", org["org_id"], "--email", "a@b.c",
+                      "--limit", "1"))
+    done = run("key", "register", "--user", user["user_id"], "--name", "own", "--from-env",
+               "AIGW_TEST_OWN_KEY", env={"AIGW_TEST_OWN_KEY": "sk-own-secret-0000"})
+    assert "sk-own-secret" not in done.stdout + done.stderr
+    assert answer(done)["passthrough"] is True
+    line = error(run("key", "register", "--user", user["user_id"], "--name", "own2",
+                     "--from-env", "AIGW_TEST_UNSET_VAR", env={"AIGW_TEST_UNSET_VAR": None}), 1)
+    assert "AIGW_TEST_UNSET_VAR" in line
+
+
+def test_the_global_options_go_before_the_command_or_after_it(run, tmp_path):
+    other = tmp_path / "other"
+    before = run("--store", str(other), "demo", store_args=False)
+    assert answer(before)["created"] is True and before.stderr == f"{CREATED}{other}\n"
+    after = run("demo", "--store", str(other), store_args=False)
+    assert answer(after)["created"] is False
+    # After the command, it overrides the one before it.
+    assert answer(run("health", "--store", str(other)))["store"] == str(other)
+    config = tmp_path / "conf.yaml"
+    config.write_text("store: {hash: md5}\n")
+    for args in (("--config", str(config), "health"), ("health", "--config", str(config))):
+        assert "conf.yaml" in error(run(*args), 1)
+
+
+@pytest.mark.parametrize("args", [("--target", "x", "health"), ("health", "--target", "x"),
+                                  ("--target", "cloudflare", "health"),
+                                  ("--target", "cloudflare", "usage", "org", "o"),
+                                  ("export", "--target", "cloudflare"),
+                                  ("--target", "cloudflare", "sync", "--once")])
+def test_target_is_local_or_cloudflare_and_cloudflare_only_for_org_user_key(run, args):
+    line = error(run(*args), 2)
+    assert "--target" in line
+
+
+def test_sync_once_and_interval_exclude_each_other(run):
+    assert "--interval" in error(run("sync", "--once", "--interval", "5"), 2)
+    assert "--interval" in error(run("sync", "--interval", "soon"), 2)
+
+
+def test_cloudflare_target_without_credentials_is_one_line_exit_1(run, monkeypatch):
+    for name in ("CLOUDFLARE_API_TOKEN", "CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_KV_NAMESPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert "CLOUDFLARE_API_TOKEN" in error(run("--target", "cloudflare", "org", "show", "o"), 1)
+
+
+def test_missing_store_and_unknown_ids_are_exit_1(run):
+    assert "no store at" in error(run("usage", "org", "o"), 1)
+    health = run("health")
+    assert health.exit_code == 1 and json.loads(health.stdout)["ok"] is False
+    answer(run("org", "create", "--name", "A", "--budget", "1"))
+    for args, named in ((("org", "show", "org_nope"), "org_nope"),
+                        (("user", "show", "user_nope"), "user_nope"),
+                        (("key", "revoke", "key_nope"), "key_nope"),
+                        (("usage", "key", "key_nope"), "key_nope"),
+                        (("quota", "reset", "user", "user_nope", "--reason", "r"), "user_nope")):
+        assert named in error(run(*args), 1)
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (("org", "show", "gw_live_" + "ab" * 16), 1),
+    (("usage", "key", "sk-proj-" + "Zq7" * 15), 1),
+    (("--sk-proj-" + "Zq7" * 15, "health"), 2),
+    (("org", "create", "--name", "A", "--budget", "gw_live_" + "ab" * 16), 2),
+    (("org", "show", "o", "gw_live_" + "ab" * 16), 2),
+])
+def test_error_lines_are_redacted_whatever_raised_them(run, args, code):
+    answer(run("org", "create", "--name", "A", "--budget", "1"))
+    line = error(run(*args), code)
+    assert "gw_live_" not in line and "sk-proj-Zq7" not in line and "<redacted>" in line
+
+
+def test_main_returns_the_exit_status_without_exiting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0
+    assert main([]) == 2
+    assert main(["--store", str(tmp_path / "s"), "usage", "org", "o"]) == 1
+    capsys.readouterr()
+    assert main(["--store", str(tmp_path / "s"), "demo"]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] is True
