@@ -506,3 +506,76 @@ def test_usage_remaining_leaves_out_what_is_reserved(store, user):
 
 def from_nusd(nusd: int) -> float:
     return round(nusd / USD, 9)
+
+
+class MemoryRecords:
+    """Records in a dict: the smallest thing that answers `store.target.RecordOps`."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def get_json(self, key: str) -> dict | None:
+        raw = self.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def get_many(self, keys) -> dict[str, bytes]:
+        return {k: self.data[k] for k in keys if k in self.data}
+
+    def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))
+
+    def write(self, puts: dict[str, bytes], deletes=()) -> None:
+        self.data.update(puts)
+        for k in deletes:
+            self.data.pop(k, None)
+
+
+class MemoryTarget:
+    hash_algorithm = "sha256"
+
+    def __init__(self) -> None:
+        self.records = MemoryRecords()
+
+    def hash(self, raw_key: str) -> str:
+        return hash_key(raw_key, self.hash_algorithm)
+
+    def last_metered(self, key_ids, month: str) -> list[int | None]:
+        return [None] * len(key_ids)
+
+
+def test_admin_operations_hold_a_target_without_asking_which(store, tmp_path):
+    """The local store and the Cloudflare target answer one protocol; the org, user and key
+    operations work on anything that does (here records in a dict, without a ledger)."""
+    from store.cloudflare import CloudflareSettings, CloudflareTarget, KVClient, SyncSettings
+    from store.target import AdminTarget, RecordOps
+
+    assert isinstance(store, AdminTarget) and isinstance(store.records, RecordOps)
+    cf = CloudflareSettings("acct", "ns", "token", "http://127.0.0.1:9")
+    with KVClient(cf, SyncSettings()) as client:
+        remote = CloudflareTarget(client, "sha256")
+        assert isinstance(remote, AdminTarget) and isinstance(remote.records, RecordOps)
+        assert remote.last_metered(["k1", "k2"], month()) == [None, None]
+
+    target = MemoryTarget()
+    assert isinstance(target, AdminTarget)
+    org = admin.create_org(target, "Mem", 5)
+    user = admin.create_user(target, org["org_id"], "m@example.com", 2)
+    key = admin.create_key(target, user["user_id"])
+    assert target.records.get(apikey_key(hashlib.sha256(key["api_key"].encode()).hexdigest()))
+    admin.revoke_key(target, key["key_id"])
+    (listed,) = admin.list_keys(target, user["user_id"])["keys"]
+    assert listed["status"] == "revoked" and listed["last_used_at"] is None
+
+
+def test_list_keys_reports_when_this_node_last_metered_a_key(store, user):
+    key = admin.create_key(store, user["user_id"])
+    assert store.last_metered([key["key_id"]], month()) == [None]
+    store.ledger.settle(None, [("key", key["key_id"])], month(), 5)
+    (metered,) = store.last_metered([key["key_id"]], month())
+    assert metered is not None
+    (listed,) = admin.list_keys(store, user["user_id"])["keys"]
+    assert listed["last_used_at"] == datetime.fromtimestamp(metered / 1000, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,104 @@
+"""What every admin operation shares: its error, ids, times, amounts, and reading and writing
+records checked with the parser the request path uses."""
+
+import json
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from store.db import StoreError
+from store.money import month_of, utc_now
+from store.records import (
+    RecordError,
+    validate_record,
+)
+from store.target import AdminTarget
+
+LEVELS = ("user", "org", "key")
+DEFAULT_KEY_NAME = "default"
+DEMO_META = "demo"
+QUOTA_RESETS_META = "quota_resets"
+
+
+class AdminError(StoreError):
+    """An admin operation cannot be carried out (unknown id, invalid value)."""
+
+
+def now_iso() -> str:
+    """The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`."""
+    return utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id such as `org_1a2b3c4d5e6f`."""
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def check_usd(value: Any, name: str = "amount") -> float:
+    """A non-negative finite USD amount as float; AdminError otherwise."""
+    if isinstance(value, bool):
+        raise AdminError(f"{name} must be a non-negative number, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AdminError(f"{name} must be a non-negative number, not {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise AdminError(f"{name} must be a non-negative finite number, not {value!r}")
+    return number
+
+
+def _current_month() -> str:
+    return month_of(utc_now())
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _load(store: AdminTarget, key: str, what: str) -> dict:
+    try:
+        value = store.records.get_json(key)
+    except ValueError as exc:
+        raise AdminError(f"{what}: stored record is not valid JSON: {exc}") from exc
+    if value is None:
+        raise AdminError(f"unknown {what}")
+    if not isinstance(value, dict):
+        raise AdminError(f"{what}: stored record is not a JSON object")
+    return value
+
+
+def _check_text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise AdminError(f"{name} must be a non-empty string")
+    return value.strip()
+
+
+def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = ()) -> None:
+    """Write records after checking each with the parser the request path uses: an admin
+    operation never leaves a record the gateway would misread or refuse."""
+    for key, raw in puts.items():
+        try:
+            validate_record(key, raw)
+        except RecordError as exc:
+            raise AdminError(str(exc)) from None
+    store.records.write(puts, deletes)
+
+
+def _redacted(record: dict) -> dict:
+    out = dict(record)
+    if isinstance(out.get("provider_keys"), dict):
+        out["provider_keys"] = {name: "<redacted>" for name in out["provider_keys"]}
+    return out
+
+
+
+
+def _json_or_none(raw: bytes | None) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,170 @@
+"""Bulk import and export in wrangler's `kv bulk put` JSON, the store's health, and the demo
+account of scripts/run."""
+
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from store.admin_accounts import _new_key, _new_org, _new_user, find_key
+from store.admin_base import DEMO_META, AdminError, _dump, _load, _write
+from store.db import LMDB_MAX_KEY, Store
+from store.hashing import new_gateway_key
+from store.records import (
+    FAIL_CLOSED,
+    RecordError,
+    org_config_key,
+    record_label,
+    user_config_key,
+    validate_record,
+)
+
+# Bulk import / export (wrangler `kv bulk put` JSON)
+
+
+def _item_value(item: dict) -> bytes:
+    value = item["value"]
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":")).encode()
+    if not isinstance(value, str):
+        raise RecordError(f"value must be a string (or a JSON object), not {type(value).__name__}")
+    if item.get("base64") is True:
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise RecordError("value is not valid base64") from None
+    return value.encode("utf-8")
+
+
+def _bulk_item(item: Any) -> tuple[str, bytes]:
+    """One wrangler bulk item as (key, value), checked like any record written; RecordError
+    naming the key, the field and the reason otherwise."""
+    if not isinstance(item, dict):
+        raise RecordError("must be an object with key and value")
+    key = item.get("key")
+    if not isinstance(key, str) or not key:
+        raise RecordError(f"key must be a non-empty string, not {type(key).__name__}")
+    label = record_label(key)
+    if "value" not in item:
+        raise RecordError(f"{label}: no value")
+    try:
+        if len(key.encode("utf-8")) > LMDB_MAX_KEY:
+            raise RecordError(f"{label}: key longer than {LMDB_MAX_KEY} bytes")
+        raw = _item_value(item)
+    except UnicodeError:
+        raise RecordError(f"{label}: not valid UTF-8 text") from None
+    except RecursionError:
+        raise RecordError(f"{label}: nested too deeply") from None
+    except RecordError as exc:
+        if str(exc).startswith(label):
+            raise
+        raise RecordError(f"{label}: {exc}") from None
+    validate_record(key, raw)
+    return key, raw
+
+
+def parse_bulk(items: Any) -> dict[str, bytes]:
+    """Validate a wrangler bulk list `[{"key", "value"}, ...]` into puts; AdminError naming
+    the bad items (index, key, field, reason), the first few of them, if any is bad."""
+    if not isinstance(items, list):
+        raise AdminError("bulk JSON must be an array of {\"key\": ..., \"value\": ...} objects")
+    puts: dict[str, bytes] = {}
+    problems: list[str] = []
+    for index, item in enumerate(items):
+        try:
+            key, raw = _bulk_item(item)
+        except RecordError as exc:
+            problems.append(f"item {index}: {exc}")
+            continue
+        puts[key] = raw
+    if problems:
+        shown = "; ".join(problems[:3])
+        more = f"; and {len(problems) - 3} more bad items" if len(problems) > 3 else ""
+        raise AdminError(f"{shown}{more} (nothing imported)")
+    return puts
+
+
+def import_bulk(store: Store, items: Any) -> dict:
+    """Validate every item, then write them all in one transaction."""
+    puts = parse_bulk(items)
+    if puts:
+        store.records.write(puts)
+    return {"imported": len(puts)}
+
+
+def export_bulk(store: Store) -> list[dict]:
+    """Every record as wrangler bulk JSON items (values are the stored JSON text)."""
+    out = []
+    for key, raw in store.records.scan(""):
+        try:
+            out.append({"key": key, "value": raw.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"key": key, "value": base64.b64encode(raw).decode(), "base64": True})
+    return out
+
+
+# Health and demo
+
+
+INVALID_SHOWN = 20  # invalid records named by `health` (the count is whole)
+
+
+def invalid_records(store: Store) -> list[dict]:
+    """The stored records the request path would refuse ({"key", "reason"}): written before
+    records were checked strictly, or by a tool other than aigw straight into the store."""
+    out = []
+    for key, raw in store.records.scan(""):
+        try:
+            validate_record(key, raw)
+        except RecordError as exc:
+            out.append({"key": key, "reason": str(exc).removeprefix(f"{record_label(key)}: ")})
+    return out
+
+
+def health(store: Store) -> dict:
+    """What the store holds and whether it answers, and how fresh its replica is; records the
+    gateway would refuse are named (it answers their keys with the org's failure mode)."""
+    last_sync = store.records.meta("last_sync")
+    invalid = invalid_records(store)
+    return {
+        "ok": True,
+        "store": str(store.path),
+        "hash": store.hash_algorithm,
+        "records": store.records.count(),
+        "invalid_records": len(invalid),
+        "invalid": invalid[:INVALID_SHOWN],
+        "reservations_in_flight": len(store.ledger.reservations()),
+        "gateways": store.ledger.gateways(),  # the gateway processes registered on the ledger
+        "node_id": (last_sync or {}).get("node_id") or store.node_id(),
+        "last_sync": last_sync,
+        "last_sync_age_s": None if not last_sync else round(
+            time.time() - float(last_sync.get("finished_at", 0)), 1),
+    }
+
+
+def ensure_demo(store: Store) -> dict:
+    """Create the demo org, user and key once; the raw key is returned only when created."""
+    demo = store.records.meta(DEMO_META)
+    if isinstance(demo, dict) and all(
+        isinstance(demo.get(f), str) for f in ("org_id", "user_id", "key_id")
+    ):
+        try:
+            _load(store, org_config_key(demo["org_id"]), "org")
+            _load(store, user_config_key(demo["user_id"]), "user")
+            find_key(store, demo["key_id"])
+        except AdminError:
+            pass
+        else:
+            return {"created": False, "org_id": demo["org_id"], "user_id": demo["user_id"],
+                    "key_id": demo["key_id"]}
+    org = _new_org("Demo Org", 100, FAIL_CLOSED)
+    user = _new_user(org["org_id"], "demo@example.com", 20)
+    raw = new_gateway_key()
+    puts, key = _new_key(store, user["user_id"], org["org_id"], raw, "demo", 5, False)
+    puts[org_config_key(org["org_id"])] = _dump(org)
+    puts[user_config_key(user["user_id"])] = _dump(user)
+    _write(store, puts)
+    ids = {"org_id": org["org_id"], "user_id": user["user_id"], "key_id": key["key_id"]}
+    store.records.set_meta(DEMO_META, ids)
+    return {"created": True, **ids, "api_key": raw}

@@ -1,0 +1,152 @@
+"""Usage of a level (key, user, org) as the request path counts it, and quota resets: on the
+local store, whose ledger holds this node's metering."""
+
+
+from store.admin_accounts import find_key
+from store.admin_base import (
+    LEVELS,
+    QUOTA_RESETS_META,
+    AdminError,
+    _check_text,
+    _current_month,
+    _dump,
+    _json_or_none,
+    _load,
+    _write,
+    now_iso,
+)
+from store.db import Store
+from store.money import from_usd, to_usd, utc_now
+from store.records import (
+    ApiKey,
+    Org,
+    QuotaRecord,
+    RecordError,
+    User,
+    org_config_key,
+    org_quota_key,
+    user_config_key,
+    user_quota_key,
+)
+
+# Usage
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise AdminError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+
+
+def _quota_key(level: str, level_id: str) -> str | None:
+    if level == "user":
+        return user_quota_key(level_id)
+    if level == "org":
+        return org_quota_key(level_id)
+    return None
+
+
+def _quota_usage(store: Store, level: str, level_id: str, month: str) -> tuple[int, int]:
+    """What the Workers gateway's own quota record counts for `month` (the request path adds
+    it to user and org budgets; keys have none)."""
+    key = _quota_key(level, level_id)
+    raw = store.records.get(key) if key else None
+    if key is None or raw is None:
+        return 0, 0
+    try:
+        return QuotaRecord.parse(raw, key).usage_in(month)
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def _other_nodes(store: Store, level: str, level_id: str, month: str) -> tuple[int, int]:
+    """The other nodes' totals for `month` as the last sync pass replicated them: the figures
+    `Records.resolve` gives the request path."""
+    return store.records.remote_usage(month, level, level_id)
+
+
+def _limit_of(store: Store, level: str, level_id: str) -> float | None:
+    """The level's monthly limit as the request path reads it."""
+    try:
+        if level == "key":
+            ref = find_key(store, level_id)
+            if ref.record is None or ref.key_hash is None:
+                return None
+            return ApiKey.parse(ref.key_hash, ref.record).monthly_limit_usd
+        if level == "user":
+            record = _load(store, user_config_key(level_id), f"user {level_id}")
+            return User.parse(level_id, record).monthly_limit_usd
+        record = _load(store, org_config_key(level_id), f"org {level_id}")
+        return Org.parse(level_id, record).monthly_budget_usd
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def level_usage(store: Store, level: str, level_id: str, month: str | None = None) -> dict:
+    """Usage of one level (user, org or key) in `month` (default: the current UTC month), as
+    the request path counts it for the budget: this node's ledger, the other nodes' replicated
+    totals and (user and org) the Workers gateway's quota record of that month, each shown
+    beside the sum. `remaining_usd` leaves out what requests in flight have reserved."""
+    _check_level(level)
+    month = month or _current_month()
+    limit = _limit_of(store, level, level_id)
+    (counter,) = store.ledger.counters([(level, level_id)], month)
+    other_nusd, other_requests = _other_nodes(store, level, level_id, month)
+    quota_nusd, quota_requests = _quota_usage(store, level, level_id, month)
+    used = counter.used_nusd + other_nusd + quota_nusd
+    remaining = None if limit is None else to_usd(
+        max(0, from_usd(limit) - used - counter.reserved_nusd))
+    return {
+        "level": level,
+        "id": level_id,
+        "current_usage_usd": to_usd(used),
+        "this_node_usd": to_usd(counter.used_nusd),
+        "other_nodes_usd": to_usd(other_nusd),
+        "quota_record_usd": to_usd(quota_nusd),
+        "request_count": counter.requests + other_requests + quota_requests,
+        "this_node_requests": counter.requests,
+        "other_nodes_requests": other_requests,
+        "quota_record_requests": quota_requests,
+        ("monthly_budget_usd" if level == "org" else "monthly_limit_usd"): limit,
+        "remaining_usd": remaining,
+        "reserved_usd": to_usd(counter.reserved_nusd),
+        "current_month": month,
+    }
+
+
+def reset_quota(store: Store, level: str, level_id: str, reason: str) -> dict:
+    """Zero the current month's usage of a level (ledger and Workers quota record) and append an
+    audit entry to the config meta `quota_resets`."""
+    reason = _check_text(reason, "reason")
+    month = _current_month()
+    before = level_usage(store, level, level_id, month)
+    key = _quota_key(level, level_id)
+    if key is not None:
+        quota = _json_or_none(store.records.get(key))
+        if quota is not None:
+            quota.update(
+                month_usage_usd=0,
+                request_count=0,
+                current_month=month,
+                last_update=int(utc_now().timestamp() * 1000),
+            )
+            _write(store, {key: _dump(quota)})
+    store.ledger.reset((level, level_id), month)
+    entry = {
+        "level": level,
+        "id": level_id,
+        "month": month,
+        "reason": reason,
+        "previous_usage_usd": before["current_usage_usd"],
+        "previous_request_count": before["request_count"],
+        "at": now_iso(),
+    }
+    audit = store.records.meta(QUOTA_RESETS_META)
+    store.records.set_meta(QUOTA_RESETS_META, [*(audit if isinstance(audit, list) else []), entry])
+    return {
+        "level": level,
+        "id": level_id,
+        "reset": True,
+        "previous_usage_usd": before["current_usage_usd"],
+        "reason": reason,
+        "current_month": month,
+    }
