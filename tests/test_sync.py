@@ -494,6 +494,29 @@ def test_exhausted_retries_apply_nothing(kv, make_node, fault):
     assert_mid_pass_applied(node)
 
 
+def test_one_retry_policy_bounds_every_fault_of_a_call(kv, make_node):
+    """Transport faults and malformed answers share one attempt budget per call (the policy is
+    one tenacity loop, not a loop in a loop); waits double, and a retry-after longer than the
+    backoff is waited out."""
+    kv.load_bulk(cache_keys(3))
+    node = make_node(max_backoff_s=10)
+    for kind in ("status", "malformed", "status", "malformed"):
+        kv.fail("list", kind, status=503, times=1)
+
+    with pytest.raises(SyncError, match="gave up after 3 attempts"):
+        node.replicator.sync_once()
+    assert kv.op_counts["list"] == 3 and node.sleeps == [0.5, 1.0]
+
+    kv.clear_faults()
+    kv.reset_counters()
+    node.sleeps.clear()
+    kv.fail("list", status=429, retry_after=4, times=1)
+    kv.fail("list", status=502, times=1)
+    summary = node.replicator.sync_once()
+    assert summary.listed == 3 and kv.op_counts["list"] == 3
+    assert node.sleeps == [4.0, 1.0]  # retry-after, then the backoff of a second retry
+
+
 def test_single_get_fault_exhausted_applies_nothing(kv, make_node):
     node = make_node()
     kv.load_bulk(cache_keys(2))
