@@ -574,3 +574,15 @@ def test_main_returns_the_exit_status_without_exiting(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert main(["--store", str(tmp_path / "s"), "demo"]) == 0
     assert json.loads(capsys.readouterr().out)["created"] is True
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(run, monkeypatch, tmp_path):
+    def interrupted(store):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("store.admin.health", interrupted)
+    answer(run("demo"))
+    assert error(run("health"), 130) == "aigw: error: interrupted"
+    monkeypatch.setattr("store.admin.ensure_demo", interrupted)
+    assert error(run("--store", str(tmp_path / "new"), "demo", store_args=False), 130)
+    assert not (tmp_path / "new").exists()  # the store it was creating is gone

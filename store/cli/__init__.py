@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from store.cli import bulk, demo, health, key, org, sync, usage, user
-from store.cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, PROG, fail, redact
+from store.cli.output import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, fail, redact
 from store.cli.runner import TARGETS, Globals
 from store.settings import DEFAULT_CONFIG
 
@@ -40,12 +40,22 @@ class AigwGroup(click.Group):
             code = fail(exc.format_message() + hint, EXIT_USAGE)
         except click.ClickException as exc:
             code = fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
-            code = fail("interrupted", EXIT_ERROR)
+        except click.Abort:  # Ctrl-C while click itself was parsing or prompting
+            code = fail("interrupted", EXIT_INTERRUPTED)
         code = EXIT_OK if code is None else code
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """The command's exit status; Ctrl-C is one error line too (click's own handler would
+        print a blank line before it)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # past the terminal's ^C
+            return fail("interrupted", EXIT_INTERRUPTED)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """The commands in the README's order, not alphabetical."""

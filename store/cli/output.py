@@ -12,6 +12,7 @@ PROG = "aigw"
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command ran and failed
 EXIT_USAGE = 2  # the command line itself was wrong: nothing ran
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a process ended by SIGINT
 
 # What a credential looks like: gateway keys, the providers' key shapes, and any long random
 # token (40 characters or more, four digits among them: a key of a shape not listed here). An

@@ -154,6 +154,9 @@ def on_store(ctx: click.Context, operation: Operation, *, creates_store: bool = 
     except Exception as exc:  # one line for the operator, whatever went wrong
         _remove(created)
         return fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_ERROR)
+    except BaseException:  # Ctrl-C: the store this command created goes too
+        _remove(created)
+        raise
     if not exists:
         say_created(settings.path)
     return emit(result)
