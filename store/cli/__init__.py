@@ -13,7 +13,7 @@ import click
 
 from store.cli import bulk, demo, health, key, org, sync, usage, user
 from store.cli.output import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, fail, redact
-from store.cli.runner import TARGETS, Globals
+from store.cli.runner import TARGETS, Globals, Group
 from store.settings import DEFAULT_CONFIG
 
 __all__ = ["PROG", "cli", "main", "redact"]
@@ -25,7 +25,7 @@ DESCRIPTION = (
 )
 
 
-class AigwGroup(click.Group):
+class AigwGroup(Group):
     """The root group: click's errors become the one error line, and the exit status is the
     command's (its callback returns it)."""
 
@@ -57,12 +57,8 @@ class AigwGroup(click.Group):
                 print(file=sys.stderr)  # past the terminal's ^C
             return fail("interrupted", EXIT_INTERRUPTED)
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        """The commands in the README's order, not alphabetical."""
-        return list(self.commands)
 
-
-@click.group(cls=AigwGroup, name=PROG, help=DESCRIPTION, no_args_is_help=False,
+@click.group(cls=AigwGroup, name=PROG, help=DESCRIPTION,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", metavar="PATH",
               help=f"mitm.yaml to read (default ./{DEFAULT_CONFIG}, used only if it exists)")

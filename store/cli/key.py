@@ -4,9 +4,9 @@ import click
 
 from store import admin
 from store.cli.params import USD
-from store.cli.runner import late_globals, on_target
+from store.cli.runner import Group, late_globals, on_target
 
-group = click.Group("key", help="API keys.", no_args_is_help=False)
+group = Group("key", help="API keys.")
 
 
 @group.command("create", help="Issue a gateway key (printed once, never stored).")

@@ -6,9 +6,9 @@ import click
 
 from store import admin
 from store.cli.params import FAILURE_MODE, MODEL_LIST, PROVIDER_KEY, USD
-from store.cli.runner import late_globals, nothing_to_change, on_target
+from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 
-group = click.Group("org", help="Organizations.", no_args_is_help=False)
+group = Group("org", help="Organizations.")
 
 
 def _org_options(*, create: bool) -> Callable[[Callable], Callable]:

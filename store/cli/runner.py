@@ -20,6 +20,19 @@ TARGETS = ("local", "cloudflare")
 Operation = Callable[[Any], Any]
 
 
+class Group(click.Group):
+    """A command group that lists its commands in the order they were added (the README's),
+    not alphabetically. Without a command it is a usage error (one line, exit 2), as it was,
+    rather than click's help on stdout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("no_args_is_help", False)
+        super().__init__(*args, **kwargs)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
 @dataclass
 class Globals:
     """The options given before the command (or, as users tend to write them, after it)."""

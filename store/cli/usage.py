@@ -3,7 +3,7 @@
 import click
 
 from store import admin
-from store.cli.runner import late_globals, on_store
+from store.cli.runner import Group, late_globals, on_store
 
 LEVEL = click.Choice(admin.LEVELS)
 
@@ -20,7 +20,7 @@ def usage(ctx: click.Context, level: str, level_id: str) -> int:
     return on_store(ctx, lambda store: admin.level_usage(store, level, level_id))
 
 
-quota = click.Group("quota", help="Quotas.", no_args_is_help=False)
+quota = Group("quota", help="Quotas.")
 
 
 @quota.command("reset", help="Zero the current month's usage (audited).")

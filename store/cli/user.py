@@ -4,10 +4,10 @@ import click
 
 from store import admin
 from store.cli.params import USD
-from store.cli.runner import late_globals, nothing_to_change, on_target
+from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 from store.records import USER_STATUSES
 
-group = click.Group("user", help="Users.", no_args_is_help=False)
+group = Group("user", help="Users.")
 
 
 @group.command("create", help="Create a user in an org.")
