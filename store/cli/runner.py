@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from store.cli.output import EXIT_ERROR, emit, fail, one_line, redact, say_created
+from store.cli.output import EXIT_ERROR, PROG, emit, fail, one_line, redact, say_created
 from store.db import Store, StoreError
 from store.records import RecordError
 from store.settings import DEFAULT_CONFIG, ConfigError, StoreSettings, load_yaml, store_settings
@@ -79,7 +79,7 @@ def nothing_to_change(ctx: click.Context, values: dict[str, Any]) -> None:
     """Refuse an update that names no field to change (a usage error: exit 2)."""
     if all(value is None or value == () for value in values.values()):
         flags = ", ".join("--" + name.replace("_", "-") for name in values)
-        raise click.UsageError(f"{ctx.command_path.removeprefix('aigw ')}: nothing to change "
+        raise click.UsageError(f"{ctx.command_path.removeprefix(PROG + ' ')}: nothing to change "
                                f"(give one of {flags})", ctx)
 
 
