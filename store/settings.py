@@ -7,6 +7,7 @@ Every error names the file, the key and the reason, e.g.
 
 import os
 import re
+import reprlib
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,9 +223,12 @@ def _plain(text: str) -> str:
     return text[:1].lower() + text[1:] if text else "invalid value"
 
 
+_REPR = reprlib.Repr(maxlevel=3, maxdict=4, maxlist=4, maxstring=50, maxlong=40, maxother=50)
+
+
 def show(value: Any) -> str:
     """A value for a message: its repr, cut when long (a value can be a whole YAML tree)."""
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

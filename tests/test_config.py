@@ -346,7 +346,7 @@ def test_bad_config_names_the_file_and_key(tmp_path, text, needle):
 
 def test_a_long_value_is_cut_in_the_message(tmp_path):
     error = refusal(tmp_path, with_value(("policy", "flush_interval_s"), "x" * 10_000))
-    assert len(str(error)) < 400 and str(error).endswith("...")
+    assert len(str(error)) < 400 and "..." in error.reason
 
 
 # --- any value anywhere: a ConfigError naming the key, or a valid config ------------------
