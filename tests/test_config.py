@@ -5,8 +5,9 @@ import math
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,14 @@ from addon.config import (
     load_config,
     normalize_host,
 )
-from store.settings import DEFAULT_STORE_PATH, ConfigError, StoreSettings, store_settings
+from store.settings import (
+    DEFAULT_STORE_PATH,
+    ConfigError,
+    ConfigText,
+    StoreSettings,
+    decode_section,
+    store_settings,
+)
 
 BASE: dict[str, Any] = {
     "store": {"path": "./var/store", "hash": "blake3"},
@@ -445,3 +453,47 @@ def test_store_settings_give_settings_or_a_store_error(value):
         assert exc.key.startswith("store") and str(exc).startswith("f.yaml: store")
     else:
         assert isinstance(got, StoreSettings) and got.hash_algorithm in ("blake3", "sha256")
+
+
+# --- decode_section for any other section (store/replication.py's `sync:` can use it) -------
+
+
+class _Node(ConfigText):
+    EXPECTED = "a node id without ':'"
+
+    @classmethod
+    def parse(cls, value: Any) -> ConfigText:
+        if not isinstance(value, str) or not value or ":" in value:
+            raise ValueError(f"must be {cls.EXPECTED}, not {value!r}")
+        return cls(value)
+
+
+class _Peer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    weight: Annotated[int, msgspec.Meta(ge=1, le=9)] = 1
+
+
+class _Example(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    node_id: _Node | None = None
+    interval_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    push: bool = True
+    peers: dict[str, _Peer] = {}
+
+
+def test_decode_section_serves_any_struct():
+    assert decode_section(_Example, None, "f.yaml", "sync") == _Example()
+    got = decode_section(_Example, {"node_id": "n1", "peers": {"b": {"weight": 3}, "c": None}},
+                         "f.yaml", "sync")
+    assert got.node_id == "n1" and got.peers == {"b": _Peer(3), "c": _Peer()}
+    for data, key, reason in (
+        ({"node_id": "a:b"}, "sync.node_id", "must be a node id without ':', not 'a:b'"),
+        ({"interval_s": 0}, "sync.interval_s", "must be a finite number from 1 to 3600, not 0"),
+        ({"push": "no"}, "sync.push", "must be true or false, not 'no'"),
+        ({"peers": {"b": {"weight": 10}}}, "sync.peers.b.weight",
+         "must be an integer from 1 to 9, not 10"),
+        ({"other": 1}, "sync.other",
+         "unknown key (expected one of ['interval_s', 'node_id', 'peers', 'push'])"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            decode_section(_Example, data, "f.yaml", "sync")
+        assert (raised.value.key, raised.value.reason) == (key, reason)
+        assert str(raised.value) == f"f.yaml: {key}: {reason}"
