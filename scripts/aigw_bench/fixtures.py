@@ -52,22 +52,26 @@ pricing:
 
 
 def org_record(org_id: str, budget: float) -> dict:
+    """An org config record as the Workers gateway stores it."""
     return {"org_id": org_id, "name": org_id, "monthly_budget_usd": budget,
             "failure_mode": "fail_closed", "fallback_daily_limit": 10.0, "provider_keys": {},
             "allowed_models": None}
 
 
 def user_record(user_id: str, org_id: str, limit: float) -> dict:
+    """A user config record."""
     return {"user_id": user_id, "email": f"{user_id}@bench.example", "monthly_limit_usd": limit,
             "org_id": org_id, "status": "active"}
 
 
 def key_record(key_id: str, user_id: str, org_id: str, limit: float | None) -> dict:
+    """An `apikey:{hash}` record."""
     return {"key_id": key_id, "user_id": user_id, "org_id": org_id, "name": "bench",
             "status": "active", "monthly_limit_usd": limit, "passthrough": False}
 
 
 def raw_key(i: int) -> str:
+    """The raw gateway key number `i`."""
     return f"gw_live_{i:032x}"
 
 
@@ -104,6 +108,7 @@ def populate(store: Any, s: Any) -> list[str]:
 
 
 def seed_throughput_store(path: Path) -> tuple[str, str, str]:
+    """A store with one org, user and key (`BENCH_KEY`): their ids."""
     from store import Store
     from store.records import apikey_key, org_config_key, user_config_key
 
@@ -122,7 +127,8 @@ def seed_throughput_store(path: Path) -> tuple[str, str, str]:
 
 
 
-def build_flows(keys: list[str], n: int, seed: int = 7, cover: bool = False):
+def build_flows(keys: list[str], n: int, seed: int = 7,
+                cover: bool = False) -> tuple[list[Any], list[Any]]:
     """`n` chat requests (and their responses), each with a random one of `keys`; `cover`: the
     first `len(keys)` use each key once, in order (a warm-up that sees every key)."""
     from mitmproxy import http

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from aigw_bench.fixtures import HOT_CONFIG, PROVIDER_ENV, PROVIDER_SECRET, build_flows, populate
 from aigw_bench.runner import Report, Settings, distribution, format_distribution, say
@@ -19,6 +20,7 @@ HOT_P99_TARGET_US = 50.0
 
 
 async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
+    """The gateway on a populated store in `tmp`, its hooks timed: the samples."""
     from mitmproxy.test import taddons
 
     from addon.gateway import Gateway
@@ -203,7 +205,7 @@ def run(s: Settings, report: Report, profile: bool = False) -> None:
 
 
 
-def print_profile(profiler, hook: str, n: int, top: int = 25) -> None:
+def print_profile(profiler: Any, hook: str, n: int, top: int = 25) -> None:
     """The top functions of a profiled pass, by own time and by cumulative time, with their
     share of the hook's total (cProfile inflates call-heavy code: compare shares, not times)."""
     import pstats

@@ -13,9 +13,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aigw_bench import ROOT, SCRIPTS
 from aigw_bench.fixtures import (
@@ -28,6 +30,8 @@ from aigw_bench.fixtures import (
 
 @dataclass
 class Settings:
+    """Sizes and counts of a run (`QUICK` for `--quick`), bounded by `cli.parse_args`."""
+
     keys: int = 100_000
     orgs: int = 100
     users: int = 1_000
@@ -56,12 +60,15 @@ QUICK = Settings(keys=10_000, requests=2_000, warmup=200, duration=2.0, rounds=2
 
 @dataclass
 class Report:
+    """What a run found: the summary rows and whether it missed a target or went wrong."""
+
     lines: list[str] = field(default_factory=list)  # summary table rows
     failed: bool = False  # a target was missed
     invalid: bool = False  # the run itself went wrong
 
 
 def say(text: str = "") -> None:
+    """Print a line at once (the output is read while a long run goes on)."""
     print(text, flush=True)
 
 
@@ -71,6 +78,7 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def distribution(samples_ns: list[int]) -> dict[str, float]:
+    """p50, p90, p99, p99.9, max and mean in microseconds of samples in nanoseconds."""
     ordered = sorted(s / 1000 for s in samples_ns)
     return {"p50": percentile(ordered, 0.50), "p90": percentile(ordered, 0.90),
             "p99": percentile(ordered, 0.99), "p99.9": percentile(ordered, 0.999),
@@ -78,11 +86,13 @@ def distribution(samples_ns: list[int]) -> dict[str, float]:
 
 
 def format_distribution(name: str, d: dict[str, float], n: int) -> str:
+    """One line of a distribution, aligned with the others."""
     return (f"{name:<26} n={n:<6} p50 {d['p50']:7.1f} us   p90 {d['p90']:7.1f} us   "
             f"p99 {d['p99']:7.1f} us   p99.9 {d['p99.9']:8.1f} us   max {d['max']:9.1f} us")
 
 
 def machine() -> dict[str, str]:
+    """CPUs, CPU model, Python, mitmproxy, lmdb and OS of this run."""
     import lmdb
     import mitmproxy.version
 
@@ -147,6 +157,7 @@ def paired_ratios(sequence: list[tuple[str, float]], of: str = "addon") -> list[
 
 
 def median(values: list[float]) -> float:
+    """The median (0 for no values)."""
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -180,7 +191,7 @@ def run_json(argv: list[str], timeout: float, what: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def pinned(cpu: int):
+def pinned(cpu: int) -> Callable[[], None] | None:
     """A preexec_fn that pins a child process to one CPU: the proxy under test gets a core of its
     own and the load generator and fake upstream share another, so they do not take turns with
     it (both proxies are pinned alike). None where affinity cannot be set."""
@@ -204,6 +215,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def free_port() -> int:
+    """A loopback port free at this moment."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -211,6 +223,8 @@ def free_port() -> int:
 
 def wait_listening(port: int, proc: subprocess.Popen, name: str, log: Path | None,
                    timeout: float = 30.0) -> None:
+    """Wait until a started process listens on 127.0.0.1:`port`; RuntimeError if it exits
+    first or takes longer than `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -230,12 +244,14 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a process in a session of its own, remembered for `stop_all`."""
         proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
         self.procs.append((name, proc))
         return proc
 
     def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        """SIGINT, then SIGKILL after `grace` seconds."""
         if proc.poll() is not None:
             return
         proc.send_signal(signal.SIGINT)  # mitmdump runs its addons' `done` on SIGINT
@@ -246,6 +262,7 @@ class Processes:
             proc.wait(5)
 
     def stop_all(self) -> None:
+        """Stop every process started, the last first."""
         for _name, proc in reversed(self.procs):
             with suppress(Exception):
                 self.stop(proc)
@@ -322,6 +339,8 @@ def start_upstream(procs: Processes, tls: bool = False) -> int:
 
 @dataclass
 class Proxy:
+    """One mitmdump under test."""
+
     name: str
     kind: str  # "bare" | "floor" | "addon"
     port: int
@@ -368,6 +387,7 @@ def start_proxies(procs: Processes, tmp: Path, bare_extra: list[str],
 
 
 def show_logs(*proxies: Proxy) -> None:
+    """The last lines each proxy logged, if any."""
     for proxy in proxies:
         text = proxy.log.read_text(errors="replace").strip()
         if text:

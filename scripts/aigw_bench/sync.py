@@ -214,6 +214,7 @@ def _sync(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
 
 
 def pass_line(summary: Any, wall: float, cpu: float, stats: dict, keys: int) -> str:
+    """One line of a pass's figures."""
     ops = ", ".join(f"{n:,} {op.replace('_', ' ')}" for op, n in sorted(
         stats["ops"].items(), key=lambda kv: -kv[1]))
     return (f"listed {summary.listed:,}, fetched {summary.fetched:,}, changed "

@@ -204,6 +204,7 @@ def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
 
 
 async def loadgen(args: argparse.Namespace) -> dict:
+    """`concurrency` keep-alive connections sending chat requests as fast as answered."""
     body = json.dumps(CHAT_REQUEST).encode()
     target = f"127.0.0.1:{args.upstream_port}"
     ctx = None

@@ -64,6 +64,7 @@ def sse_digest(n: int) -> tuple[int, int]:
 
 
 def events_for_bytes(target: int) -> int:
+    """Content events for a stream of about `target` bytes."""
     sizes = [len(_sse_chunk({"content": word})) for word in STREAM_WORDS]
     return max(1, math.ceil(target * len(sizes) / sum(sizes)))
 
