@@ -418,7 +418,8 @@ def outcome(path: Path) -> GatewayConfig | ConfigError:
         return exc
 
 
-_DIR = Path(tempfile.mkdtemp(prefix="aigw-config-"))
+_TMP = tempfile.TemporaryDirectory(prefix="aigw-config-")  # removed at exit
+_DIR = Path(_TMP.name)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
