@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aigw_bench.fixtures import HOT_CONFIG, PROVIDER_ENV, PROVIDER_SECRET, build_flows, populate
+from aigw_bench.hookdriver import time_flows
 from aigw_bench.runner import Report, Settings, distribution, format_distribution, say
 
 HOT_P99_TARGET_US = 50.0
@@ -95,27 +96,9 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
             if s.warmup <= i < s.warmup + s.requests:
                 request_ns.append(t1 - t0)
                 settle_ns.append(t3 - t2)
-        async def warm_pass(flows: list, responses: list, label: str) -> list[int]:
-            timed: list[int] = []
-            for i, (flow, response) in enumerate(zip(flows, responses, strict=True)):
-                t0 = clock()
-                pending = gw.request(flow)
-                if pending is not None:
-                    await pending
-                t1 = clock()
-                if flow.response is not None:
-                    not_allowed[f"{label} {flow.response.status_code}"] += 1
-                    continue
-                flow.response = response
-                gw.responseheaders(flow)
-                pending = gw.response(flow)
-                if pending is not None:
-                    await pending
-                if i >= len(active):  # the first requests (each active key once) warm them
-                    timed.append(t1 - t0)
-            return timed
-
-        warm_ns = await warm_pass(warm_flows, warm_responses, "warm")
+        n = len(active)  # the first requests (each active key once) warm them, untimed
+        await time_flows(gw, warm_flows[:n], warm_responses[:n], not_allowed)
+        warm_ns, _ = await time_flows(gw, warm_flows[n:], warm_responses[n:], not_allowed)
         floor_ns = floor_pass(*floor_flows) if floor_flows else None
         gc.unfreeze()
         in_flight = len(gw.store.ledger.reservations())
