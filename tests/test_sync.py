@@ -313,6 +313,41 @@ def test_node_id_with_a_colon_is_refused():
     assert "sync.node_id" in str(raised.value)
 
 
+BAD_SYNC = {
+    "a string number": ({"interval_s": "30"}, "sync.interval_s", "finite number"),
+    "below the bound": ({"interval_s": 0.5}, "sync.interval_s", "from 1 to"),
+    "a string boolean": ({"push_usage": "false"}, "sync.push_usage", "true or false"),
+    "a fractional count": ({"request_budget": 50.5}, "sync.request_budget", "an integer"),
+    "a tiny budget": ({"request_budget": 5}, "sync.request_budget", "from 10 to"),
+    "no attempts": ({"max_attempts": 0}, "sync.max_attempts", "from 1 to"),
+    "an unknown key": ({"intervall_s": 30}, "sync.intervall_s", "unknown key"),
+    "an unknown cloudflare key": ({"cloudflare": {"token": "x"}}, "sync.cloudflare.token",
+                                  "unknown key"),
+    "an empty account id": ({"cloudflare": {"account_id": ""}}, "sync.cloudflare.account_id",
+                            "non-empty string"),
+    "not a mapping": ([], "sync", "must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("section, key, reason", BAD_SYNC.values(), ids=BAD_SYNC.keys())
+def test_sync_settings_are_typed_and_name_the_key(section, key, reason):
+    env = {"CLOUDFLARE_API_TOKEN": "t", "CLOUDFLARE_ACCOUNT_ID": "a",
+           "CLOUDFLARE_KV_NAMESPACE_ID": "n"}
+    with pytest.raises(ConfigError) as raised:
+        load_sync_settings({"sync": section}, "mitm.yaml", environ=env)
+    assert str(raised.value).startswith(f"mitm.yaml: {key}: ") and reason in str(raised.value)
+
+
+def test_sync_settings_defaults_and_whole_numbers():
+    env = {"CLOUDFLARE_API_TOKEN": "t", "CLOUDFLARE_ACCOUNT_ID": "a",
+           "CLOUDFLARE_KV_NAMESPACE_ID": "n"}
+    _, sync = load_sync_settings({"sync": None}, "mitm.yaml", environ=env)
+    assert sync == SyncSettings()
+    _, sync = load_sync_settings({"sync": {"interval_s": 5, "push_usage": False}}, "mitm.yaml",
+                                 environ=env)
+    assert (sync.interval_s, sync.push_usage) == (5.0, False)
+
+
 # --------------------------------------------------------------------------- 2. incremental
 
 
