@@ -153,17 +153,3 @@ def test_denials_use_each_providers_error_shape(kind):
         assert body["error"]["type"] == "user_quota_exceeded"
         assert body["error"]["code"] == "insufficient_quota"
     assert "used $2 of $1" in json.dumps(body)
-
-
-def test_a_config_without_providers_or_pricing_gets_the_shipped_ones(tmp_path):
-    from addon.config import load_config
-
-    config = tmp_path / "mitm.yaml"
-    config.write_text(f"store: {{path: {tmp_path / 's'}}}\n")
-    loaded = load_config(config)
-    assert loaded.provider_for("api.openai.com").kind == "openai"
-    assert loaded.provider_for("myres.openai.azure.com").kind == "azure_openai"
-    assert loaded.pricing.lookup("gpt-4o") is not None
-    config.write_text("providers: {}\npricing: {models: {}}\n")
-    explicit = load_config(config)
-    assert explicit.providers == () and explicit.pricing.lookup("gpt-4o") is None
