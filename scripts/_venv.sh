@@ -32,15 +32,17 @@ ensure_venv() {
         rm -rf "$VENV"
         "$(find_python)" -m venv "$VENV"
     fi
-    # Reinstall only when pyproject.toml or the extras changed: the scripts stay idempotent and fast.
-    want="$(sha256sum <"$ROOT/pyproject.toml" | cut -c1-16)-$extras"
+    # Reinstall only when pyproject.toml, constraints.txt or the extras changed: the scripts stay
+    # idempotent and fast. constraints.txt pins every package to the versions last tested.
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)-$extras"
     stamp="$VENV/.aigw-installed"
     # An install with the test extras also serves the plain one.
     if [[ ! -f $stamp ]] || ! grep -qsx -- "$want" "$stamp" \
         && ! { [[ -z $extras ]] && grep -qsx -- "${want}test" "$stamp"; }; then
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target" \
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -c "$ROOT/constraints.txt" -e "$target" \
             2>&1 | grep -v "^WARNING: Location" >&2 || true
-        "$VENV/bin/python" -c 'import mitmproxy, lmdb, blake3, yaml' \
+        "$VENV/bin/python" -c 'import mitmproxy, lmdb, blake3, yaml, orjson, msgspec, tenacity, click, brotli' \
             || { echo "aigw: installing the project failed" >&2; return 1; }
         echo "$want" >"$stamp"
     fi

@@ -829,6 +829,7 @@ def _scripts_run_mitmdump_args(tmp_path: Path, env: dict[str, str]) -> list[str]
     for name in ("run", "_venv.sh"):
         shutil.copy2(REPO_ROOT / "scripts" / name, root / "scripts" / name)
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(REPO_ROOT / "constraints.txt", root / "constraints.txt")
     bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     # pip is never run for real (it would repoint the editable install at the scratch root).
@@ -837,7 +838,8 @@ def _scripts_run_mitmdump_args(tmp_path: Path, env: dict[str, str]) -> list[str]
     _stub(bin_dir / "aigw", "echo '{}'\n")
     args_file = tmp_path / "mitmdump-args"
     _stub(bin_dir / "mitmdump", f'for a in "$@"; do printf "%s\\n" "$a"; done > "{args_file}"\n')
-    want = hashlib.sha256((root / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    want = hashlib.sha256((root / "pyproject.toml").read_bytes()
+                          + (root / "constraints.txt").read_bytes()).hexdigest()[:16]
     (root / ".venv" / ".aigw-installed").write_text(f"{want}-\n")
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("AIGW_")}
     done = subprocess.run(["bash", str(root / "scripts" / "run")], env={**child_env, **env},

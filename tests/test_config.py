@@ -82,7 +82,8 @@ def with_value(path: tuple, value: Any, base: dict | None = None) -> dict:
 
 
 def key_of(path: tuple) -> str:
-    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path).lstrip(".")
+    joined = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in path)
+    return joined[1:] if joined.startswith(".") else joined  # only the separator, not a name's dot
 
 
 # --- the sections as documented ------------------------------------------------------------
