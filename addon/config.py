@@ -112,6 +112,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_staleness_s: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
     # The decoded size of a request body; a larger one gets 413.
     max_request_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_BODY_BYTES)] = 32 * 2**20
+    # Days a per-request usage record is kept (`aigw log`, `aigw report`); maintenance prunes.
+    usage_log_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36600)] = 90
 
     def __post_init__(self) -> None:
         # Readers compare and log plain strings, not FailureMode values.

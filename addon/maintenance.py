@@ -59,3 +59,5 @@ class Maintenance:
         if ticks % MAINTENANCE_EVERY == 0:
             self.settler.retry_unsettled()
             runtime.release_stale()
+        if runtime.store is not None and runtime.config is not None:  # bounded: a few ms at most
+            runtime.store.ledger.prune_usage(runtime.config.policy.usage_log_retention_days)

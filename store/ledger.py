@@ -9,10 +9,11 @@ reservations of one that crashed can be released.
 """
 
 import functools
+import heapq
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import lmdb
@@ -28,6 +29,17 @@ _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
 LEDGER_SYNC = {"sync": False, "metasync": False}
+
+# The usage log's keys: `{settled_ns:020d}|{id}` (metered) and `grace|{settled_ns:020d}|{id}`
+# (fail-open grace), so each kind reads and prunes in time order from its prefix.
+_GRACE_PREFIX = b"grace|"
+LOG_PAGE = 1000  # records read per read transaction when the log is streamed
+# Pruning deletes at most PRUNE_BATCH records per write transaction, and at most
+# PRUNE_BATCHES such transactions per call: a large backlog never holds the ledger's write lock
+# (which every request's settlement waits for) for more than one short batch, and a call
+# returns within a bounded time; the backlog is worked off over successive maintenance ticks.
+PRUNE_BATCH = 500
+PRUNE_BATCHES = 8
 
 
 class Counter(NamedTuple):
@@ -345,6 +357,93 @@ class Ledger(_Part):
 
         return self._env.read(collect)
 
+    def iter_log(self, since_ns: int = 0, until_ns: int | None = None, *,
+                 page: int = LOG_PAGE) -> Iterator[tuple[int, UsageRecord]]:
+        """Every usage record (metered and grace) settled from `since_ns` up to `until_ns`
+        (epoch nanoseconds, inclusive), as (settled_ns, record) oldest first. Streamed: one
+        short read transaction per `page` records, never the whole log in memory."""
+        return heapq.merge(
+            self._iter_prefix(b"", since_ns, until_ns, page),
+            self._iter_prefix(_GRACE_PREFIX, since_ns, until_ns, page),
+            key=lambda item: item[0],
+        )
+
+    def _iter_prefix(self, prefix: bytes, since_ns: int, until_ns: int | None,
+                     page: int) -> Iterator[tuple[int, UsageRecord]]:
+        start = prefix + f"{max(0, since_ns):020d}".encode()
+        stop = None if until_ns is None else prefix + f"{until_ns:020d}|".encode()
+        after: bytes | None = None  # the last key read: the next page starts past it
+
+        def read_page(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
+            cursor = txn.cursor(db=self._log)
+            if after is None:
+                found = cursor.set_range(start)
+            else:
+                found = cursor.set_range(after) and (cursor.key() != after or cursor.next())
+            out: list[tuple[bytes, bytes]] = []
+            while found and len(out) < page:
+                k = cursor.key()
+                if not _log_key_of(prefix, k) or (stop is not None and k > stop):
+                    break
+                out.append((k, cursor.value()))
+                found = cursor.next()
+            return out
+
+        while True:
+            rows = self._env.read(read_page)
+            for k, v in rows:
+                yield _log_time(prefix, k), UsageRecord.decode(v)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def prune_usage(self, retention_days: float, *, now_s: float | None = None,
+                    batch: int = PRUNE_BATCH, batches: int = PRUNE_BATCHES) -> int:
+        """Delete (boundedly, see `prune_log`) the usage records older than `retention_days`:
+        the gateway's maintenance calls this every tick. Returns how many were deleted."""
+        now_s = time.time() if now_s is None else now_s
+        before_ns = int((now_s - retention_days * 86400) * 1e9)
+        return self.prune_log(before_ns, batch=batch, batches=batches)
+
+    def prune_log(self, before_ns: int, *, batch: int = PRUNE_BATCH,
+                  batches: int = PRUNE_BATCHES) -> int:
+        """Delete the usage records (metered and grace) settled before `before_ns`: at most
+        `batch` a write transaction and `batches` transactions a call (call again for the rest).
+        Returns how many were deleted."""
+        deleted = 0
+        transactions = batches
+        for prefix in (b"", _GRACE_PREFIX):
+            cutoff = prefix + f"{max(0, before_ns):020d}".encode()
+            while transactions > 0:
+                # A read first: with nothing to prune, no write lock is taken.
+                if not self._env.read(lambda txn, p=prefix, c=cutoff: self._has_older(txn, p, c)):
+                    break
+                transactions -= 1
+                count = self._env.write(
+                    lambda txn, p=prefix, c=cutoff: self._delete_older(txn, p, c, batch))
+                deleted += count
+                if count < batch:
+                    break
+        return deleted
+
+    def _has_older(self, txn: lmdb.Transaction, prefix: bytes, cutoff: bytes) -> bool:
+        cursor = txn.cursor(db=self._log)
+        return bool(cursor.set_range(prefix)) and _log_key_of(prefix, cursor.key()) and (
+            cursor.key() < cutoff)
+
+    def _delete_older(self, txn: lmdb.Transaction, prefix: bytes, cutoff: bytes,
+                      batch: int) -> int:
+        cursor = txn.cursor(db=self._log)
+        count = 0
+        found = cursor.set_range(prefix)
+        while found and count < batch:
+            k = cursor.key()
+            if not _log_key_of(prefix, k) or k >= cutoff:
+                break
+            found = cursor.delete()  # moves to the next record
+            count += 1
+        return count
+
     def grace_used(self, day: str, who: str) -> tuple[int, int]:
         raw = self._env.read(lambda txn: txn.get(_enc(f"{day}|{who}"), db=self._grace))
         return _GRACE.unpack(raw) if raw else (0, 0)
@@ -381,3 +480,13 @@ class Ledger(_Part):
             return out
 
         return self._env.read(collect)
+
+
+def _log_key_of(prefix: bytes, key: bytes) -> bool:
+    """Whether a usage log key is of the kind `prefix` names (b"": metered, digits first)."""
+    return key.startswith(prefix) and key[len(prefix):len(prefix) + 1].isdigit()
+
+
+def _log_time(prefix: bytes, key: bytes) -> int:
+    """The settlement time (epoch nanoseconds) in a usage log key."""
+    return int(key[len(prefix):len(prefix) + 20])
