@@ -114,6 +114,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_request_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_BODY_BYTES)] = 32 * 2**20
     # Days a per-request usage record is kept (`aigw log`, `aigw report`); maintenance prunes.
     usage_log_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36600)] = 90
+    # One line per decided request on the "aigw.requests" logger (addon/requestlog.py).
+    request_log: Literal["json", "text", "off"] = "json"
 
     def __post_init__(self) -> None:
         # Readers compare and log plain strings, not FailureMode values.
