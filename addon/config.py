@@ -12,6 +12,7 @@ import msgspec
 
 from addon.pricing import Price, PriceTable
 from addon.providers import ADAPTERS, Adapter
+from store.alert_settings import AlertsSection
 from store.records import FAIL_CLOSED, MAX_USD, RecordError, normalize_failure_mode
 from store.settings import (
     ConfigText,
@@ -169,6 +170,7 @@ class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderSection] = {}
     pricing: PricingSection = PricingSection()
     sync: Any = None  # store/replication.py reads it, from the same file
+    alerts: AlertsSection = AlertsSection()  # store/alerts.py reads it, from the same file
 
 
 # --- what the request path reads ----------------------------------------------------------

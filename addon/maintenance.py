@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from addon.runtime import Runtime, log_fault
 from addon.settlement import Settler
+from store import alerts
 
 log = logging.getLogger("aigw")
 
@@ -59,5 +60,7 @@ class Maintenance:
         if ticks % MAINTENANCE_EVERY == 0:
             self.settler.retry_unsettled()
             runtime.release_stale()
+            if runtime.config is not None:  # in a thread: a slow webhook never holds a tick up
+                alerts.run_in_background(runtime.store, runtime.config.source)
         if runtime.store is not None and runtime.config is not None:  # bounded: a few ms at most
             runtime.store.ledger.prune_usage(runtime.config.policy.usage_log_retention_days)

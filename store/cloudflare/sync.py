@@ -20,6 +20,8 @@ from typing import Any
 import blake3
 import orjson
 
+from store.alert_settings import AlertSettings
+from store.alerts import Alerter, run_alerts
 from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
 from store.cloudflare.settings import SyncSettings
 from store.db import LMDB_MAX_KEY, Store, StoreError
@@ -65,20 +67,26 @@ class Replicator:
     """One KV namespace into one store; `sync_once` is a pass."""
 
     def __init__(self, store: Store, client: KVClient, settings: SyncSettings,
-                 progress: Callable[[str, int, int | None], None] | None = None) -> None:
+                 progress: Callable[[str, int, int | None], None] | None = None,
+                 alerts: AlertSettings | None = None) -> None:
         self.store = store
         self.client = client
         self.settings = settings
         self.node_id = settings.node_id or store.node_id()
         self._progress = progress or (lambda stage, done, total: None)
+        # Budget alerts sent after each complete pass (`alerts:` of mitm.yaml; None: none).
+        self.alerter = None if alerts is None else Alerter(alerts, self.node_id)
 
     def sync_once(self, full: bool | None = None) -> PassSummary:
         """List, fetch what changed, apply in one transaction; push this node's usage.
         Raises SyncError (nothing applied) if the pass cannot complete."""
         try:
-            return self._pass(full)
+            summary = self._pass(full)
         except StoreError as exc:  # its one write transaction did not commit
             raise SyncError(f"the local store refused the pass: {exc}") from None
+        if self.alerter is not None:
+            run_alerts(self.alerter, self.store)  # never fails the pass: logged, next pass
+        return summary
 
     def _pass(self, full: bool | None) -> PassSummary:
         started = time.monotonic()
