@@ -84,6 +84,9 @@ class Attempt:
     org: Org | None = None
     user_id: str | None = None
     reserved: bool = False
+    key_id: str | None = None  # what the request log names a denial by
+    model: str | None = None
+    started: float = 0.0  # time.perf_counter() when the request hook began
 
 
 # --- the outcomes ---------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class Unavailable:
     org: Org | None = None
     credential: str | None = None
     user_id: str | None = None
+    store_fault: bool = False  # the store itself failed (counted in aigw_store_errors_total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,13 +200,14 @@ class Admitter:
         config, store = self.runtime.config, self.runtime.store
         assert config is not None
         if store is None:
-            return Unavailable(provider, "store unavailable", credential=credential)
+            return Unavailable(provider, "store unavailable", credential=credential,
+                               store_fault=True)
         key_hash = store.hash(credential)
         month = self._month_at(time.time())
         try:
             identity = store.records.resolve(key_hash, month)
         except StoreUnavailable as exc:
-            return Unavailable(provider, str(exc), credential=credential)
+            return Unavailable(provider, str(exc), credential=credential, store_fault=True)
         account = self._accounts.get(key_hash)
         if account is None or account.identity is not identity or account.month != month:
             # A key not seen since its records last changed: check them all.
@@ -218,6 +223,7 @@ class Admitter:
                                    credential=credential, user_id=user_id)
             account = self._account(key_hash, identity, month)
         attempt.org, attempt.user_id = identity.org, account.user_id
+        attempt.key_id = identity.key.key_id if identity.key is not None else None
         return account
 
     def _admit(self, flow: http.HTTPFlow, provider: Provider, account: Account,
@@ -232,7 +238,7 @@ class Admitter:
         if decoded is None:
             return Denied(provider, denials.too_large(config.policy.max_request_body_bytes),
                           strip_body=True)
-        model = adapter.model(request, body)
+        model = attempt.model = adapter.model(request, body)
         if account.allowed_models and model not in account.allowed_models:
             if model is not None:
                 return Denied(provider, model_not_allowed(org.org_id, model))
@@ -251,7 +257,8 @@ class Admitter:
         try:
             denial, counters = self._reserve(flow.id, account, estimate, now)
         except StoreUnavailable as exc:
-            return Unavailable(provider, str(exc), org, attempt.credential, account.user_id)
+            return Unavailable(provider, str(exc), org, attempt.credential, account.user_id,
+                               store_fault=True)
         if denial is not None:
             return Denied(provider, denial, (account.budgets, counters))
         attempt.reserved = True

@@ -7,11 +7,13 @@ mitmproxy imports rather than reloads: updating them does not trigger a script r
 A request, top to bottom: `request` -> `Admitter.admit` (route, TLS, credential, key, body,
 model, budgets and reservation) -> `_answer` (deny, or forward: the credential is injected by
 `CredentialInjector`, the last addon of the chain) -> `responseheaders` (redact the credential,
-tap a stream) -> `response` / `error` (meter and settle).
+tap a stream) -> `response` / `error` (meter and settle). Each decided request is told to
+`Telemetry` (addon/telemetry.py): its log line, its metrics.
 """
 
 import asyncio
 import logging
+import time
 
 from mitmproxy import ctx, exceptions, http
 
@@ -35,6 +37,7 @@ from addon.maintenance import Maintenance
 from addon.providers.base import Adapter, redact_credentials, remove_credentials
 from addon.runtime import STREAMING_REFUSED, Runtime, log_fault, shape_provider
 from addon.settlement import Settler, usage_headers
+from addon.telemetry import TELEMETRY_OPTIONS, Telemetry
 from store.money import month_of, utc_now
 
 log = logging.getLogger("aigw")
@@ -74,6 +77,8 @@ class Gateway:
         self.settler = Settler(self.runtime, self.failure)
         self.maintenance = Maintenance(self.runtime, self.settler, self._reload)
         self.injector = CredentialInjector()
+        self.telemetry = Telemetry(self.runtime, self.settler)
+        self.settler.observer = self.telemetry.settled
         self.flights: dict[str, Flight] = FLIGHTS  # shared with the instances after a reload
 
     @property
@@ -91,6 +96,7 @@ class Gateway:
             "aigw_config", str, "./mitm.yaml", "Path to aigw's configuration (mitm.yaml).")
         loader.add_option(
             "aigw_store", str, "", "LMDB data directory; overrides store.path of mitm.yaml.")
+        Telemetry.load(loader)
 
     def configure(self, updated: set[str]) -> None:
         if getattr(ctx.options, "stream_large_bodies", None):
@@ -100,6 +106,11 @@ class Gateway:
             error = self._reload()
             if error is not None:
                 raise exceptions.OptionsError(error)
+        if TELEMETRY_OPTIONS & updated:
+            try:
+                self.telemetry.configure(ctx.options)
+            except ValueError as exc:
+                raise exceptions.OptionsError(str(exc)) from None
         self._derive_allow_hosts()
 
     def _reload(self) -> str | None:
@@ -107,6 +118,7 @@ class Gateway:
         error = self.runtime.load(ctx.options.aigw_config, ctx.options.aigw_store or None)
         if error is None:
             self._derive_allow_hosts()
+            self.telemetry.use_config()
         return error
 
     def _derive_allow_hosts(self) -> None:
@@ -134,6 +146,7 @@ class Gateway:
         self.runtime.not_ready = "the gateway is shutting down"
         self.injector.redact_all()
         self.settler.retry_unsettled()
+        self.telemetry.stop()
         self.runtime.close()
 
     # --- requests ---------------------------------------------------------------------------
@@ -152,14 +165,18 @@ class Gateway:
         awaits it). No exception passes: mitmproxy would forward the flow undecided."""
         if flow.response or flow.error or not flow.live:
             return None
-        attempt = Attempt()
+        attempt = Attempt(started=time.perf_counter())
         try:
             if self.runtime.config is None or self.runtime.not_ready:
-                return self._deny(flow, Denied(shape_provider(flow.request.host),
-                                               denials.not_ready()))
-            return self._answer(flow, self.admitter.admit(flow, attempt), attempt)
+                later = self._deny(flow, Denied(shape_provider(flow.request.host),
+                                                denials.not_ready()))
+            else:
+                later = self._answer(flow, self.admitter.admit(flow, attempt), attempt)
         except Exception as exc:
-            return self._fault(flow, exc, attempt)
+            later = self._fault(flow, exc, attempt)
+        if later is None:
+            self.telemetry.decided(flow, attempt)
+        return later
 
     def _answer(self, flow: http.HTTPFlow, outcome: Outcome, attempt: Attempt):
         """Write a decision into the flow."""
@@ -168,9 +185,12 @@ class Gateway:
             self.injector.pending[flow.id] = (outcome.flight.provider.adapter, outcome.secret)
             self.flights[flow.id] = outcome.flight
             flow.metadata["aigw"] = outcome.metadata
+            outcome.metadata["provider"] = outcome.flight.provider.name
         elif isinstance(outcome, Denied):
             self._deny(flow, outcome)
         elif isinstance(outcome, Unavailable):
+            if outcome.store_fault:
+                self.telemetry.store_error()
             return self._answer(flow, self.failure.decide(flow, outcome), attempt)
         elif isinstance(outcome, ReadBody):
             return self._read_then(flow, outcome, attempt)
@@ -192,6 +212,7 @@ class Gateway:
             later = self._fault(flow, exc, attempt)
             if later is not None:
                 await later
+        self.telemetry.decided(flow, attempt)
 
     def _fault(self, flow: http.HTTPFlow, exc: Exception, attempt: Attempt):
         """An unexpected fault while deciding: the failure mode, never an undecided forward."""
@@ -209,7 +230,8 @@ class Gateway:
         why = Unavailable(provider, f"internal error: {type(exc).__name__}", attempt.org,
                           attempt.credential, attempt.user_id)
         try:
-            return self._answer(flow, self.failure.decide(flow, why), Attempt())
+            return self._answer(flow, self.failure.decide(flow, why),
+                                Attempt(started=attempt.started))
         except Exception as again:  # even the failure mode failed: refuse
             log_fault("the failure mode failed too; refusing", again)
             self.flights.pop(flow.id, None)
@@ -228,7 +250,7 @@ class Gateway:
         flow.response = denied.provider.adapter.deny(denial)
         usage_headers(flow.response, denial_level(denied), month_of(utc_now()))
         flow.metadata["aigw"] = {"decision": "denied", "status": denial.status,
-                                 "error": denial.error_type}
+                                 "error": denial.error_type, "provider": denied.provider.name}
         log.info("aigw: denied %s %s: %s", flow.request.host, denial.status, denial.error_type)
 
     # --- responses --------------------------------------------------------------------------
@@ -245,6 +267,7 @@ class Gateway:
             self.injector.redact(flow)
         flight = self.flights.pop(flow.id, None)
         if flight is None:
+            self.telemetry.passthrough_done(flow)
             return None
         return self.settler.settle(flow, flight)
 

@@ -5,6 +5,7 @@ raises: a fault charges the reserved estimate, a failed ledger write is kept and
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -27,6 +28,9 @@ class Settler:
         self.runtime = runtime
         self.failure = failure
         self.unsettled: list[tuple] = []  # ledger writes that failed, retried by maintenance
+        # Told of every charged request (flow, flight, usage record, whether the ledger took
+        # it): the request log and the metrics. It must not raise.
+        self.observer: Callable[[http.HTTPFlow, Flight, UsageRecord, bool], None] | None = None
 
     def tap(self, flow: http.HTTPFlow, flight: Flight) -> None:
         """Meter a stream as it passes (also any body mitmproxy was told to stream, which would
@@ -114,6 +118,7 @@ class Settler:
             {"cost_usd": to_usd(cost), "estimated": estimated})
         if flight.mode == "grace" or flight.account is None:
             self.failure.charge(flight, cost, entry)
+            self._observe(flow, flight, entry, True)
             return None
         levels = flight.account.levels
         try:
@@ -123,8 +128,15 @@ class Settler:
         except Exception as exc:
             log.error("aigw: ledger write failed (%s); will retry: %s", _kind(exc), entry)
             self.unsettled.append((flow.id, levels, flight.month, cost, entry))
+            self._observe(flow, flight, entry, False)
             return None
+        self._observe(flow, flight, entry, True)
         return binding_level(flight.account.budgets, counters)
+
+    def _observe(self, flow: http.HTTPFlow, flight: Flight, entry: UsageRecord,
+                 written: bool) -> None:
+        if self.observer is not None:
+            self.observer(flow, flight, entry, written)
 
     def retry_unsettled(self) -> None:
         pending, self.unsettled = self.unsettled, []
