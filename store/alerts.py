@@ -42,7 +42,9 @@ from store.settings import ConfigError, load_yaml
 log = logging.getLogger("aigw.alerts")
 
 _PREFIX = "alert|"
-CLAIM_STALE_S = 600.0  # a claim older than this was left by a process that died sending it
+# A claim older than this was left by a process that died sending it: longer than the slowest
+# send the settings allow (attempts x httpx's per-phase timeouts, plus the waits between).
+CLAIM_STALE_S = 3600.0
 PRUNE_BATCH = 1000  # old months' entries deleted per run
 USER_AGENT = "aigw-alerts/1"
 
@@ -392,6 +394,9 @@ def run_in_background(store: Store | None, config_source: str) -> threading.Thre
             _read_settings(state, config_source)
         except ConfigError as exc:
             log.error("aigw: alerts off until the file is fixed: %s", exc)
+            return None
+        except Exception as exc:  # the maintenance tick goes on whatever happens here
+            log.error("aigw: alerts: cannot read %s (%s)", config_source, type(exc).__name__)
             return None
         if state.settings is None:
             return None

@@ -397,3 +397,12 @@ def test_crossing_ids_are_stable_and_distinct():
                 .alert_id, a._replace(level="user").alert_id}) == 4
     long_id = Crossing("org", "o" * 600, "2026-12", 0.8, 1, 2)
     assert len(SentAlerts.key(long_id)) < 512
+
+
+def test_the_commented_example_in_mitm_yaml_is_valid(tmp_path):
+    lines = (ROOT / "mitm.yaml").read_text().splitlines()
+    start = lines.index("# alerts:")
+    block = [line[2:] for line in lines[start:] if line.startswith("# ")]
+    settings = load_alert_settings(yaml.safe_load("\n".join(block)), "mitm.yaml")
+    assert settings is not None and settings.thresholds == (0.8, 1.0)
+    assert (settings.timeout_s, settings.max_attempts) == (5.0, 3)
