@@ -362,7 +362,8 @@ def test_every_documented_command_is_there():
         (), ("org",), ("org", "create"), ("org", "update"), ("org", "show"), ("user",),
         ("user", "create"), ("user", "update"), ("user", "show"), ("key",), ("key", "create"),
         ("key", "register"), ("key", "revoke"), ("key", "list"), ("usage",), ("quota",),
-        ("quota", "reset"), ("import",), ("export",), ("health",), ("sync",), ("demo",)}
+        ("quota", "reset"), ("log",), ("report",), ("import",), ("export",), ("health",),
+        ("sync",), ("demo",)}
 
 
 @pytest.mark.parametrize(("args", "flag"), [
@@ -371,7 +372,9 @@ def test_every_documented_command_is_there():
     (("user", "create", "--org", "o", "--email", "e", "--limit", "1", "--status", "active"),
      "--status"),
     (("key", "revoke", "k", "--force"), "--force"),
-    (("usage", "user", "u", "--month", "2026-11"), "--month"),
+    (("usage", "user", "u", "--year", "2026"), "--year"),
+    (("log", "--month", "2026-11"), "--month"),
+    (("report", "--since", "2026-11-01"), "--since"),
     (("health", "--verbose"), "--verbose"),
     (("export", "--format", "csv"), "--format"),
     (("sync", "--forever"), "--forever"),

@@ -1,23 +1,28 @@
-"""`aigw usage` and `aigw quota reset`: the current month's usage of a user, org or key."""
+"""`aigw usage` and `aigw quota reset`: a month's usage of a user, org or key (the current one
+unless `--month` names another)."""
 
 import click
 
 from store import admin
+from store.cli.report import MONTH
 from store.cli.runner import Group, late_globals, on_store
 
 LEVEL = click.Choice(admin.LEVELS)
 
 
-@click.command("usage", short_help="Current month's usage of a user, org or key.",
-               help="Current month's usage of a user, org or key: what the gateway enforces "
-               "(this node, the other nodes, the Workers quota record), each shown.")
+@click.command("usage", short_help="A month's usage of a user, org or key.",
+               help="A month's usage of a user, org or key (the current UTC month unless "
+               "--month names another): what the gateway enforces (this node, the other "
+               "nodes, the Workers quota record), each shown.")
 @click.argument("level", type=LEVEL, metavar="user|org|key")
 @click.argument("level_id", metavar="ID")
+@click.option("--month", type=MONTH, metavar="YYYY-MM",
+              help="the UTC month (default: the current one)")
 @late_globals()
 @click.pass_context
-def usage(ctx: click.Context, level: str, level_id: str) -> int:
-    """Current month's usage of a user, org or key."""
-    return on_store(ctx, lambda store: admin.level_usage(store, level, level_id))
+def usage(ctx: click.Context, level: str, level_id: str, month: str | None) -> int:
+    """A month's usage of a user, org or key."""
+    return on_store(ctx, lambda store: admin.level_usage(store, level, level_id, month))
 
 
 quota = Group("quota", help="Quotas.")
