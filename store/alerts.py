@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,7 +126,7 @@ def _limited(store: Store, month: str) -> list[_Limited]:
     limited = []
     for level, prefix, kind, quota_key in (("org", "org:", Org, org_quota_key),
                                            ("user", "user:", User, user_quota_key)):
-        records = dict(store.records.scan(prefix))
+        records = dict(_scan(store, prefix))
         for key, raw in records.items():
             parts = key.split(":")
             if len(parts) != 3 or parts[2] != "config":
@@ -147,6 +147,37 @@ def _limited(store: Store, month: str) -> list[_Limited]:
     _LIMITS_CACHE.clear()  # one store and month at a time is all a process needs
     _LIMITS_CACHE[cache_key] = (generation, limited)
     return limited
+
+
+SCAN_PAGE = 1000  # records a read transaction: the request path waits for no long scan
+
+
+def _scan(store: Store, prefix: str) -> Iterator[tuple[str, bytes]]:
+    """`Records.scan(prefix)` in pages of short read transactions (each holds the lock that
+    every request's look-up takes; one scan of a large store held it for tens of ms)."""
+    env, db = store.records._env, store.records._db
+    start = prefix.encode()
+    after: bytes | None = None
+    while True:
+        def page(txn: lmdb.Transaction, after: bytes | None = after) -> list[tuple[bytes, bytes]]:
+            cursor = txn.cursor(db=db)
+            if not cursor.set_range(after or start):
+                return []
+            out: list[tuple[bytes, bytes]] = []
+            for k, v in cursor:
+                if k == after:
+                    continue
+                if not k.startswith(start) or len(out) >= SCAN_PAGE:
+                    break
+                out.append((k, v))
+            return out
+
+        batch = env.read(page)
+        for k, v in batch:
+            yield k.decode(), v
+        if len(batch) < SCAN_PAGE:
+            return
+        after = batch[-1][0]
 
 
 # --- which crossings were sent (ledger meta) -------------------------------------------------

@@ -406,3 +406,13 @@ def test_the_commented_example_in_mitm_yaml_is_valid(tmp_path):
     settings = load_alert_settings(yaml.safe_load("\n".join(block)), "mitm.yaml")
     assert settings is not None and settings.thresholds == (0.8, 1.0)
     assert (settings.timeout_s, settings.max_attempts) == (5.0, 3)
+
+
+def test_records_are_read_in_pages(store, monkeypatch):
+    monkeypatch.setattr(alerts, "SCAN_PAGE", 3)
+    for suffix in map(str, range(10)):
+        seed(store, suffix=suffix, org_budget=1000.0, user_limit=10.0)
+        spend(store, 9.0, suffix=suffix)
+    alerts._LIMITS_CACHE.clear()
+    found = crossings(store, month(DEC_2026), (0.8,))
+    assert sorted(c.id for c in found) == sorted(f"user_{i}" for i in range(10))
