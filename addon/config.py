@@ -12,6 +12,7 @@ import msgspec
 
 from addon.pricing import Price, PriceTable
 from addon.providers import ADAPTERS, Adapter
+from addon.requestlog import LogFormat
 from store.alert_settings import AlertsSection
 from store.records import FAIL_CLOSED, MAX_USD, RecordError, normalize_failure_mode
 from store.settings import (
@@ -116,7 +117,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Days a per-request usage record is kept (`aigw log`, `aigw report`); maintenance prunes.
     usage_log_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36600)] = 90
     # One line per decided request on the "aigw.requests" logger (addon/requestlog.py).
-    request_log: Literal["json", "text", "off"] = "json"
+    request_log: LogFormat = "json"  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         # Readers compare and log plain strings, not FailureMode values.

@@ -18,8 +18,11 @@ import logging.handlers
 import queue
 import threading
 from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 import orjson
+
+from store.settings import ConfigText, show
 
 LOGGER = "aigw.requests"
 FORMATS = ("json", "text", "off")
@@ -34,6 +37,21 @@ FIELDS = (
 
 _STOP = object()
 log = logging.getLogger(LOGGER)
+
+
+class LogFormat(ConfigText):
+    """`policy.request_log`: json, text or off (in any case)."""
+
+    EXPECTED: ClassVar[str] = "one of json, text, off"
+
+    @classmethod
+    def parse(cls, value: Any) -> ConfigText:
+        """The format in lower case; ValueError for anything else."""
+        if value is False:  # YAML 1.1 reads a bare `off` as false
+            return cls("off")
+        if isinstance(value, str) and value.lower() in FORMATS:
+            return cls(value.lower())
+        raise ValueError(f"must be {cls.EXPECTED}, not {show(value)}")
 
 
 def iso_time(timestamp: float) -> str:
