@@ -98,7 +98,10 @@ def crossings(store: Store, month: str, thresholds: Iterable[float]) -> list[Cro
     """Every threshold each org's and user's usage of `month` has reached (lowest first within
     a level); levels without a limit have none, and neither does a level with no usage."""
     limited = _limited(store, month)
-    counters = store.ledger.counters([(x.level, x.id) for x in limited], month)
+    counters = []
+    for start in range(0, len(limited), SCAN_PAGE):  # short transactions: requests write too
+        counters += store.ledger.counters(
+            [(x.level, x.id) for x in limited[start:start + SCAN_PAGE]], month)
     ordered = sorted(thresholds)
     found = []
     for entry, counter in zip(limited, counters, strict=True):
