@@ -35,7 +35,7 @@ from store.alert_settings import AlertSettings, load_alert_settings
 from store.db import Store
 from store.errors import StoreError
 from store.lmdb_env import LMDB_MAX_KEY, _enc, _Env, _now_ms
-from store.money import month_span, to_usd
+from store.money import from_usd, month_span, to_usd
 from store.records import Org, QuotaRecord, RecordError, User, org_quota_key, user_quota_key
 from store.settings import ConfigError, load_yaml
 
@@ -145,7 +145,7 @@ def _limited(store: Store, month: str) -> list[_Limited]:
             if limit is None:
                 continue
             remote, _ = store.records.remote_usage(month, level, parts[1])
-            limited.append(_Limited(level, parts[1], round(limit * 1_000_000_000),
+            limited.append(_Limited(level, parts[1], from_usd(limit),
                                     remote + quota[0]))
     _LIMITS_CACHE.clear()  # one store and month at a time is all a process needs
     _LIMITS_CACHE[cache_key] = (generation, limited)
