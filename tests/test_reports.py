@@ -75,7 +75,7 @@ def seed(store: Store, month: str = "2026-11") -> Seeded:
               ("anthropic", "claude-sonnet-4-5"), ("gemini", "<img src=x onerror=alert(1)>")]
     records = []
     for i in range(40):
-        day = 1 + (i * 7) % 28
+        day = 1 + (i * 11) % 30
         provider, model = models[i % len(models)]
         key_id, user_id, org_id = owners[i % 3]
         cost = from_usd(0.0125 * (1 + i % 5) + 0.5 * (i % 11 == 0))

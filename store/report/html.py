@@ -46,6 +46,7 @@ svg .grid { stroke: var(--grid); stroke-width: 1; }
 svg .bar { fill: var(--bar); }
 svg .bar:hover, svg .fill:hover { opacity: .8; }
 svg .value { font-size: 10px; font-variant-numeric: tabular-nums; }
+svg .day-value { font-size: 9px; }
 svg .track { fill: var(--track); }
 svg .ok { fill: var(--ok); } svg .warn { fill: var(--warn); } svg .over { fill: var(--over); }
 svg .limit { stroke: var(--ink); stroke-width: 1.5; stroke-dasharray: 4 3; }
@@ -74,6 +75,21 @@ def usd(value: float) -> str:
         return f"${value:,.2f}"
     digits = max(2, 2 - math.floor(math.log10(abs(value))))
     return f"${value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def exact_usd(value: float) -> str:
+    """Dollars to the nano-dollar, as the ledger holds them: `$1.125`, `$0.000002`."""
+    return "$" + (f"{value:,.9f}".rstrip("0").rstrip(".") if value else "0")
+
+
+def _tick(value: float, top: float) -> str:
+    """An axis label: cents on an axis that reaches a dollar, else as `usd`."""
+    return f"${value:,.2f}" if top >= 1 and value else usd(value)
+
+
+def _short(value: float) -> str:
+    """A bar's printed value in a few characters (its `<title>` has it exactly)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
 
 
 def _count(value: int) -> str:
@@ -124,7 +140,7 @@ def daily_chart(summary: Summary) -> str:
         y = top + plot_h - plot_h * i / 4
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y:.1f}" '
                      f'y2="{y:.1f}"/><text class="tick" x="{left - 6}" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{escape(usd(value))}</text>')
+                     f'text-anchor="end">{escape(_tick(value, top_value))}</text>')
     slot = plot_w / days
     for d, cost in enumerate(costs, start=1):
         day = f"{summary.month}-{d:02d}"
@@ -132,15 +148,16 @@ def daily_chart(summary: Summary) -> str:
         h = plot_h * cost / top_value
         x = left + slot * (d - 1) + slot * 0.15
         y = top + plot_h - h
-        label = (f"{day}: {usd(cost)}, {totals.requests:,} requests, "
+        label = (f"{day}: {exact_usd(cost)}, {totals.requests:,} requests, "
                  f"{totals.total_tokens:,} tokens")
         parts.append(
             f'<rect class="bar" data-day="{day}" data-cost-usd="{cost}" '
             f'data-requests="{totals.requests}" x="{x:.1f}" y="{y:.1f}" '
             f'width="{slot * 0.7:.1f}" height="{h:.1f}"><title>{escape(label)}</title></rect>')
         if cost > 0:
-            parts.append(f'<text class="value" x="{x + slot * 0.35:.1f}" y="{y - 4:.1f}" '
-                         f'text-anchor="middle">{escape(usd(cost).removeprefix("$"))}</text>')
+            parts.append(f'<text class="value day-value" x="{x + slot * 0.35:.1f}" '
+                         f'y="{y - 4:.1f}" '
+                         f'text-anchor="middle">{escape(_short(cost))}</text>')
         parts.append(f'<text class="tick" x="{x + slot * 0.35:.1f}" y="{top + plot_h + 16}" '
                      f'text-anchor="middle">{d}</text>')
     parts.append(
@@ -167,7 +184,7 @@ def _hbars(chart_id: str, title: str, rows: Sequence[dict[str, Any]], axis: str)
         x = left + plot_w * i / 4
         parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" '
                      f'y2="{height - 34}"/><text class="tick" x="{x:.1f}" y="{height - 20}" '
-                     f'text-anchor="middle">{escape(usd(top_value * i / 4))}</text>')
+                     f'text-anchor="middle">{escape(_tick(top_value * i / 4, top_value))}</text>')
     for i, r in enumerate(rows):
         y = top + row_h * i
         w = plot_w * r["value"] / top_value
@@ -176,7 +193,7 @@ def _hbars(chart_id: str, title: str, rows: Sequence[dict[str, Any]], axis: str)
         parts.append(
             f'<text x="{left - 8}" y="{y + 19}" text-anchor="end">{escape(label)}</text>'
             f'<rect class="bar" {data} x="{left}" y="{y + 6}" width="{w:.1f}" height="18">'
-            f'<title>{escape(r["label"] + ": " + r["text"])}</title></rect>'
+            f'<title>{escape(r["label"] + ": " + r.get("hover", r["text"]))}</title></rect>'
             f'<text class="value" x="{left + w + 6:.1f}" y="{y + 19}">{escape(r["text"])}'
             f'</text>')
     parts.append(f'<text class="axis-title" x="{left + plot_w / 2}" y="{height - 4}" '
@@ -191,6 +208,8 @@ def model_chart(summary: Summary) -> str:
     bars = [{"label": r["model"] or "(no model)", "value": r["cost_usd"],
              "text": f"{usd(r['cost_usd'])} · {r['requests']:,} req · "
                      f"{_count(r['total_tokens'])} tok",
+             "hover": f"{exact_usd(r['cost_usd'])}, {r['requests']:,} requests, "
+                      f"{r['total_tokens']:,} tokens",
              "data": {"model": r["model"] or "", "cost-usd": r["cost_usd"],
                       "requests": r["requests"], "tokens": r["total_tokens"]}} for r in shown]
     if rest:
@@ -228,9 +247,11 @@ def budget_chart(chart_id: str, title: str, entries: Sequence[dict[str, Any]]) -
         ratio, limit, used = e["used_ratio"], e["limit_usd"], e["used_usd"]
         if limit:
             text = f"{usd(used)} of {usd(limit)} ({ratio * 100:.0f}%)"
+            hover = f"{exact_usd(used)} of {exact_usd(limit)} ({ratio * 100:.1f}%)"
             w = plot_w * min(ratio, scale) / scale
         else:
             text = f"{usd(used)}, no limit" if limit is None else f"{usd(used)} of $0"
+            hover = text
             w = plot_w if limit == 0 and used else 0.0
         data = (f'data-level="{_attr(e["level"])}" data-id="{_attr(e["id"])}" '
                 f'data-used-usd="{used}" data-limit-usd="{"" if limit is None else limit}" '
@@ -240,7 +261,7 @@ def budget_chart(chart_id: str, title: str, entries: Sequence[dict[str, Any]]) -
             f'<text x="{left - 8}" y="{y + 19}" text-anchor="end">{escape(label)}</text>'
             f'<rect class="track" x="{left}" y="{y + 6}" width="{plot_w}" height="18"/>'
             f'<rect class="fill {klass}" {data} x="{left}" y="{y + 6}" width="{w:.1f}" '
-            f'height="18"><title>{escape(who + ": " + text)}</title></rect>'
+            f'height="18"><title>{escape(who + ": " + hover)}</title></rect>'
             f'<text class="value" x="{left + plot_w + 8}" y="{y + 19}">{escape(text)}</text>')
     parts.append(
         f'<line class="limit" x1="{limit_x:.1f}" x2="{limit_x:.1f}" y1="{top}" '
