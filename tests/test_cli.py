@@ -589,3 +589,122 @@ def test_ctrl_c_is_one_line_not_a_traceback(run, monkeypatch, tmp_path):
     monkeypatch.setattr("store.admin.ensure_demo", interrupted)
     assert error(run("--store", str(tmp_path / "new"), "demo", store_args=False), 130)
     assert not (tmp_path / "new").exists()  # the store it was creating is gone
+
+
+# `aigw log`, `aigw report`, `aigw usage --month`: the usage records of a seeded store.
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    from store.db import Store
+    from tests.test_reports import seed
+
+    with Store(tmp_path / "store") as store:
+        return seed(store)
+
+
+def test_log_streams_every_record_as_json_lines(run, seeded):
+    result = run("log")
+    assert result.exit_code == 0 and result.stderr == ""
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(seeded.records) == 41
+    assert rows[0]["time"].endswith("Z") and rows[0]["time"].startswith("2026-11-")
+    assert {"cost_usd", "input_tokens", "output_tokens", "total_tokens", "key_id", "user_id",
+            "org_id", "model", "provider", "mode"} <= set(rows[0])
+    assert round(sum(r["cost_usd"] for r in rows), 9) == round(
+        sum(r.cost_nusd for r in seeded.records) / 1e9, 9)
+
+
+def test_log_filters_and_csv(run, seeded):
+    user = seeded.user_ids[1]
+    result = run("log", "--user", user, "--since", "2026-11-05", "--until",
+                 "2026-11-20T00:00:00Z", "--format", "csv")
+    assert result.exit_code == 0, result.stderr
+    import csv
+    import io
+
+    from store.report import FIELDS
+
+    lines = result.stdout.splitlines()
+    assert tuple(lines[0].split(",")) == FIELDS
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    expected = [r for r in seeded.records if r.user_id == user
+                and "2026-11-05" <= _day(r.at) < "2026-11-20"]
+    assert len(rows) == len(expected) > 0
+    assert {row["user_id"] for row in rows} == {user}
+    for flag, value in (("--org", seeded.other_org_id), ("--key", seeded.key_ids[0]),
+                        ("--model", "gpt-4o-mini")):
+        got = [json.loads(line) for line in run("log", flag, value).stdout.splitlines()]
+        field = {"--org": "org_id", "--key": "key_id", "--model": "model"}[flag]
+        assert got and {row[field] for row in got} == {value}
+
+
+def _day(at: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("log", "--since", "yesterday"), "--since"),
+    (("log", "--until", "2026-11-31"), "--until"),
+    (("log", "--format", "xml"), "--format"),
+    (("report", "--month", "2026-13"), "--month"),
+    (("report", "--month", "11-2026"), "--month"),
+    (("report", "--by", "week"), "--by"),
+    (("report", "--format", "pdf"), "--format"),
+    (("usage", "user", "u", "--month", "2026-1"), "--month"),
+])
+def test_a_bad_time_month_or_choice_is_one_line_exit_2(run, args, flag):
+    assert flag in error(run(*args), 2)
+
+
+def test_log_and_report_need_an_existing_local_store(run, tmp_path):
+    for args in (("log",), ("report",), ("report", "--format", "html")):
+        assert "no store at" in error(run(*args), 1)
+    assert not (tmp_path / "store").exists()
+    assert "--target cloudflare" in error(run("--target", "cloudflare", "log"), 2)
+
+
+def test_report_json_groups_the_month(run, seeded):
+    answer_ = answer(run("report", "--month", "2026-11", "--by", "user"))
+    assert answer_["month"] == "2026-11" and answer_["by"] == "user"
+    assert {g["user"] for g in answer_["groups"]} == set(seeded.user_ids)
+    assert answer_["total"]["requests"] == 41
+    assert {(b["level"], b["id"]) for b in answer_["budgets"]} >= {
+        ("user", u) for u in seeded.user_ids}
+    assert answer(run("report", "--month", "2026-10"))["groups"] == []
+
+
+def test_report_csv_table_and_html_on_stdout_or_in_a_file(run, seeded, tmp_path):
+    csv_text = run("report", "--month", "2026-11", "--by", "provider", "--format", "csv")
+    assert csv_text.exit_code == 0 and csv_text.stdout.startswith("provider,requests,cost_usd")
+    assert len(csv_text.stdout.splitlines()) == 1 + 3
+    table_text = run("report", "--month", "2026-11", "--by", "day", "--format", "table")
+    assert table_text.stdout.splitlines()[-1].split()[:2] == ["total", "41"]
+    page = run("report", "--month", "2026-11", "--format", "html")
+    assert page.stdout.startswith("<!DOCTYPE html>") and "<script" not in page.stdout
+    out = tmp_path / "nov.html"
+    wrote = answer(run("report", "--month", "2026-11", "--format", "html", "--output", str(out)))
+    assert wrote["output"] == str(out) and wrote["bytes"] == len(out.read_bytes())
+    assert out.read_text().startswith("<!DOCTYPE html>") and 'data-day="2026-11-30"' in (
+        out.read_text())
+    json_file = tmp_path / "nov.json"
+    answer(run("report", "--month", "2026-11", "--output", str(json_file)))
+    assert json.loads(json_file.read_text())["total"]["requests"] == 41
+    missing_dir = tmp_path / "nope" / "x.html"
+    assert "x.html" in error(run("report", "--format", "html", "--output", str(missing_dir)), 1)
+    assert not list(tmp_path.glob(".nov.html.*"))
+
+
+def test_usage_month_reads_a_past_month(run, seeded):
+    past = answer(run("usage", "user", seeded.user_ids[0], "--month", "2026-11"))
+    metered = [r for r in seeded.records
+               if r.user_id == seeded.user_ids[0] and r.mode == "metered"]
+    assert past["current_month"] == "2026-11"
+    assert past["this_node_usd"] == round(sum(r.cost_nusd for r in metered) / 1e9, 9)
+    assert past["this_node_requests"] == len(metered)
+    from store.money import month_of, utc_now
+
+    assert answer(run("usage", "user", seeded.user_ids[0]))["current_month"] == month_of(
+        utc_now())

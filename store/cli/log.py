@@ -26,7 +26,7 @@ class IsoTime(click.ParamType):
         if isinstance(value, float):
             return value
         try:
-            return parse_time(str(value), f"--{param.name}" if param and param.name else "time")
+            return parse_time(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
