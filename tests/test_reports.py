@@ -27,6 +27,9 @@ from store.report import (
     row,
 )
 from store.report.text import csv_lines, table
+from tests import test_gateway
+
+gateway = test_gateway.gateway  # the addon in taddons, as tests/test_gateway.py builds it
 
 
 def ts(text: str) -> float:
@@ -364,3 +367,30 @@ def test_jsonl_rows_round_trip(store):
     assert sum(from_usd(p["cost_usd"]) for p in parsed) == sum(
         r.cost_nusd for r in seeded.records)
     assert {p["mode"] for p in parsed} == {"metered", "grace"}
+
+
+# --- what the gateway writes to the log ------------------------------------------------------
+
+
+def test_the_gateway_logs_what_it_meters_and_never_a_denied_request(gateway):
+    from store.report import row as report_row
+    from tests.support.seed import seed as seed_accounts
+    chat_flow, decide = test_gateway.chat_flow, test_gateway.decide
+    forward, openai_response = test_gateway.forward, test_gateway.openai_response
+    gw = gateway()
+    s = seed_accounts(gw.store, key_limit=0.001, allowed_models=["gpt-4o"])
+    allowed = chat_flow(s.api_key)
+    decide(gw, allowed)
+    forward(gw, allowed, openai_response(prompt=1000, completion=200))
+    denied = [chat_flow("gw_live_" + "0" * 40),  # unknown key: 401
+              chat_flow(s.api_key, {"model": "gpt-5", "messages": []}),  # not allowed: 403
+              chat_flow(s.api_key)]  # the key's limit is spent: 429
+    for flow in denied:
+        decide(gw, flow)
+        assert flow.response is not None and flow.response.status_code in (401, 403, 429)
+    (logged,) = list(read_log(gw.store))
+    line = report_row(logged)
+    assert line["key_id"] == s.key_id and line["model"].startswith("gpt-4o")
+    assert (line["input_tokens"], line["output_tokens"]) == (1000, 200)
+    assert line["cost_usd"] == 0.0045  # 1000 x $2.5/1M + 200 x $10/1M
+    assert month_report(gw.store, line["time"][:7], "key")["total"]["requests"] == 1
