@@ -708,3 +708,60 @@ def test_usage_month_reads_a_past_month(run, seeded):
 
     assert answer(run("usage", "user", seeded.user_ids[0]))["current_month"] == month_of(
         utc_now())
+
+
+@pytest.mark.e2e
+def test_log_and_report_hold_what_a_real_gateway_metered(gateway, account, fake_provider,
+                                                         tmp_path):
+    """Known requests through mitmdump with the official SDKs, then the `aigw` binary: every
+    format holds exactly what the ledger metered."""
+    import csv
+    import io
+
+    from tests.support.gateway import chat, settled
+
+    acct = account()
+    chat(gateway.openai_client(acct.api_key), model="gpt-4o")
+    list(chat(gateway.openai_client(acct.api_key), model="gpt-4o-mini", stream=True,
+              stream_options={"include_usage": True}))
+    gateway.anthropic_client(acct.api_key).messages.create(
+        model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    counter = settled(gateway.store, acct.key_id, requests=3)
+
+    def binary(*args: str) -> str:
+        done = subprocess.run([AIGW, "--config", str(gateway.config), "--store",
+                               str(gateway.store_dir), *args], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        return done.stdout
+
+    rows = [json.loads(line) for line in binary("log", "--key", acct.key_id).splitlines()]
+    assert [r["model"].split("-20")[0] for r in rows] == ["gpt-4o", "gpt-4o-mini",
+                                                          "claude-sonnet-4-5"]
+    assert round(sum(r["cost_usd"] for r in rows) * 1e9) == counter.used_nusd
+    u = fake_provider.expected_usage("openai")
+    assert rows[0]["input_tokens"] + rows[0]["cached_input_tokens"] == u["prompt_tokens"]
+    assert rows[0]["output_tokens"] == u["completion_tokens"]
+    assert {r["key_id"] for r in rows} == {acct.key_id} and not any(r["estimated"] for r in rows)
+    assert len(list(csv.DictReader(io.StringIO(binary("log", "--key", acct.key_id, "--format",
+                                                       "csv"))))) == 3
+
+    by_key = json.loads(binary("report", "--by", "key"))
+    (mine,) = [g for g in by_key["groups"] if g["key"] == acct.key_id]
+    assert mine["requests"] == 3 and round(mine["cost_usd"] * 1e9) == counter.used_nusd
+    assert mine["total_tokens"] == sum(r["total_tokens"] for r in rows)
+    (csv_row,) = [r for r in csv.DictReader(io.StringIO(binary("report", "--by", "key",
+                                                               "--format", "csv")))
+                  if r["key"] == acct.key_id]
+    assert float(csv_row["cost_usd"]) == mine["cost_usd"] and csv_row["requests"] == "3"
+    table_line = [line for line in binary("report", "--by", "key", "--format", "table")
+                  .splitlines() if line.startswith(acct.key_id)]
+    assert table_line and table_line[0].split()[1] == "3"
+    page = tmp_path / "report.html"
+    binary("report", "--format", "html", "--output", str(page))
+    by_model = json.loads(binary("report", "--by", "model"))
+    html = page.read_text()
+    for group in by_model["groups"]:
+        assert f'data-cost-usd="{group["cost_usd"]}" data-requests="{group["requests"]}"' in html
+    users = [b for b in by_key["budgets"] if b["level"] == "user" and b["id"] == acct.user_id]
+    assert users and round(users[0]["used_usd"] * 1e9) == counter.used_nusd
