@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from store.alert_settings import load_alert_settings
 from store.cli.output import EXIT_OK, emit, fail, say_created
 from store.cli.runner import config_from, globals_of, late_globals, local_only, settings_from
 from store.db import Store, StoreError
@@ -47,6 +48,7 @@ def sync(ctx: click.Context, once: bool, interval: float | None, full: bool) -> 
     try:
         config, source = config_from(options)
         cf, sync_settings = replication.load_sync_settings(config, source, options.api_base)
+        alert_settings = load_alert_settings(config, source)
     except ConfigError as exc:
         return fail(exc)
     seconds = interval if interval is not None else sync_settings.interval_s
@@ -61,7 +63,8 @@ def sync(ctx: click.Context, once: bool, interval: float | None, full: bool) -> 
         say_created(settings.path)
     with store, replication.KVClient(cf, sync_settings) as client:
         progress = replication.progress_reporter(sys.stderr)
-        replicator = replication.Replicator(store, client, sync_settings, progress=progress)
+        replicator = replication.Replicator(store, client, sync_settings, progress=progress,
+                                            alerts=alert_settings)
         if once:
             try:
                 summary = replicator.sync_once(full=True if full else None)
