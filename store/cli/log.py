@@ -70,9 +70,9 @@ def on_store_text(ctx: click.Context, produce: Callable[[Store], int]) -> int:
 
 @click.command("log", short_help="The per-request usage records, streamed.",
                help="The per-request usage records (metered and fail-open grace requests) kept "
-               "for policy.usage_log_retention_days, oldest first: one JSON object a line, or "
-               "CSV with a header. Times are the requests' start, ISO 8601 UTC; --since is "
-               "inclusive, --until exclusive; a time without a zone is UTC.")
+               "for policy.usage_log_retention_days, in the order they were settled: one JSON "
+               "object a line, or CSV with a header. Times are the requests' start, ISO 8601 "
+               "UTC; --since is inclusive, --until exclusive; a time without a zone is UTC.")
 @click.option("--since", type=ISO_TIME, metavar="ISO", help="from this time (inclusive)")
 @click.option("--until", type=ISO_TIME, metavar="ISO", help="up to this time (exclusive)")
 @click.option("--org", "org_id", metavar="ID", help="only this org's requests")

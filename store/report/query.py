@@ -13,7 +13,7 @@ from store.money import to_usd
 
 # The log is keyed by settlement time and a record's `at` is when its request started, so a
 # scan up to `until` reads this far past it for the requests that started before and settled
-# after (a stream longer than a day would be cut off by the reservation timeout long before).
+# after (a request is reserved for an hour by default: one running over a day is not expected).
 SETTLE_SLACK_S = 86400
 
 # A row's fields, in output order (the CSV header).
