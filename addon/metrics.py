@@ -1,9 +1,9 @@
 """Prometheus metrics of the data plane (prometheus-client), in one registry per process.
 
-The request path only increments in-memory counters and observes histograms (their labelled
-children are kept, so an increment is a dict look-up and an add under the metric's lock).
-What needs the store (the budget gauges, the replica's age, the unsettled ledger writes) is
-computed when Prometheus scrapes, in the listener's thread (addon/telemetry.py), never on the
+The request path only adds to plain in-memory numbers (a dict of counters, a list per
+histogram: no lock, no call into the client library); prometheus-client builds the families
+from them when Prometheus scrapes, in the listener's thread. What needs the store (the budget
+gauges, the replica's age) and the unsettled ledger writes are read then too, never on the
 request path. The registry is module state: it outlives a script reload, so counters do not
 restart with each new instance."""
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from store.money import to_usd
@@ -40,54 +41,69 @@ TOKEN_KINDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output
 BUDGET_TTL_S = 10.0  # scrapes closer together than this share one computation
 READ_CHUNK = 500  # records read per transaction for the budget gauges
 
+# name (without _total), help, label names
+COUNTERS = {
+    "aigw_requests": ("Decided requests, by provider, decision (allowed, denied, grace, "
+                      "passthrough) and status class.", ("provider", "decision", "status_class")),
+    "aigw_denials": ("Requests the gateway refused, by provider and error type.",
+                     ("provider", "reason")),
+    "aigw_spend_usd": ("Metered cost in USD, by provider and model.", ("provider", "model")),
+    "aigw_tokens": ("Metered tokens, by provider, model and kind.",
+                    ("provider", "model", "kind")),
+    "aigw_grace_requests": ("Requests forwarded by a fail-open failure mode.", ()),
+    "aigw_store_errors": ("Store faults met by requests: a read or a ledger write that "
+                          "failed.", ()),
+}
+HISTOGRAMS = {
+    "aigw_decision_seconds": ("Time from the request hook to the decision (body read, "
+                              "look-ups, reservation).", DECISION_BUCKETS),
+    "aigw_request_duration_seconds": ("Time from the request's arrival to its log line "
+                                      "(settled, or denied).", DURATION_BUCKETS),
+}
+
 
 def status_class(status: int | None) -> str:
     """`2xx` .. `5xx`, or `none` when the request got no response (an error)."""
     return f"{status // 100}xx" if status else "none"
 
 
+class Histogram:
+    """Bucket counts (not cumulative; the last one past every bound) and the sum."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # a bound counts as `le`
+        self.sum += value
+
+
 class Metrics:
-    """The counters and histograms the hooks feed."""
+    """The numbers the hooks feed, and the collector that shows them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("aigw_requests", "Decided requests, by provider, decision "
-                                "(allowed, denied, grace, passthrough) and status class.",
-                                ("provider", "decision", "status_class"), registry=r)
-        self.denials = Counter("aigw_denials", "Requests the gateway refused, by provider and "
-                               "error type.", ("provider", "reason"), registry=r)
-        self.spend = Counter("aigw_spend_usd", "Metered cost in USD, by provider and model.",
-                             ("provider", "model"), registry=r)
-        self.tokens = Counter("aigw_tokens", "Metered tokens, by provider, model and kind.",
-                              ("provider", "model", "kind"), registry=r)
-        self.decision = Histogram("aigw_decision_seconds", "Time from the request hook to "
-                                  "the decision (body read, look-ups, reservation).",
-                                  buckets=DECISION_BUCKETS, registry=r)
-        self.duration = Histogram("aigw_request_duration_seconds", "Time from the request's "
-                                  "arrival to its log line (settled, or denied).",
-                                  buckets=DURATION_BUCKETS, registry=r)
-        self.grace = Counter("aigw_grace_requests", "Requests forwarded by a fail-open "
-                             "failure mode.", registry=r)
-        self.store_errors = Counter("aigw_store_errors", "Store faults: a read or a ledger "
-                                    "write that failed.", registry=r)
-        self._children: dict[tuple, Any] = {}
+        # (counter name, label values) -> value; written by the event loop only.
+        self.counts: dict[tuple, float] = {}
+        self.decision = Histogram(DECISION_BUCKETS)
+        self.duration = Histogram(DURATION_BUCKETS)
         self.state = StateCollector()
-        r.register(self.state)
+        self.registry.register(_Exposition(self))
+        self.registry.register(self.state)
 
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def inc(self, name: str, labels: tuple[str, ...] = (), amount: float = 1) -> None:
+        key = (name, labels)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + amount
 
     def finished(self, provider: str, decision: str, status: int | None, seconds: float,
                  reason: str | None = None) -> None:
         """A request's line was written: count it, and its denial."""
-        self._child(self.requests, (provider, decision, status_class(status))).inc()
+        self.inc("aigw_requests", (provider, decision, status_class(status)))
         if decision == "denied":
-            self._child(self.denials, (provider, reason or "unknown")).inc()
+            self.inc("aigw_denials", (provider, reason or "unknown"))
         if seconds >= 0:
             self.duration.observe(seconds)
 
@@ -96,10 +112,39 @@ class Metrics:
         """A settled request's cost and tokens (TOKEN_KINDS order)."""
         model = model or "unknown"
         if cost_nusd:
-            self._child(self.spend, (provider, model)).inc(to_usd(cost_nusd))
+            # Nano-dollars, summed exactly; shown in USD.
+            self.inc("aigw_spend_usd", (provider, model), cost_nusd)
         for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
             if count:
-                self._child(self.tokens, (provider, model, kind)).inc(count)
+                self.inc("aigw_tokens", (provider, model, kind), count)
+
+
+class _Exposition(Collector):
+    """The counters and histograms as Prometheus families, built at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        counts = dict(self.metrics.counts)  # one copy: the event loop goes on adding
+        families = {name: CounterMetricFamily(name, doc, labels=labels)
+                    for name, (doc, labels) in COUNTERS.items()}
+        for (name, labels), value in counts.items():
+            families[name].add_metric(list(labels), to_usd(value) if name == "aigw_spend_usd"
+                                      else value)
+        for name, (_doc, labels) in COUNTERS.items():
+            if not labels and (name, ()) not in counts:
+                families[name].add_metric([], 0)
+        yield from families.values()
+        for name, histogram in (("aigw_decision_seconds", self.metrics.decision),
+                                ("aigw_request_duration_seconds", self.metrics.duration)):
+            doc, bounds = HISTOGRAMS[name]
+            counts_now, total = list(histogram.counts), histogram.sum
+            cumulative, buckets = 0, []
+            for bound, count in zip((*bounds, math.inf), counts_now, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
 class StateCollector(Collector):

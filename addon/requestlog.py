@@ -9,14 +9,15 @@ credential, never prompt or completion text.
 Where the line goes: by default to the `aigw.requests` logger, which propagates to mitmdump's
 own log handler (printed at INFO as `[HH:MM:SS.mmm] {...}`); with a file (the addon option
 `aigw_request_log_file`) only to that file, one bare line each, reopened when logrotate moves
-it."""
+it. The writer wakes at most every BATCH_WAIT_S and writes what was queued in one go."""
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
+import os
 import queue
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ FIELDS = (
 )
 
 _STOP = object()
+BATCH_WAIT_S = 0.05
 log = logging.getLogger(LOGGER)
 
 
@@ -84,44 +86,72 @@ def text_line(record: tuple) -> str:
     return " ".join(parts)
 
 
+class LogFile:
+    """A file the lines are appended to, reopened when it was moved or removed (logrotate)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+        self._id = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def write(self, lines: list[str]) -> None:
+        now = self._identity()
+        if now is None or now != self._id:
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._id = self._identity()
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class RequestLog:
-    """The writer: `write(record)` from the request path, lines written by a thread."""
+    """The writer: `write(record)` from the request path; a thread wakes at most every
+    BATCH_WAIT_S and writes what was queued meanwhile, in one go."""
 
     def __init__(self) -> None:
         self.format = "off"
+        self.file = ""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._file_handler: logging.Handler | None = None
-        self.file = ""
+        self._out: LogFile | None = None
+        self._lock = threading.Lock()  # the output, between the writer and `configure`
 
     def configure(self, fmt: str, file: str = "") -> None:
         """Set the format (json, text, off) and the file ('' for mitmdump's output); raises
         OSError when the file cannot be opened."""
         if file != self.file:
-            self._use_file(file)
+            out = LogFile(file) if file else None
+            with self._lock:
+                old, self._out, self.file = self._out, out, file
+            if old is not None:
+                old.close()
         self.format = fmt if fmt in FORMATS else "json"
+        log.setLevel(logging.INFO)  # the lines are INFO records, whatever the root's level
         if self.format != "off":
             self.start()
-
-    def _use_file(self, file: str) -> None:
-        handler = None
-        if file:
-            handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-        if self._file_handler is not None:
-            log.removeHandler(self._file_handler)
-            self._file_handler.close()
-        self._file_handler, self.file = handler, file
-        if handler is not None:
-            log.addHandler(handler)
-        # With a file of its own, the lines do not also fill mitmdump's output.
-        log.propagate = handler is None
-        log.setLevel(logging.INFO)
 
     def write(self, record: tuple) -> None:
         """Queue one line (a tuple in FIELDS order); nothing when the log is off."""
         if self.format != "off":
             self._queue.put(record)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until what is queued now is written; False if the writer did not get there."""
+        if self._thread is None or not self._thread.is_alive():
+            return self._queue.empty()
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -135,17 +165,40 @@ class RequestLog:
         if thread is not None and thread.is_alive():
             self._queue.put(_STOP)
             thread.join(timeout)
-        if self._file_handler is not None:
-            self._use_file("")
+        with self._lock:
+            out, self._out, self.file = self._out, None, ""
+        if out is not None:
+            out.close()
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            if record is _STOP:
-                return
+            batch = [self._queue.get()]
+            time.sleep(BATCH_WAIT_S)  # a batch a wake-up: the event loop keeps the GIL longer
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                line = json_line(record) if self.format != "text" else text_line(record)
-                log.info(line)
-            except Exception as exc:  # a bad record must not end the writer
-                logging.getLogger("aigw").error("aigw: could not write a request log line: %s",
+                self._emit([r for r in batch if isinstance(r, tuple)])
+            except Exception as exc:  # a bad record or a full disk must not end the writer
+                logging.getLogger("aigw").error("aigw: could not write the request log: %s",
                                                 type(exc).__name__)
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if _STOP in batch:
+                return
+
+    def _emit(self, records: list[tuple]) -> None:
+        if not records:
+            return
+        make = text_line if self.format == "text" else json_line
+        lines = [make(r) for r in records]
+        with self._lock:
+            if self._out is not None:
+                self._out.write(lines)
+                return
+        if log.isEnabledFor(logging.INFO):
+            for line in lines:  # handled as logged, without looking up the caller's frame
+                log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, line, None, None))

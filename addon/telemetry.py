@@ -131,7 +131,7 @@ class Telemetry:
             if metrics is not None:
                 metrics.decision.observe(seconds)
                 if decision == "grace":
-                    metrics.grace.inc()
+                    metrics.inc("aigw_grace_requests")
             if decision != "denied":
                 return
             now = time.time()
@@ -169,7 +169,7 @@ class Telemetry:
                     entry.input, entry.cached_input, entry.cache_write, entry.cache_write_1h,
                     entry.output, entry.reasoning))
                 if not written:
-                    metrics.store_errors.inc()
+                    metrics.inc("aigw_store_errors")
         except Exception as exc:
             log.error("aigw: request telemetry failed: %s", fault_text(exc))
 
@@ -196,7 +196,7 @@ class Telemetry:
 
     def store_error(self) -> None:
         if self.metrics is not None:
-            self.metrics.store_errors.inc()
+            self.metrics.inc("aigw_store_errors")
 
     # --- read by the listener's thread --------------------------------------------------------
 

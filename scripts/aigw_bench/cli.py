@@ -16,6 +16,7 @@ from aigw_bench import (
     ledger,
     stream,
     sync,
+    telemetry,
     throughput,
     throughput_tls,
     upstream,
@@ -35,10 +36,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds of 2 "
                         "processes each, 2k-event streams, a 20 MB stream, a 10k-key sync")
     parser.add_argument("--only",
-                        choices=("hotpath", "throughput", "throughput-tls", "stream", "sync",
-                                 "ledger"),
+                        choices=("hotpath", "telemetry", "throughput", "throughput-tls", "stream",
+                                 "sync", "ledger"),
                         help="run one of the benchmarks (throughput-tls: the throughput one "
-                        "over HTTPS; ledger: the cost of the ledger's durable settings)")
+                        "over HTTPS; ledger: the cost of the ledger's durable settings; "
+                        "telemetry: the request path with the request log and metrics on / off)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -124,6 +126,7 @@ def main(argv: list[str]) -> int:
     sections = [  # --only name, what a failure is called, the run, what counts as its failure
         ("hotpath", "", lambda: hotpath.run(s, report, args.profile), ()),
         ("hotpath", "before/after run", lambda: before.run(s, report, args.before), failures),
+        ("telemetry", "telemetry run", lambda: telemetry.run(s, report), (Exception,)),
         ("throughput", "throughput run", lambda: throughput.run(s, report), failures),
         ("throughput-tls", "HTTPS throughput run", lambda: throughput_tls.run(s, report),
          failures),
@@ -141,7 +144,7 @@ def main(argv: list[str]) -> int:
             run()
         except caught as exc:
             report.invalid = True
-            generic = name in ("sync", "ledger")
+            generic = name in ("sync", "ledger", "telemetry")
             detail = f"{type(exc).__name__}: {exc}" if generic else str(exc)
             say(f"!! {what} failed: {detail}")
     say()
