@@ -369,3 +369,19 @@ def test_healthz_when_the_store_cannot_be_read(gateway, monkeypatch):
     status, body = get("/healthz")
     assert status == 503
     assert json.loads(body) == {"ok": False, "reason": "store unreadable: StoreUnavailable"}
+
+
+def test_a_new_instance_serves_the_same_port_and_keeps_the_counts(gateway):
+    """As after a script reload: the old instance ends, the new one serves on, counting on."""
+    gw = gateway(aigw_metrics="127.0.0.1:0")
+    port = SERVER.port()
+    acct = seed(gw.store, suffix="t12")
+    through(gw, chat_flow(acct.api_key), response())
+    gw.done()
+    assert SERVER.port() is None
+    gw = gateway(aigw_metrics=f"127.0.0.1:{port}")
+    through(gw, chat_flow(acct.api_key), response())
+    assert SERVER.port() == port
+    got = samples(get("/metrics")[1].decode())
+    assert got[("aigw_requests_total", (("decision", "allowed"), ("provider", "openai"),
+                                        ("status_class", "2xx")))] == 2
