@@ -65,7 +65,10 @@ def gateway(tmp_path, monkeypatch):
         gw = Gateway()
         tctx = taddons.context(gw)
         options.setdefault("aigw_request_log_file", str(tmp_path / "requests.log"))
-        tctx.configure(gw, aigw_config=str(config), **options)
+        # mitmproxy rolls a refused option back with the others set beside it: the
+        # configuration first, so a refused metrics address leaves it (not ./mitm.yaml) in place.
+        tctx.configure(gw, aigw_config=str(config))
+        tctx.configure(gw, **options)
         made.append((gw, tctx))
         return gw
 
