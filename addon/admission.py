@@ -68,6 +68,8 @@ class Flight:
     account: Account | None = None
     counters: list[Counter] | None = None  # the levels' counters when the request was admitted
     org_id: str | None = None
+    key_id: str | None = None  # a grace flight has no account: who it was for, for the records
+    user_id: str | None = None
     grace_who: str | None = None
     injected_usage: bool = False  # the gateway asked for stream usage the client did not
     tap: StreamTap | None = None
@@ -119,6 +121,7 @@ class Unavailable:
     credential: str | None = None
     user_id: str | None = None
     store_fault: bool = False  # the store itself failed (counted in aigw_store_errors_total)
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +221,11 @@ class Admitter:
             if denial is not None:
                 return Denied(provider, denial)
             if identity.org is None:
-                user_id = identity.key.user_id if identity.key else None
+                key = identity.key
                 return Unavailable(provider, "organization record missing",
-                                   credential=credential, user_id=user_id)
+                                   credential=credential,
+                                   user_id=key.user_id if key else None,
+                                   key_id=key.key_id if key else None)
             account = self._account(key_hash, identity, month)
         attempt.org, attempt.user_id = identity.org, account.user_id
         attempt.key_id = identity.key.key_id if identity.key is not None else None
@@ -247,7 +252,8 @@ class Admitter:
         now = time.time()
         stale = self._staleness(now)
         if stale:
-            return Unavailable(provider, stale, org, attempt.credential, account.user_id)
+            return Unavailable(provider, stale, org, attempt.credential, account.user_id,
+                               key_id=attempt.key_id)
 
         input_tokens = estimate_tokens(len(decoded))
         max_output = adapter.max_output_tokens(request, body)
@@ -258,7 +264,7 @@ class Admitter:
             denial, counters = self._reserve(flow.id, account, estimate, now)
         except StoreUnavailable as exc:
             return Unavailable(provider, str(exc), org, attempt.credential, account.user_id,
-                               store_fault=True)
+                               store_fault=True, key_id=attempt.key_id)
         if denial is not None:
             return Denied(provider, denial, (account.budgets, counters))
         attempt.reserved = True

@@ -69,7 +69,8 @@ class FailureMode:
                 provider=why.provider, mode="grace",
                 model=why.provider.adapter.model(flow.request, body), month=month_of(now),
                 estimate_nusd=0, input_tokens_estimate=estimate_tokens(len(decoded)),
-                org_id=org.org_id if org else None, grace_who=who)
+                org_id=org.org_id if org else None, key_id=why.key_id, user_id=why.user_id,
+                grace_who=who)
             return Allowed(flight, secret, {"decision": "grace", "reason": why.reason})
 
         if needs_thread(flow.request):

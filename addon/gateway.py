@@ -228,7 +228,7 @@ class Gateway:
         flow.response = None
         provider = attempt.provider or shape_provider(flow.request.host)
         why = Unavailable(provider, f"internal error: {type(exc).__name__}", attempt.org,
-                          attempt.credential, attempt.user_id)
+                          attempt.credential, attempt.user_id, key_id=attempt.key_id)
         try:
             return self._answer(flow, self.failure.decide(flow, why),
                                 Attempt(started=attempt.started))

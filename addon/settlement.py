@@ -108,7 +108,8 @@ class Settler:
         u = usage or Usage()
         entry = UsageRecord(
             round(flight.started, 3), flight.provider.name, u.model or flight.model,
-            key.key_id if key else None, key.user_id if key else None, flight.org_id,
+            key.key_id if key else flight.key_id, key.user_id if key else flight.user_id,
+            flight.org_id,
             flight.mode, flow.response.status_code if flow.response else None,
             str(flow.error) if flow.error else None, cost, estimated, u.input_tokens,
             u.cached_input_tokens, u.cache_write_tokens, u.cache_write_1h_tokens,

@@ -157,7 +157,9 @@ class Telemetry:
             total = now - start
             decision = "grace" if entry.mode == "grace" else "allowed"
             self.requests.write((
-                start, flow.id, entry.provider, entry.model, decision, entry.status, entry.error,
+                # The gateway's own type, never the text of the upstream error (in the record).
+                start, flow.id, entry.provider, entry.model, decision, entry.status,
+                "upstream_error" if entry.error else None,
                 entry.key_id, entry.user_id, entry.org_id, to_usd(entry.cost_nusd),
                 entry.input, entry.cached_input, entry.cache_write, entry.cache_write_1h,
                 entry.output, entry.reasoning, entry.estimated, flight.tap is not None,

@@ -314,6 +314,8 @@ def test_store_fault_takes_the_orgs_failure_mode(gateway, monkeypatch):
     forward(gw, flow, openai_response(prompt=1000, completion=200))
     grace = gw.store.ledger.grace_log()
     assert len(grace) == 1 and grace[0].cost_nusd > 0
+    # The grace record names whom it was for, as a metered one does (aigw log --user finds it).
+    assert (grace[0].key_id, grace[0].user_id) == (opened.key_id, opened.user_id)
 
 
 def test_fail_open_caps_the_day_at_the_fallback_limit(gateway, monkeypatch):
