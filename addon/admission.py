@@ -21,7 +21,9 @@ from addon.policy import (
     budgets_of,
     check_identity,
     decide_budgets,
+    decide_rates,
     model_not_allowed,
+    rate_headers,
     unauthorized,
 )
 from addon.providers import Denial, Usage
@@ -32,6 +34,7 @@ from addon.streams import BodyTooLarge, decode_bounded
 from store import StoreUnavailable
 from store.db import Counter, Identity, Level
 from store.hashing import looks_like_gateway_key
+from store.ledger import RateAsk, rate_key
 from store.lru import LRU
 from store.money import month_span, to_usd
 from store.records import Org
@@ -53,6 +56,8 @@ class Account:
     user_id: str
     allowed_models: frozenset[str]  # empty: any model
     secrets: dict[str, str | None] = field(default_factory=dict)  # provider name -> credential
+    limited: tuple[Budget, ...] = ()  # the levels with rate limits, and their window keys
+    rate_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -72,6 +77,7 @@ class Flight:
     user_id: str | None = None
     grace_who: str | None = None
     injected_usage: bool = False  # the gateway asked for stream usage the client did not
+    rate_headers: tuple[tuple[bytes, bytes], ...] = ()  # x-ratelimit-*, as of admission
     tap: StreamTap | None = None
     started: float = field(default_factory=time.time)
 
@@ -260,8 +266,9 @@ class Admitter:
         estimate = config.pricing.price(model).cost_nusd(Usage(
             input_tokens=input_tokens,
             output_tokens=max_output or config.policy.default_max_output_tokens))
+        tokens = input_tokens + (max_output or config.policy.default_max_output_tokens)
         try:
-            denial, counters = self._reserve(flow.id, account, estimate, now)
+            denial, counters, limits = self._reserve(flow.id, account, estimate, tokens, now)
         except StoreUnavailable as exc:
             return Unavailable(provider, str(exc), org, attempt.credential, account.user_id,
                                store_fault=True, key_id=attempt.key_id)
@@ -288,26 +295,37 @@ class Admitter:
         flight = Flight(provider=provider, mode="metered", model=model, month=account.month,
                         estimate_nusd=estimate, input_tokens_estimate=input_tokens,
                         account=account, counters=counters, org_id=org.org_id,
-                        injected_usage=injected)
+                        injected_usage=injected, rate_headers=limits)
         return Allowed(flight, secret, {
             "decision": "allowed", "key_id": key.key_id, "user_id": key.user_id,
             "org_id": org.org_id, "model": model, "reserved_usd": to_usd(estimate)})
 
-    def _reserve(self, reservation_id: str, account: Account, estimate: int, now: float
-                 ) -> tuple[Denial | None, list[Counter]]:
-        """Decide on the ledger's counters and reserve the request's maximum cost, in one
-        ledger write transaction: atomic across every process sharing the store."""
-        store = self.runtime.store
-        assert store is not None
+    def _reserve(self, reservation_id: str, account: Account, estimate: int, tokens: int,
+                 now: float) -> tuple[Denial | None, list[Counter], tuple]:
+        """Decide on the ledger's counters and rate windows and reserve the request's maximum
+        cost (and count it in the windows), in one ledger write transaction: atomic across
+        every process sharing the store. Returns the x-ratelimit-* headers too."""
+        store, config = self.runtime.store, self.runtime.config
+        assert store is not None and config is not None
         seen: list[list[Counter]] = []
 
         def refuse(counters: list[Counter]) -> Denial | None:
             seen.append(counters)
             return decide_budgets(account.budgets, counters, estimate, now, account.month)
 
+        rates = None
+        windows: list = []
+        if account.limited:
+            def decide(found: list) -> Denial | None:
+                windows[:] = found  # the ledger adds this request to them once it is admitted
+                return decide_rates(account.limited, found, now)
+
+            rates = RateAsk(account.rate_keys, config.policy.rate_window_s, now, tokens, decide)
         denial = store.ledger.reserve(reservation_id, account.levels, account.month, estimate,
-                                      refuse, owner=self.runtime.owner)
-        return denial, seen[-1]
+                                      refuse, owner=self.runtime.owner, rates=rates)
+        limits = rate_headers(account.limited, windows, now) if windows and denial is None \
+            else ()
+        return denial, seen[-1], limits
 
     def _staleness(self, now: float) -> str | None:
         """Why the replica is too old to decide on, if it is (policy.max_staleness_s)."""
@@ -330,7 +348,8 @@ class Admitter:
         # The keys of one user or org share its budget: fewer objects for the collector to walk.
         budgets = []
         for b in budgets_of(identity, month):
-            shared_key = (b.level, b.id, b.limit_nusd, b.external_nusd, b.external_requests)
+            shared_key = (b.level, b.id, b.limit_nusd, b.external_nusd, b.external_requests,
+                          b.rpm_limit, b.tpm_limit, b.max_parallel)
             shared = self._budgets.get(shared_key)
             if shared is None:
                 self._budgets.put(shared_key, b)
@@ -338,6 +357,8 @@ class Admitter:
         account = Account(identity, month, tuple(budgets),
                           tuple(b.ledger_level for b in budgets), identity.key.user_id,
                           frozenset(identity.org.allowed_models or ()))
+        account.limited = tuple(b for b in budgets if b.rate_limited)
+        account.rate_keys = tuple(rate_key(b.ledger_level) for b in account.limited)
         self._accounts.put(key_hash, account)
         return account
 

@@ -14,6 +14,7 @@ from addon.pricing import Price, PriceTable
 from addon.providers import ADAPTERS, Adapter
 from addon.requestlog import LogFormat
 from store.alert_settings import AlertsSection
+from store.rates import MAX_WINDOW_S
 from store.records import FAIL_CLOSED, MAX_USD, RecordError, normalize_failure_mode
 from store.settings import (
     ConfigText,
@@ -118,6 +119,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     usage_log_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36600)] = 90
     # One line per decided request on the "aigw.requests" logger (addon/requestlog.py).
     request_log: LogFormat = "json"  # type: ignore[assignment]
+    # The rolling window of rpm_limit and tpm_limit, in whole seconds (short ones for tests).
+    rate_window_s: Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW_S)] = 60
 
     def __post_init__(self) -> None:
         # Readers compare and log plain strings, not FailureMode values.

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from addon.providers.base import Denial
 from store.db import Counter, Identity, Level
 from store.money import from_usd, seconds_to_month_end, to_usd, usd_text
+from store.rates import Window, duration_text
 
 QUOTA_ERROR_TYPES = {
     "key": "key_quota_exceeded",
@@ -16,6 +17,8 @@ QUOTA_ERROR_TYPES = {
 }
 LEVEL_NAMES = {"key": "key", "user": "user", "org": "organization"}
 BUSY_RETRY_AFTER_S = 5
+PARALLEL_RETRY_AFTER_S = 1
+RATE_LIMIT_ERROR = "rate_limit_exceeded"
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -28,6 +31,14 @@ class Budget:
     limit_nusd: int | None  # None: no limit at this level
     external_nusd: int = 0
     external_requests: int = 0
+    rpm_limit: int | None = None  # requests admitted per rate window
+    tpm_limit: int | None = None  # tokens per rate window
+    max_parallel: int | None = None  # requests in flight
+
+    @property
+    def rate_limited(self) -> bool:
+        return (self.rpm_limit is not None or self.tpm_limit is not None
+                or self.max_parallel is not None)
 
     @property
     def ledger_level(self) -> Level:
@@ -70,13 +81,16 @@ def budgets_of(identity: Identity, month: str) -> tuple[Budget, ...]:
     user_ext = _plus(identity.user_quota.usage_in(month) if identity.user_quota else (0, 0),
                      remote_user)
     budgets = [
-        Budget("key", key.key_id, _nusd(key.monthly_limit_usd), *remote_key),
-        Budget("user", user.user_id, _nusd(user.monthly_limit_usd), *user_ext),
+        Budget("key", key.key_id, _nusd(key.monthly_limit_usd), *remote_key,
+               key.rpm_limit, key.tpm_limit, key.max_parallel_requests),
+        Budget("user", user.user_id, _nusd(user.monthly_limit_usd), *user_ext,
+               user.rpm_limit, user.tpm_limit, user.max_parallel_requests),
     ]
     if org is not None:
         org_ext = _plus(identity.org_quota.usage_in(month) if identity.org_quota else (0, 0),
                         remote_org)
-        budgets.append(Budget("org", org.org_id, _nusd(org.monthly_budget_usd), *org_ext))
+        budgets.append(Budget("org", org.org_id, _nusd(org.monthly_budget_usd), *org_ext,
+                              org.rpm_limit, org.tpm_limit, org.max_parallel_requests))
     return tuple(budgets)
 
 
@@ -141,6 +155,80 @@ def decide_budgets(
     if busy is not None:
         return busy_denial(busy[0].usage(busy[1]), month, estimate_nusd)
     return None
+
+
+def decide_rates(limited: Sequence[Budget], windows: Sequence[Window], now: float
+                 ) -> Denial | None:
+    """None to admit the request at every rate-limited level, else the denial. A level admits
+    while its window's count (requests, tokens: in-flight requests by their estimate) is below
+    its limit, and while fewer requests than `max_parallel` are in flight."""
+    for budget, window in zip(limited, windows, strict=True):
+        if budget.max_parallel is not None and window.in_flight >= budget.max_parallel:
+            return rate_denial(budget, "max_parallel_requests", budget.max_parallel,
+                               window.in_flight, window.window_s, PARALLEL_RETRY_AFTER_S)
+        if budget.rpm_limit is not None:
+            requests = window.requests
+            if requests >= budget.rpm_limit:
+                return rate_denial(budget, "rpm_limit", budget.rpm_limit, requests,
+                                   window.window_s, window.wait_for(now, 1, budget.rpm_limit))
+        if budget.tpm_limit is not None:
+            tokens = window.tokens
+            if tokens >= budget.tpm_limit:
+                return rate_denial(budget, "tpm_limit", budget.tpm_limit, tokens,
+                                   window.window_s, window.wait_for(now, 2, budget.tpm_limit))
+    return None
+
+
+_RATE_WHAT = {"rpm_limit": "requests", "tpm_limit": "tokens",
+              "max_parallel_requests": "requests in flight"}
+
+
+def rate_denial(budget: Budget, limit_name: str, limit: int, count: int, window_s: int,
+                retry_after_s: int) -> Denial:
+    """A rate or concurrency limit reached: transient, the SDKs back off and retry."""
+    what = _RATE_WHAT[limit_name]
+    if limit_name == "max_parallel_requests":
+        span = "at once"
+    else:
+        span = f"in the last {window_s}s"
+    message = (
+        f"Rate limit reached for the {LEVEL_NAMES[budget.level]} {budget.id}: {limit_name} "
+        f"{limit} {what} {span}, {count} counted. Retry in {retry_after_s}s."
+    )
+    return Denial(
+        429,
+        RATE_LIMIT_ERROR,
+        message,
+        headers=(("retry-after", str(retry_after_s)), ("x-should-retry", "true")),
+        details={"level": budget.level, "id": budget.id, "limit": limit_name,
+                 "limit_value": limit, "current": count, "window_s": window_s,
+                 "retry_after_s": retry_after_s},
+    )
+
+
+def rate_headers(limited: Sequence[Budget], windows: Sequence[Window], now: float
+                 ) -> tuple[tuple[bytes, bytes], ...]:
+    """OpenAI's x-ratelimit-* headers for the level with the least room (requests and tokens
+    each), from the windows as they hold this request."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, index, attr in ((b"requests", 1, "rpm_limit"), (b"tokens", 2, "tpm_limit")):
+        best: tuple[int, int, Window] | None = None
+        for budget, window in zip(limited, windows, strict=True):
+            limit = getattr(budget, attr)
+            if limit is None:
+                continue
+            room = limit - (window.requests if index == 1 else window.tokens)
+            if best is None or room < best[1]:
+                best = (limit, room, window)
+        if best is not None:
+            limit, room, window = best
+            out += [
+                (b"x-ratelimit-limit-" + name, str(limit).encode()),
+                (b"x-ratelimit-remaining-" + name, str(max(0, room)).encode()),
+                (b"x-ratelimit-reset-" + name,
+                 duration_text(window.reset_in(now, index)).encode()),
+            ]
+    return tuple(out)
 
 
 def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> LevelUsage | None:

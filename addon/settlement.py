@@ -56,6 +56,8 @@ class Settler:
             if flight.account is not None and flight.counters is not None:
                 usage_headers(response, binding_level(flight.account.budgets, flight.counters),
                               flight.month)
+            if flight.rate_headers:
+                response.headers.fields = response.headers.fields + flight.rate_headers
         except Exception as exc:
             log_fault("could not tap the stream; it will be charged an estimate", exc)
 
@@ -97,8 +99,11 @@ class Settler:
             log_fault("metering failed; charging the reserved estimate", exc)
             usage, cost, estimated = None, flight.estimate_nusd, True
         after = self._record(flow, flight, cost, estimated, usage)
-        if response is not None and flight.tap is None and after is not None:
-            usage_headers(response, after, flight.month, cost)
+        if response is not None and flight.tap is None:
+            if after is not None:
+                usage_headers(response, after, flight.month, cost)
+            if flight.rate_headers:
+                response.headers.fields = response.headers.fields + flight.rate_headers
 
     def _record(self, flow: http.HTTPFlow, flight: Flight, cost: int, estimated: bool,
                 usage: Usage | None) -> LevelUsage | None:

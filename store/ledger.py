@@ -20,6 +20,7 @@ import lmdb
 import orjson
 
 from store.lmdb_env import _enc, _Env, _now_ms, _Part
+from store.rates import Window
 from store.registry import IsLive, Registry
 
 T = TypeVar("T")
@@ -27,7 +28,7 @@ T = TypeVar("T")
 _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
-LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
+LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta", "rates")
 LEDGER_SYNC = {"sync": False, "metasync": False}
 
 # The usage log's keys: `{settled_ns:020d}|{id}` (metered) and `grace|{settled_ns:020d}|{id}`
@@ -107,16 +108,58 @@ def _counter_keys(month: str, levels: Iterable[Level]) -> tuple[bytes, ...]:
     return _counter_keys_cached(month, levels if isinstance(levels, tuple) else tuple(levels))
 
 
-def _reservation(amount: int, created_ms: int, pid: int, host: str, keys: list[bytes]) -> bytes:
-    """A reservation, compact: amount, time and owner, then the counters it holds."""
+@functools.lru_cache(maxsize=100_000)
+def rate_key(level: Level) -> bytes:
+    """The ledger key of a level's rate window (not per month: a window spans a month's end)."""
+    return _enc(f"{level[0]}|{level[1]}")
+
+
+class RateAsk(NamedTuple):
+    """What `Ledger.reserve` decides on the rate windows of the levels that set rate limits:
+    `decide(windows)` sees them as of `now` without this request, and None admits it (they then
+    count it: one request, `tokens` estimated, one more in flight)."""
+
+    keys: tuple[bytes, ...]
+    window_s: int
+    now: float
+    tokens: int
+    decide: Callable[[list[Window]], Any]
+
+
+# In a reservation record, what its rate windows hold of it: b"@{second}|{tokens}" and then the
+# rate keys, each prefixed b"~" (counter keys start with the month's digits).
+_RATE_MARK = b"\x1f@"
+
+
+def _reservation(amount: int, created_ms: int, pid: int, host: str, keys: Sequence[bytes],
+                 rate: tuple[int, int, Sequence[bytes]] | None = None) -> bytes:
+    """A reservation, compact: amount, time and owner, then the counters it holds (and what
+    the rate windows hold of it)."""
     head = f"{amount}|{created_ms}|{pid}|{host}".encode()
-    return b"\x1f".join([head, *keys])
+    parts = [head, *keys]
+    if rate is not None:
+        second, tokens, rate_keys = rate
+        parts.append(f"@{second}|{tokens}".encode())
+        parts.extend(b"~" + k for k in rate_keys)
+    return b"\x1f".join(parts)
 
 
 def _parse_reservation(raw: bytes) -> tuple[int, int, int, str, list[bytes]]:
     head, *keys = raw.split(b"\x1f")
     amount, created, pid, host = head.decode().split("|", 3)
+    if _RATE_MARK in raw:
+        keys = [k for k in keys if k[:1] not in (b"@", b"~")]
     return int(amount), int(created), int(pid), host, keys
+
+
+def _rate_part(raw: bytes) -> tuple[int, int, list[bytes]] | None:
+    """(second, tokens, rate keys) of a reservation that its rate windows count, else None."""
+    at = raw.find(_RATE_MARK)
+    if at < 0:
+        return None
+    mark, *keys = raw[at + 1:].split(b"\x1f")
+    second, tokens = mark[1:].split(b"|")
+    return int(second), int(tokens), [k[1:] for k in keys]
 
 
 def _reservation_record(raw: bytes) -> dict:
@@ -143,6 +186,7 @@ class Ledger(_Part):
         self._log = env.dbs["requests"]
         self._grace = env.dbs["grace"]
         self._meta = env.dbs["meta"]
+        self._rates = env.dbs["rates"]
         self.registry = Registry(env, self._meta)
 
     # --- the gateways sharing this ledger (to release a crashed one's reservations) ----------
@@ -180,10 +224,12 @@ class Ledger(_Part):
         refuse: Callable[[list[Counter]], T | None],
         *,
         owner: dict | None = None,
+        rates: RateAsk | None = None,
     ) -> T | None:
         """Read the levels' counters and call `refuse(counters)` inside one write transaction;
-        unless it returns a reason to refuse, add `amount_nusd` to each level's reserved total and
-        record the reservation. Returns the reason, or None when reserved. Atomic across
+        unless it returns a reason to refuse (nor `rates.decide` on the rate windows), add
+        `amount_nusd` to each level's reserved total, count the request in the rate windows
+        and record the reservation. Returns the reason, or None when reserved. Atomic across
         processes sharing the store."""
         keys = _counter_keys(month, levels)
         rid = _enc(reservation_id)
@@ -198,12 +244,25 @@ class Ledger(_Part):
                 raw = get(k, db=usage)
                 counters.append(Counter._make(unpack(raw)) if raw else _ZERO)
             reason = refuse(counters)
+            rate = None
+            if reason is None and rates is not None:
+                windows = [Window.unpack(get(k, db=self._rates), rates.window_s).advance(
+                    rates.now, rates.window_s) for k in rates.keys]
+                reason = rates.decide(windows)
+                if reason is None:
+                    second = int(rates.now // 1)
+                    for k, w in zip(rates.keys, windows, strict=True):
+                        w.add(second, 1, rates.tokens)
+                        w.in_flight += 1
+                        txn.put(k, w.pack(), db=self._rates)
+                    rate = (second, rates.tokens, rates.keys)
             if reason is None:
                 now = _now_ms()
                 put = txn.put
                 for k, c in zip(keys, counters, strict=True):
                     put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
-                put(rid, _reservation(amount_nusd, now, pid, host, keys), db=self._reservations)
+                put(rid, _reservation(amount_nusd, now, pid, host, keys, rate),
+                    db=self._reservations)
             return reason
 
         return self._env.write_fast(apply)
@@ -217,7 +276,9 @@ class Ledger(_Part):
         record: UsageRecord | None = None,
     ) -> list[Counter]:
         """Release a reservation (if still held), add the real cost and one request to each
-        level, and log the request, in one transaction. Returns the counters after the write."""
+        level, and log the request, in one transaction; in the rate windows that count the
+        reservation, its estimated tokens become the record's metered ones and it is no longer
+        in flight. Returns the counters after the write."""
         keys = _counter_keys(month, levels)
         entry = None if record is None else record.encode()
         rid = None if reservation_id is None else _enc(reservation_id)
@@ -231,6 +292,9 @@ class Ledger(_Part):
                 if raw is not None:
                     released = int(raw[: raw.index(b"|")])  # the amount leads the record
                     txn.delete(rid, db=self._reservations)
+                    if _RATE_MARK in raw:
+                        self._settle_rates(txn, raw, None if record is None
+                                           else record_tokens(record))
             now = _now_ms()
             after = []
             pack, unpack = _COUNTER.pack, _COUNTER.unpack
@@ -248,6 +312,43 @@ class Ledger(_Part):
 
         return self._env.write_fast(apply)
 
+    def _settle_rates(self, txn: lmdb.Transaction, raw: bytes, tokens: int | None,
+                      *, uncount: bool = False) -> None:
+        """A reservation leaves its rate windows' in-flight count; its estimate becomes
+        `tokens` (None: stays); `uncount`: the request was never forwarded, it counts nothing."""
+        part = _rate_part(raw)
+        if part is None:
+            return
+        second, estimate, keys = part
+        now = time.time()
+        for k in keys:
+            stored = txn.get(k, db=self._rates)
+            if stored is None:
+                continue
+            w = Window.unpack(stored, 60)
+            w.advance(now)
+            w.in_flight = max(0, w.in_flight - 1)
+            if uncount:
+                w.adjust(second, -1, -estimate)
+            elif tokens is not None:
+                w.adjust(second, 0, tokens - estimate)
+            txn.put(k, w.pack(), db=self._rates)
+
+    def rate_windows(self, levels: Iterable[Level], now: float | None = None
+                     ) -> list[Window | None]:
+        """The levels' rate windows as of `now` (None: a level without one)."""
+        at = time.time() if now is None else now
+        keys = [rate_key(level) for level in levels]
+
+        def collect(txn: lmdb.Transaction) -> list[Window | None]:
+            out: list[Window | None] = []
+            for k in keys:
+                raw = txn.get(k, db=self._rates)
+                out.append(None if raw is None else Window.unpack(raw, 60).advance(at))
+            return out
+
+        return self._env.read(collect)
+
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without charging anything (the request was never forwarded)."""
         rid = _enc(reservation_id)
@@ -257,6 +358,7 @@ class Ledger(_Part):
             if raw is None:
                 return False
             self._unreserve(txn, raw)
+            self._settle_rates(txn, raw, None, uncount=True)
             txn.delete(rid, db=self._reservations)
             return True
 
@@ -300,6 +402,7 @@ class Ledger(_Part):
             ]
             for k, v in stale_entries:
                 self._unreserve(txn, v)
+                self._settle_rates(txn, v, None)  # it may have reached the provider: counted
                 txn.delete(k, db=self._reservations)
             return len(stale_entries)
 
@@ -480,6 +583,12 @@ class Ledger(_Part):
             return out
 
         return self._env.read(collect)
+
+
+def record_tokens(record: UsageRecord) -> int:
+    """The tokens a usage record counts against a TPM limit: every kind of input, and output."""
+    return (record.input + record.cached_input + record.cache_write + record.cache_write_1h
+            + record.output)
 
 
 def _log_key_of(prefix: bytes, key: bytes) -> bool:

@@ -29,10 +29,13 @@ DEFAULT_FALLBACK_DAILY_LIMIT_USD = 10.0
 MAX_USD = 9e9
 MAX_COUNT = 2**63 - 1
 LEVELS = ("key", "user", "org")
+RATE_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
 
 Amount = Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Id = Annotated[str, msgspec.Meta(min_length=1)]
+# Rate limits (LiteLLM's names): at least 1 (absent or null: no limit), within a 64-bit count.
+RateLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None
 Month = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
 # Times aigw never reads: ISO text (the Workers' created_at) or epoch milliseconds (last_update).
 Timestamp = str | Annotated[float, msgspec.Meta(ge=0, le=1e18)] | None
@@ -98,6 +101,9 @@ class Org(msgspec.Struct, kw_only=True):
         default=DEFAULT_FALLBACK_DAILY_LIMIT_USD, name="fallback_daily_limit")
     provider_keys: dict[str, str] = {}
     allowed_models: tuple[Id, ...] | None = None  # None or empty: any model
+    rpm_limit: RateLimit = None  # requests admitted per rolling window (policy.rate_window_s)
+    tpm_limit: RateLimit = None  # tokens (input + output) per rolling window
+    max_parallel_requests: RateLimit = None  # requests in flight, streams until they end
     created_at: Timestamp = None
     updated_at: Timestamp = None
 
@@ -123,6 +129,9 @@ class User(msgspec.Struct, kw_only=True):
     org_id: Id | None = None
     monthly_limit_usd: Amount | None = None
     status: Literal["active", "suspended"] = "active"
+    rpm_limit: RateLimit = None
+    tpm_limit: RateLimit = None
+    max_parallel_requests: RateLimit = None
     created_at: Timestamp = None
     updated_at: Timestamp = None
 
@@ -158,6 +167,9 @@ class ApiKey(msgspec.Struct, kw_only=True):
     status: Literal["active", "revoked"] = "active"
     monthly_limit_usd: Amount | None = None
     passthrough: bool = False  # a developer's own provider key, registered to be metered
+    rpm_limit: RateLimit = None
+    tpm_limit: RateLimit = None
+    max_parallel_requests: RateLimit = None
     created_at: Timestamp = None
     updated_at: Timestamp = None
     revoked_at: Timestamp = None
@@ -323,7 +335,8 @@ def _reason(cls: type, message: str, raw: bytes | str | dict) -> str:
         if bound["op"] == ">=" and float(bound["bound"]) == 0:
             what = "a non-negative number" if bound["type"] == "float" else "a non-negative integer"
         else:
-            what = f"at most {float(bound['bound']):.15g}"
+            word = "at least" if bound["op"] == ">=" else "at most"
+            what = f"{word} {float(bound['bound']):.15g}"
         return f"{field}: expected {what}{shown}"
     if text.startswith("Invalid enum value"):
         allowed = _literal_values(cls, field.split(".")[-1])

@@ -100,7 +100,8 @@ class OpenAIAdapter(Adapter):
             "message": denial.message,
             "type": "invalid_request_error" if denial.status == 401 else denial.error_type,
             "param": None,
-            "code": OPENAI_ERROR_CODES.get(denial.status, denial.error_type),
+            "code": denial.error_type if denial.error_type == "rate_limit_exceeded"
+            else OPENAI_ERROR_CODES.get(denial.status, denial.error_type),
         }
         if denial.details:
             error["details"] = denial.details

@@ -30,8 +30,10 @@ def seed(
     user_status: str = "active",
     passthrough_key: str | None = None,
     with_org: bool = True,
+    rates: dict[str, dict] | None = None,
 ) -> Seeded:
-    """An org, a user and a key (a fake `gw_live_` key, or a registered pass-through key)."""
+    """An org, a user and a key (a fake `gw_live_` key, or a registered pass-through key);
+    `rates` adds fields per level, e.g. {"key": {"rpm_limit": 3}}."""
     org_id, user_id, key_id = f"org_{suffix}", f"user_{suffix}", f"key_{suffix}"
     api_key = passthrough_key or f"gw_live_{suffix.rjust(32, '0')[-32:]}"
     records = {
@@ -62,5 +64,9 @@ def seed(
             "provider_keys": provider_keys or {},
             "allowed_models": allowed_models,
         }
+    for level, fields in (rates or {}).items():
+        target = {"key": apikey_key(store.hash(api_key)), "user": user_config_key(user_id),
+                  "org": org_config_key(org_id)}[level]
+        records[target].update(fields)
     store.records.write({k: json.dumps(v).encode() for k, v in records.items()})
     return Seeded(org_id, user_id, key_id, api_key)
