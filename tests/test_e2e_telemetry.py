@@ -49,10 +49,12 @@ def samples(text: str) -> dict[tuple, float]:
 
 
 def log_lines(proxy, count: int, timeout: float = 10.0) -> list[dict]:
-    """The request log's lines in mitmdump's output, once there are `count` of them."""
+    """The request log's lines (its file: mitmdump's own output interleaves other lines), once
+    there are `count` of them."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [json.loads(m) for m in LINE.findall(proxy.log_text())]
+        text = proxy.request_log.read_text() if proxy.request_log.exists() else ""
+        found = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
         if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
@@ -61,8 +63,11 @@ def log_lines(proxy, count: int, timeout: float = 10.0) -> list[dict]:
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory, fake_provider_server):
     port = free_port()
-    proxy = start_gateway(tmp_path_factory.mktemp("gwtel"), fake_provider_server.address,
-                          sets={"aigw_metrics": f"127.0.0.1:{port}"})
+    tmp = tmp_path_factory.mktemp("gwtel")
+    proxy = start_gateway(tmp, fake_provider_server.address,
+                          sets={"aigw_metrics": f"127.0.0.1:{port}",
+                                "aigw_request_log_file": str(tmp / "requests.log")})
+    proxy.request_log = tmp / "requests.log"
     proxy.store = Store(proxy.store_dir)
     proxy.metrics_port = port
     try:
@@ -218,3 +223,21 @@ def test_a_second_gateway_on_the_same_port_does_not_start(tmp_path, fake_provide
         assert get(port, "/healthz")[0] == 200
     finally:
         first.stop()
+
+
+def test_request_log_lines_appear_in_mitmdumps_output_by_default(tmp_path, fake_provider):
+    proxy = start_gateway(tmp_path, fake_provider.address)
+    try:
+        with Store(proxy.store_dir) as store:
+            acct = seed(store, suffix="tel3")
+        chat(proxy.openai_client(acct.api_key))
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [json.loads(m) for m in LINE.findall(proxy.log_text())]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        proxy.stop()
+    assert [(line["key_id"], line["decision"], line["status"]) for line in lines] == [
+        (acct.key_id, "allowed", 200)]
