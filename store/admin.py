@@ -21,6 +21,7 @@ from store.admin_accounts import (
     revoke_key,
     show_org,
     show_user,
+    update_key,
     update_org,
     update_user,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "revoke_key",
     "show_org",
     "show_user",
+    "update_key",
     "update_org",
     "update_user",
 ]

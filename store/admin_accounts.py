@@ -24,6 +24,8 @@ from store.money import month_of, utc_now
 from store.records import (
     DEFAULT_FALLBACK_DAILY_LIMIT_USD,
     FAIL_CLOSED,
+    MAX_COUNT,
+    RATE_FIELDS,
     USER_STATUSES,
     RecordError,
     User,
@@ -34,6 +36,22 @@ from store.records import (
     user_key_listing_key,
 )
 from store.target import AdminTarget
+
+RateLimits = Mapping[str, int | None]  # rpm_limit, tpm_limit, max_parallel_requests; None: remove
+
+
+def _set_rates(record: dict, rates: RateLimits | None) -> None:
+    """Set (an integer, at least 1) or remove (None) the named rate limits of a record."""
+    for name, value in (rates or {}).items():
+        if name not in RATE_FIELDS:
+            raise AdminError(f"unknown rate limit {name!r} (one of {', '.join(RATE_FIELDS)})")
+        if value is None:
+            record.pop(name, None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+            raise AdminError(f"{name} must be a whole number of at least 1, not {value!r}")
+        record[name] = value
+
 
 # Orgs
 
@@ -72,11 +90,13 @@ def create_org(
     *,
     allowed_models: Sequence[str] | None = None,
     provider_keys: Mapping[str, str | None] | None = None,
+    rates: RateLimits | None = None,
 ) -> dict:
     """Create `org:{id}:config`; returns the record (provider keys redacted). See
-    `update_org` for `allowed_models` and `provider_keys`."""
+    `update_org` for `allowed_models`, `provider_keys` and `rates`."""
     record = _new_org(name, budget_usd, failure_mode, fallback_daily_limit_usd)
     _set_access(record, allowed_models, provider_keys)
+    _set_rates(record, rates)
     _write(store, {org_config_key(record["org_id"]): _dump(record)})
     return _redacted(record)
 
@@ -116,10 +136,12 @@ def update_org(
     fallback_daily_limit_usd: float | None = None,
     allowed_models: Sequence[str] | None = None,
     provider_keys: Mapping[str, str | None] | None = None,
+    rates: RateLimits | None = None,
 ) -> dict:
     """Change the given fields of an org; returns the record (provider keys redacted).
     `allowed_models`: replaces the list (empty: any model); `provider_keys`: sets or (None)
-    removes the named providers' credentials, keeping the others."""
+    removes the named providers' credentials, keeping the others; `rates`: sets or (None)
+    removes the named rate limits."""
     key = org_config_key(org_id)
     record = _load(store, key, f"org {org_id}")
     if name is not None:
@@ -136,6 +158,7 @@ def update_org(
             fallback_daily_limit_usd, "fallback_daily_limit"
         )
     _set_access(record, allowed_models, provider_keys)
+    _set_rates(record, rates)
     record["updated_at"] = now_iso()
     _write(store, {key: _dump(record)})
     return _redacted(record)
@@ -164,18 +187,21 @@ def _new_user(org_id: str, email: str, limit_usd: float) -> dict:
     }
 
 
-def create_user(store: AdminTarget, org_id: str, email: str, limit_usd: float) -> dict:
+def create_user(store: AdminTarget, org_id: str, email: str, limit_usd: float,
+                *, rates: RateLimits | None = None) -> dict:
     """Create `user:{id}:config` in an existing org; returns the record."""
     _load(store, org_config_key(org_id), f"org {org_id}")
     record = _new_user(org_id, email, limit_usd)
+    _set_rates(record, rates)
     _write(store, {user_config_key(record["user_id"]): _dump(record)})
     return record
 
 
 def update_user(
-    store: AdminTarget, user_id: str, *, limit_usd: float | None = None, status: str | None = None
+    store: AdminTarget, user_id: str, *, limit_usd: float | None = None, status: str | None = None,
+    rates: RateLimits | None = None,
 ) -> dict:
-    """Change a user's monthly limit and/or status; returns the record."""
+    """Change a user's monthly limit, status and/or rate limits; returns the record."""
     key = user_config_key(user_id)
     record = _load(store, key, f"user {user_id}")
     if limit_usd is not None:
@@ -184,6 +210,7 @@ def update_user(
         if status not in USER_STATUSES:
             raise AdminError(f"status must be one of {', '.join(USER_STATUSES)}, not {status!r}")
         record["status"] = status
+    _set_rates(record, rates)
     record["updated_at"] = now_iso()
     _write(store, {key: _dump(record)})
     return record
@@ -205,6 +232,7 @@ def _new_key(
     name: str,
     limit_usd: float | None,
     passthrough: bool,
+    rates: RateLimits | None = None,
 ) -> tuple[dict[str, bytes], dict]:
     limit = None if limit_usd is None else check_usd(limit_usd, "monthly_limit_usd")
     name = _check_text(name, "name")
@@ -224,6 +252,7 @@ def _new_key(
         "created_at": created_at,
         "passthrough": passthrough,
     }
+    _set_rates(record, rates)
     listing = {
         "key_id": key_id,
         "key_hash": key_hash,
@@ -246,6 +275,7 @@ def _new_key(
         "status": "active",
         "created_at": created_at,
         "passthrough": passthrough,
+        **{name: record[name] for name in RATE_FIELDS if name in record},
     }
     return puts, result
 
@@ -257,23 +287,25 @@ def _store_key(
     name: str,
     limit_usd: float | None,
     passthrough: bool,
+    rates: RateLimits | None = None,
 ) -> dict:
     user = _load(store, user_config_key(user_id), f"user {user_id}")
     try:
         org_id = User.parse(user_id, user).org_id
     except RecordError as exc:
         raise AdminError(str(exc)) from None
-    puts, result = _new_key(store, user_id, org_id, raw_key, name, limit_usd, passthrough)
+    puts, result = _new_key(store, user_id, org_id, raw_key, name, limit_usd, passthrough, rates)
     _write(store, puts)
     return result
 
 
 def create_key(
-    store: AdminTarget, user_id: str, name: str | None = None, limit_usd: float | None = None
+    store: AdminTarget, user_id: str, name: str | None = None, limit_usd: float | None = None,
+    *, rates: RateLimits | None = None,
 ) -> dict:
     """Issue a gateway key for a user; the result holds the raw key (`api_key`), shown once."""
     raw = new_gateway_key()
-    result = _store_key(store, user_id, raw, name or DEFAULT_KEY_NAME, limit_usd, False)
+    result = _store_key(store, user_id, raw, name or DEFAULT_KEY_NAME, limit_usd, False, rates)
     return {"key_id": result["key_id"], "api_key": raw, **result}
 
 
@@ -358,6 +390,24 @@ def revoke_key(store: AdminTarget, key_id: str) -> dict:
     return {"key_id": key_id, "status": "revoked", "revoked_at": revoked_at}
 
 
+def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = None,
+               rates: RateLimits | None = None) -> dict:
+    """Change a key's monthly limit and/or rate limits on its apikey record; returns the key's
+    fields (never its hash's record in full, never a raw key)."""
+    ref = find_key(store, key_id)
+    if ref.record is None or ref.key_hash is None:
+        raise AdminError(f"key {key_id} has no apikey record to update")
+    record = dict(ref.record)
+    if limit_usd is not None:
+        record["monthly_limit_usd"] = check_usd(limit_usd, "monthly_limit_usd")
+    _set_rates(record, rates)
+    record["updated_at"] = now_iso()
+    _write(store, {apikey_key(ref.key_hash): _dump(record)})
+    shown = ("key_id", "user_id", "org_id", "name", "status", "monthly_limit_usd",
+             *RATE_FIELDS, "updated_at")
+    return {"key_id": key_id, **{k: record[k] for k in shown if k in record}}
+
+
 def list_keys(store: AdminTarget, user_id: str) -> dict:
     """A user's key listings (never raw keys), each with its own monthly limit and, from this
     node's ledger, when it was last metered this month (`last_used_at`)."""
@@ -374,6 +424,7 @@ def list_keys(store: AdminTarget, user_id: str) -> dict:
         record = _json_or_none(records.get(names[i])) if names[i] else None
         if record is not None:
             listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
+            listing.update({k: record[k] for k in RATE_FIELDS if k in record})
         if metered[i] is not None:
             listing["last_used_at"] = datetime.fromtimestamp(
                 metered[i] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -18,6 +18,7 @@ from store.admin_base import (
 from store.db import Store
 from store.money import from_usd, to_usd, utc_now
 from store.records import (
+    RATE_FIELDS,
     ApiKey,
     Org,
     QuotaRecord,
@@ -64,31 +65,57 @@ def _other_nodes(store: Store, level: str, level_id: str, month: str) -> tuple[i
     return store.records.remote_usage(month, level, level_id)
 
 
-def _limit_of(store: Store, level: str, level_id: str) -> float | None:
-    """The level's monthly limit as the request path reads it."""
+def _record_of(store: Store, level: str, level_id: str) -> ApiKey | User | Org | None:
+    """The level's record as the request path reads it (a key without one: None)."""
     try:
         if level == "key":
             ref = find_key(store, level_id)
             if ref.record is None or ref.key_hash is None:
                 return None
-            return ApiKey.parse(ref.key_hash, ref.record).monthly_limit_usd
+            return ApiKey.parse(ref.key_hash, ref.record)
         if level == "user":
             record = _load(store, user_config_key(level_id), f"user {level_id}")
-            return User.parse(level_id, record).monthly_limit_usd
+            return User.parse(level_id, record)
         record = _load(store, org_config_key(level_id), f"org {level_id}")
-        return Org.parse(level_id, record).monthly_budget_usd
+        return Org.parse(level_id, record)
     except RecordError as exc:
         raise AdminError(str(exc)) from None
+
+
+def _limit_of(record: ApiKey | User | Org | None) -> float | None:
+    """The level's monthly limit as the request path reads it."""
+    if record is None:
+        return None
+    return record.monthly_budget_usd if isinstance(record, Org) else record.monthly_limit_usd
+
+
+def _rates_of(store: Store, level: str, level_id: str,
+              record: ApiKey | User | Org | None) -> dict:
+    """A level's rate limits and what its window counts now (this store's ledger, all the
+    gateways on it): only for a level that sets one."""
+    limits = {name: getattr(record, name, None) for name in RATE_FIELDS}
+    if all(value is None for value in limits.values()):
+        return {}
+    (window,) = store.ledger.rate_windows([(level, level_id)])
+    used = (0, 0, 0) if window is None else (window.requests, window.tokens, window.in_flight)
+    return {
+        "rpm_limit": limits["rpm_limit"], "rpm_used": used[0],
+        "tpm_limit": limits["tpm_limit"], "tpm_used": used[1],
+        "max_parallel_requests": limits["max_parallel_requests"], "in_flight": used[2],
+        "rate_window_s": 60 if window is None else window.window_s,
+    }
 
 
 def level_usage(store: Store, level: str, level_id: str, month: str | None = None) -> dict:
     """Usage of one level (user, org or key) in `month` (default: the current UTC month), as
     the request path counts it for the budget: this node's ledger, the other nodes' replicated
     totals and (user and org) the Workers gateway's quota record of that month, each shown
-    beside the sum. `remaining_usd` leaves out what requests in flight have reserved."""
+    beside the sum. `remaining_usd` leaves out what requests in flight have reserved. A level
+    with rate limits adds them, with `rpm_used`, `tpm_used` and `in_flight` now."""
     _check_level(level)
     month = month or _current_month()
-    limit = _limit_of(store, level, level_id)
+    record = _record_of(store, level, level_id)
+    limit = _limit_of(record)
     (counter,) = store.ledger.counters([(level, level_id)], month)
     other_nusd, other_requests = _other_nodes(store, level, level_id, month)
     quota_nusd, quota_requests = _quota_usage(store, level, level_id, month)
@@ -110,6 +137,7 @@ def level_usage(store: Store, level: str, level_id: str, month: str | None = Non
         "remaining_usd": remaining,
         "reserved_usd": to_usd(counter.reserved_nusd),
         "current_month": month,
+        **_rates_of(store, level, level_id, record),
     }
 
 

@@ -446,8 +446,9 @@ def test_a_missing_id_or_required_option_is_exit_2_naming_it(run, args, missing)
 
 @pytest.mark.parametrize(("args", "flags"), [
     (("org", "update", "o"), "--name, --budget, --failure-mode, --fallback-daily-limit, "
-                             "--allowed-models, --provider-key"),
-    (("user", "update", "u"), "--limit, --status"),
+                             "--allowed-models, --provider-key, --rpm, --tpm, --max-parallel"),
+    (("user", "update", "u"), "--limit, --status, --rpm, --tpm, --max-parallel"),
+    (("key", "update", "k"), "--limit, --rpm, --tpm, --max-parallel"),
 ])
 def test_an_update_with_nothing_to_change_is_exit_2(run, args, flags):
     line = error(run(*args), 2)

@@ -358,3 +358,72 @@ def test_without_limits_no_window_is_written_and_no_header_added(rated, monkeypa
     forward(gw, flow, openai_response())
     assert "x-ratelimit-limit-requests" not in flow.response.headers
     assert gw.store.ledger.rate_windows([("key", s.key_id)]) == [None]
+
+
+# --- the CLI and aigw usage -----------------------------------------------------------------
+
+
+def _cli(store_dir, *args: str):
+    from click.testing import CliRunner
+
+    from store.cli import cli
+
+    return CliRunner().invoke(cli, ["--store", str(store_dir), *args], catch_exceptions=False)
+
+
+def _ok(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_cli_sets_updates_and_removes_rate_limits_at_every_level(tmp_path):
+    where = tmp_path / "store"
+    org = _ok(_cli(where, "org", "create", "--name", "A", "--budget", "10", "--rpm", "100",
+                   "--tpm", "50000", "--max-parallel", "8"))
+    assert (org["rpm_limit"], org["tpm_limit"], org["max_parallel_requests"]) == (100, 50000, 8)
+    org = _ok(_cli(where, "org", "update", org["org_id"], "--rpm", ""))
+    assert "rpm_limit" not in org and org["tpm_limit"] == 50000
+    user = _ok(_cli(where, "user", "create", "--org", org["org_id"], "--email", "a@b.c",
+                    "--limit", "1", "--tpm", "1000"))
+    assert user["tpm_limit"] == 1000
+    user = _ok(_cli(where, "user", "update", user["user_id"], "--max-parallel", "2"))
+    assert user["max_parallel_requests"] == 2 and user["tpm_limit"] == 1000
+    key = _ok(_cli(where, "key", "create", "--user", user["user_id"], "--rpm", "3"))
+    assert key["rpm_limit"] == 3
+    updated = _ok(_cli(where, "key", "update", key["key_id"], "--limit", "2", "--rpm", "5",
+                       "--tpm", "700"))
+    assert (updated["monthly_limit_usd"], updated["rpm_limit"], updated["tpm_limit"]) == (
+        2.0, 5, 700)
+    assert key["api_key"] not in json.dumps(updated)
+    listed = _ok(_cli(where, "key", "list", "--user", user["user_id"]))["keys"][0]
+    assert listed["rpm_limit"] == 5
+    usage = _ok(_cli(where, "usage", "key", key["key_id"]))
+    assert usage["rpm_limit"] == 5 and usage["rpm_used"] == 0 and usage["in_flight"] == 0
+    assert usage["tpm_limit"] == 700 and usage["max_parallel_requests"] is None
+    store = Store(where)
+    store.ledger.reserve("r", [("key", key["key_id"])], "2027-01", 1, lambda c: None,
+                         rates=_ask([rate_key(("key", key["key_id"]))], time.time(), 40))
+    store.close()
+    usage = _ok(_cli(where, "usage", "key", key["key_id"]))
+    assert (usage["rpm_used"], usage["tpm_used"], usage["in_flight"]) == (1, 40, 1)
+    assert _ok(_cli(where, "usage", "org", org["org_id"]))["tpm_limit"] == 50000
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "x"])
+def test_cli_refuses_a_rate_limit_that_is_not_a_positive_whole_number(tmp_path, value):
+    result = _cli(tmp_path / "store", "org", "create", "--name", "A", "--budget", "1",
+                  "--rpm", value)
+    assert result.exit_code == 2 and "--rpm" in result.output
+
+
+def test_key_update_needs_a_field_and_a_known_key(tmp_path):
+    where = tmp_path / "store"
+    _ok(_cli(where, "org", "create", "--name", "A", "--budget", "1"))
+    assert _cli(where, "key", "update", "key_x").exit_code == 2
+    assert _cli(where, "key", "update", "key_x", "--rpm", "1").exit_code == 1
+
+
+def test_usage_of_a_level_without_rate_limits_has_no_rate_fields(tmp_path):
+    where = tmp_path / "store"
+    org = _ok(_cli(where, "org", "create", "--name", "A", "--budget", "1"))
+    assert "rpm_used" not in _ok(_cli(where, "usage", "org", org["org_id"]))

@@ -3,8 +3,8 @@
 import click
 
 from store import admin
-from store.cli.params import USD
-from store.cli.runner import Group, late_globals, on_target
+from store.cli.params import USD, rate_limits, rate_options
+from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 
 group = Group("key", help="API keys.")
 
@@ -13,11 +13,29 @@ group = Group("key", help="API keys.")
 @click.option("--user", "user_id", required=True, metavar="USER_ID", help="the key's user")
 @click.option("--name", default=admin.DEFAULT_KEY_NAME, show_default=True, help="the key's name")
 @click.option("--limit", type=USD, metavar="USD", help="monthly limit of this key in USD")
+@rate_options
 @late_globals()
 @click.pass_context
-def create(ctx: click.Context, user_id: str, name: str, limit: float | None) -> int:
+def create(ctx: click.Context, user_id: str, name: str, limit: float | None, rpm: int | None,
+           tpm: int | None, max_parallel: int | None) -> int:
     """Issue a gateway key."""
-    return on_target(ctx, lambda store: admin.create_key(store, user_id, name, limit))
+    return on_target(ctx, lambda store: admin.create_key(
+        store, user_id, name, limit, rates=rate_limits(rpm, tpm, max_parallel)))
+
+
+@group.command("update", help="Change a key's monthly limit or rate limits.")
+@click.argument("key_id", metavar="KEY_ID")
+@click.option("--limit", type=USD, metavar="USD", help="monthly limit of this key in USD")
+@rate_options
+@late_globals()
+@click.pass_context
+def update(ctx: click.Context, key_id: str, limit: float | None, rpm: int | None,
+           tpm: int | None, max_parallel: int | None) -> int:
+    """Change a key's limits."""
+    nothing_to_change(ctx, {"limit": limit, "rpm": rpm, "tpm": tpm,
+                            "max_parallel": max_parallel})
+    return on_target(ctx, lambda store: admin.update_key(
+        store, key_id, limit_usd=limit, rates=rate_limits(rpm, tpm, max_parallel)))
 
 
 @group.command("register",

@@ -5,7 +5,14 @@ from collections.abc import Callable
 import click
 
 from store import admin
-from store.cli.params import FAILURE_MODE, MODEL_LIST, PROVIDER_KEY, USD
+from store.cli.params import (
+    FAILURE_MODE,
+    MODEL_LIST,
+    PROVIDER_KEY,
+    USD,
+    rate_limits,
+    rate_options,
+)
 from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 
 group = Group("org", help="Organizations.")
@@ -41,35 +48,41 @@ def _org_options(*, create: bool) -> Callable[[Callable], Callable]:
 
 @group.command("create", help="Create an org.")
 @_org_options(create=True)
+@rate_options
 @late_globals()
 @click.pass_context
 def create(ctx: click.Context, name: str, budget: float, failure_mode: str,
            fallback_daily_limit: float | None, allowed_models: list[str] | None,
-           provider_key: tuple[tuple[str, str | None], ...]) -> int:
+           provider_key: tuple[tuple[str, str | None], ...], rpm: int | None, tpm: int | None,
+           max_parallel: int | None) -> int:
     """Create an org."""
     return on_target(ctx, lambda store: admin.create_org(
         store, name, budget, failure_mode, fallback_daily_limit,
         allowed_models=allowed_models, provider_keys=dict(provider_key),
+        rates=rate_limits(rpm, tpm, max_parallel),
     ), creates_store=True)
 
 
 @group.command("update", help="Change an org's fields (at least one).")
 @click.argument("org_id", metavar="ORG_ID")
 @_org_options(create=False)
+@rate_options
 @late_globals()
 @click.pass_context
 def update(ctx: click.Context, org_id: str, name: str | None, budget: float | None,
            failure_mode: str | None, fallback_daily_limit: float | None,
            allowed_models: list[str] | None,
-           provider_key: tuple[tuple[str, str | None], ...]) -> int:
+           provider_key: tuple[tuple[str, str | None], ...], rpm: int | None, tpm: int | None,
+           max_parallel: int | None) -> int:
     """Change the given fields of an org."""
     nothing_to_change(ctx, {"name": name, "budget": budget, "failure_mode": failure_mode,
                             "fallback_daily_limit": fallback_daily_limit,
-                            "allowed_models": allowed_models, "provider_key": provider_key})
+                            "allowed_models": allowed_models, "provider_key": provider_key,
+                            "rpm": rpm, "tpm": tpm, "max_parallel": max_parallel})
     return on_target(ctx, lambda store: admin.update_org(
         store, org_id, name=name, budget_usd=budget, failure_mode=failure_mode,
         fallback_daily_limit_usd=fallback_daily_limit, allowed_models=allowed_models,
-        provider_keys=dict(provider_key),
+        provider_keys=dict(provider_key), rates=rate_limits(rpm, tpm, max_parallel),
     ))
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from store.admin import AdminError, check_usd
-from store.records import FAILURE_MODES
+from store.records import FAILURE_MODES, MAX_COUNT
 
 FAILURE_MODE_CHOICES = (*FAILURE_MODES, *(m.replace("_", "-") for m in FAILURE_MODES))
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -77,7 +77,44 @@ class ProviderKey(click.ParamType):
         return name, f"env:{variable}"
 
 
+class RateLimit(click.ParamType):
+    """A whole number of at least 1, or "" to remove the limit (then 0: see `rate_limits`)."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if not text:
+            return 0
+        if not text.isdigit() or int(text) < 1 or int(text) > MAX_COUNT:
+            self.fail(f"must be a whole number of at least 1 (or \"\" to remove it), not "
+                      f"{value!r}", param, ctx)
+        return int(text)
+
+
+def rate_limits(rpm: int | None, tpm: int | None, max_parallel: int | None
+                ) -> dict[str, int | None]:
+    """The rate-limit flags given, as the admin operations take them (None: remove)."""
+    given = {"rpm_limit": rpm, "tpm_limit": tpm, "max_parallel_requests": max_parallel}
+    return {name: value or None for name, value in given.items() if value is not None}
+
+
+def rate_options(command: Any) -> Any:
+    """--rpm, --tpm and --max-parallel."""
+    for flag, what in reversed((
+            ("--rpm", "requests admitted per rolling minute (policy.rate_window_s)"),
+            ("--tpm", "tokens (input + output) per rolling minute"),
+            ("--max-parallel", "requests in flight at once (streams until they end)"))):
+        command = click.option(flag, type=RATE_LIMIT, metavar="N",
+                               help=f'{what}; "" removes the limit')(command)
+    return command
+
+
 USD = Usd()
+RATE_LIMIT = RateLimit()
 FAILURE_MODE = FailureMode()
 MODEL_LIST = ModelList()
 PROVIDER_KEY = ProviderKey()

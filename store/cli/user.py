@@ -3,7 +3,7 @@
 import click
 
 from store import admin
-from store.cli.params import USD
+from store.cli.params import USD, rate_limits, rate_options
 from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 from store.records import USER_STATUSES
 
@@ -14,24 +14,31 @@ group = Group("user", help="Users.")
 @click.option("--org", "org_id", required=True, metavar="ORG_ID", help="the user's org")
 @click.option("--email", required=True, help="the user's e-mail address")
 @click.option("--limit", type=USD, required=True, metavar="USD", help="monthly limit in USD")
+@rate_options
 @late_globals()
 @click.pass_context
-def create(ctx: click.Context, org_id: str, email: str, limit: float) -> int:
+def create(ctx: click.Context, org_id: str, email: str, limit: float, rpm: int | None,
+           tpm: int | None, max_parallel: int | None) -> int:
     """Create a user in an org."""
-    return on_target(ctx, lambda store: admin.create_user(store, org_id, email, limit))
+    return on_target(ctx, lambda store: admin.create_user(
+        store, org_id, email, limit, rates=rate_limits(rpm, tpm, max_parallel)))
 
 
-@group.command("update", help="Change a user's limit or status.")
+@group.command("update", help="Change a user's limits or status.")
 @click.argument("user_id", metavar="USER_ID")
 @click.option("--limit", type=USD, metavar="USD", help="monthly limit in USD")
 @click.option("--status", type=click.Choice(USER_STATUSES), help="a suspended user's keys get 401")
+@rate_options
 @late_globals()
 @click.pass_context
-def update(ctx: click.Context, user_id: str, limit: float | None, status: str | None) -> int:
-    """Change a user's limit or status."""
-    nothing_to_change(ctx, {"limit": limit, "status": status})
-    return on_target(ctx, lambda store: admin.update_user(store, user_id, limit_usd=limit,
-                                                          status=status))
+def update(ctx: click.Context, user_id: str, limit: float | None, status: str | None,
+           rpm: int | None, tpm: int | None, max_parallel: int | None) -> int:
+    """Change a user's limits or status."""
+    nothing_to_change(ctx, {"limit": limit, "status": status, "rpm": rpm, "tpm": tpm,
+                            "max_parallel": max_parallel})
+    return on_target(ctx, lambda store: admin.update_user(
+        store, user_id, limit_usd=limit, status=status,
+        rates=rate_limits(rpm, tpm, max_parallel)))
 
 
 @group.command("show", help="Show a user.")
