@@ -210,25 +210,31 @@ def rate_headers(limited: Sequence[Budget], windows: Sequence[Window], now: floa
                  ) -> tuple[tuple[bytes, bytes], ...]:
     """OpenAI's x-ratelimit-* headers for the level with the least room (requests and tokens
     each), from the windows as they hold this request."""
-    out: list[tuple[bytes, bytes]] = []
-    for name, index, attr in ((b"requests", 1, "rpm_limit"), (b"tokens", 2, "tpm_limit")):
-        best: tuple[int, int, Window] | None = None
-        for budget, window in zip(limited, windows, strict=True):
-            limit = getattr(budget, attr)
-            if limit is None:
-                continue
-            room = limit - (window.requests if index == 1 else window.tokens)
-            if best is None or room < best[1]:
-                best = (limit, room, window)
-        if best is not None:
-            limit, room, window = best
-            out += [
-                (b"x-ratelimit-limit-" + name, str(limit).encode()),
-                (b"x-ratelimit-remaining-" + name, str(max(0, room)).encode()),
-                (b"x-ratelimit-reset-" + name,
-                 duration_text(window.reset_in(now, index)).encode()),
-            ]
-    return tuple(out)
+    requests = tokens = None  # (limit, room, window) of the tightest level
+    for budget, window in zip(limited, windows, strict=True):
+        if budget.rpm_limit is not None:
+            room = budget.rpm_limit - window.requests
+            if requests is None or room < requests[1]:
+                requests = (budget.rpm_limit, room, window)
+        if budget.tpm_limit is not None:
+            room = budget.tpm_limit - window.tokens
+            if tokens is None or room < tokens[1]:
+                tokens = (budget.tpm_limit, room, window)
+    out: tuple[tuple[bytes, bytes], ...] = ()
+    if requests is not None:
+        out += _rate_fields(b"requests", 1, *requests, now)
+    if tokens is not None:
+        out += _rate_fields(b"tokens", 2, *tokens, now)
+    return out
+
+
+def _rate_fields(name: bytes, index: int, limit: int, room: int, window: Window, now: float
+                 ) -> tuple[tuple[bytes, bytes], ...]:
+    return (
+        (b"x-ratelimit-limit-" + name, str(limit).encode()),
+        (b"x-ratelimit-remaining-" + name, str(room if room > 0 else 0).encode()),
+        (b"x-ratelimit-reset-" + name, duration_text(window.reset_in(now, index)).encode()),
+    )
 
 
 def binding_level(budgets: Sequence[Budget], counters: Sequence[Counter]) -> LevelUsage | None:

@@ -28,7 +28,7 @@ T = TypeVar("T")
 _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
-LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta", "rates")
+LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
 LEDGER_SYNC = {"sync": False, "metasync": False}
 
 # The usage log's keys: `{settled_ns:020d}|{id}` (metered) and `grace|{settled_ns:020d}|{id}`
@@ -111,7 +111,7 @@ def _counter_keys(month: str, levels: Iterable[Level]) -> tuple[bytes, ...]:
 @functools.lru_cache(maxsize=100_000)
 def rate_key(level: Level) -> bytes:
     """The ledger key of a level's rate window (not per month: a window spans a month's end)."""
-    return _enc(f"{level[0]}|{level[1]}")
+    return _enc(f"rate|{level[0]}|{level[1]}")
 
 
 class RateAsk(NamedTuple):
@@ -186,7 +186,9 @@ class Ledger(_Part):
         self._log = env.dbs["requests"]
         self._grace = env.dbs["grace"]
         self._meta = env.dbs["meta"]
-        self._rates = env.dbs["rates"]
+        # Rate windows live beside the counters (`rate|{level}|{id}`, no month: never under a
+        # month's prefix): one B-tree fewer to write per request than a database of their own.
+        self._rates = env.dbs["usage"]
         self.registry = Registry(env, self._meta)
 
     # --- the gateways sharing this ledger (to release a crashed one's reservations) ----------

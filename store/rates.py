@@ -8,98 +8,123 @@ dated after the clock (the clock stepped back) is moved to the current second, s
 delays nothing by more than one window.
 """
 
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
 
-_HEAD = struct.Struct("<qq")  # window_s, in_flight
-_BUCKET = struct.Struct("<qqq")  # second, requests, tokens
 MAX_WINDOW_S = 3600
+
+
+@functools.lru_cache(maxsize=4 * MAX_WINDOW_S)
+def _format(count: int) -> struct.Struct:
+    """window_s, in_flight, then (second, requests, tokens) per bucket: all int64."""
+    return struct.Struct(f"<{count}q")
 
 
 @dataclass(slots=True)
 class Window:
-    """One level's rate record: its buckets (second, requests, tokens), oldest first."""
+    """One level's rate record: its buckets, oldest first, flat as second, requests, tokens
+    (a request path read and write: no object per bucket)."""
 
     window_s: int = 60
     in_flight: int = 0
-    buckets: list[list[int]] = field(default_factory=list)
+    data: list[int] = field(default_factory=list)
 
     @classmethod
     def unpack(cls, raw: bytes | None, window_s: int) -> "Window":
         if not raw:
             return cls(window_s)
-        stored_window, in_flight = _HEAD.unpack_from(raw)
-        buckets = [list(b) for b in _BUCKET.iter_unpack(raw[_HEAD.size:])]
-        return cls(stored_window, in_flight, buckets)
+        values = _format(len(raw) // 8).unpack(raw)
+        return cls(values[0], values[1], list(values[2:]))
 
     def pack(self) -> bytes:
-        return _HEAD.pack(self.window_s, self.in_flight) + b"".join(
-            _BUCKET.pack(*b) for b in self.buckets)
+        data = self.data
+        return _format(len(data) + 2).pack(self.window_s, self.in_flight, *data)
+
+    @property
+    def buckets(self) -> list[list[int]]:
+        """The buckets as [second, requests, tokens]."""
+        d = self.data
+        return [d[i:i + 3] for i in range(0, len(d), 3)]
 
     def advance(self, now: float, window_s: int | None = None) -> "Window":
         """Drop the buckets that have left the window at `now` (and clamp future ones)."""
         if window_s is not None:
             self.window_s = window_s
+        d = self.data
+        if not d:
+            return self
         second = math.floor(now)
         oldest = second - self.window_s
-        kept: list[list[int]] = []
-        for b in self.buckets:
-            if b[0] <= oldest:
+        if d[0] > oldest and d[-3] <= second:
+            return self  # the common case: nothing has left, nothing is ahead of the clock
+        kept: list[int] = []
+        for i in range(0, len(d), 3):
+            at = d[i]
+            if at <= oldest:
                 continue
-            if b[0] > second:  # the clock stepped back: count it from now
-                b[0] = second
-            if kept and kept[-1][0] == b[0]:
-                kept[-1][1] += b[1]
-                kept[-1][2] += b[2]
+            if at > second:  # the clock stepped back: count it from now
+                at = second
+            if kept and kept[-3] == at:
+                kept[-2] += d[i + 1]
+                kept[-1] += d[i + 2]
             else:
-                kept.append(b)
-        self.buckets = kept
+                kept += (at, d[i + 1], d[i + 2])
+        self.data = kept
         return self
 
     @property
     def requests(self) -> int:
-        return sum(b[1] for b in self.buckets)
+        return sum(self.data[1::3])
 
     @property
     def tokens(self) -> int:
-        return sum(b[2] for b in self.buckets)
+        return sum(self.data[2::3])
 
     def add(self, second: int, requests: int, tokens: int) -> None:
         """Count an admitted request (or its tokens) in `second` (the current one)."""
-        if self.buckets and self.buckets[-1][0] == second:
-            self.buckets[-1][1] += requests
-            self.buckets[-1][2] += tokens
+        d = self.data
+        if d and d[-3] == second:
+            d[-2] += requests
+            d[-1] += tokens
+        elif not d or d[-3] < second:
+            d += (second, requests, tokens)
         else:
-            self.buckets.append([second, requests, tokens])
-            self.buckets.sort(key=lambda b: b[0])
+            triples = sorted([*self.buckets, [second, requests, tokens]], key=lambda b: b[0])
+            self.data = []
+            for b in triples:
+                self.add(*b)
 
     def adjust(self, second: int, requests: int, tokens: int) -> None:
         """Change a bucket still in the window (a settled or released request); a bucket that
         has left it is left alone (its counts no longer matter)."""
-        for b in self.buckets:
-            if b[0] == second:
-                b[1] = max(0, b[1] + requests)
-                b[2] = max(0, b[2] + tokens)
+        d = self.data
+        for i in range(len(d) - 3, -1, -3):  # newest first: a request settles soon after
+            if d[i] == second:
+                d[i + 1] = max(0, d[i + 1] + requests)
+                d[i + 2] = max(0, d[i + 2] + tokens)
                 return
 
     def wait_for(self, now: float, index: int, limit: int) -> int:
         """Whole seconds from `now` until the window's total of `index` (1: requests, 2:
         tokens) is below `limit`: when enough of the oldest buckets have left it (at least 1)."""
-        total = sum(b[index] for b in self.buckets)
-        for b in self.buckets:
+        d = self.data
+        total = sum(d[index::3])
+        for i in range(0, len(d), 3):
             if total < limit:
                 break
-            total -= b[index]
+            total -= d[i + index]
             if total < limit:
-                return max(1, math.ceil(b[0] + self.window_s - now))
+                return max(1, math.ceil(d[i] + self.window_s - now))
         return 1 if total < limit else self.window_s
 
     def reset_in(self, now: float, index: int) -> int:
         """Whole seconds until every bucket that counts `index` has left the window (0: none)."""
-        for b in reversed(self.buckets):
-            if b[index]:
-                return max(1, math.ceil(b[0] + self.window_s - now))
+        d = self.data
+        for i in range(len(d) - 3, -1, -3):
+            if d[i + index]:
+                return max(1, math.ceil(d[i] + self.window_s - now))
         return 0
 
 

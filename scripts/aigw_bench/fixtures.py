@@ -75,10 +75,16 @@ def raw_key(i: int) -> str:
     return f"gw_live_{i:032x}"
 
 
-def populate(store: Any, s: Any) -> list[str]:
+# Rate limits set on every level of `populate(..., rated=True)`: far above what a run sends,
+# so every request is admitted and the cost is the windows' own work.
+BENCH_RATES = {"rpm_limit": 10**12, "tpm_limit": 10**15, "max_parallel_requests": 10**6}
+
+
+def populate(store: Any, s: Any, rated: bool = False) -> list[str]:
     """`s.orgs` orgs, `s.users` users spread over them and `s.keys` keys spread over the users
-    (`s`: the settings, or any object with those three),
+    (`s`: the settings, or any object with those three), each with `BENCH_RATES` when `rated`,
     written in a few large transactions. Returns the raw keys (index = key number)."""
+    rates = BENCH_RATES if rated else {}
     from store.records import apikey_key, org_config_key, user_config_key
 
     def dump(value: dict) -> bytes:
@@ -86,10 +92,10 @@ def populate(store: Any, s: Any) -> list[str]:
 
     puts: dict[str, bytes] = {}
     for o in range(s.orgs):
-        puts[org_config_key(f"org_{o}")] = dump(org_record(f"org_{o}", 1e9))
+        puts[org_config_key(f"org_{o}")] = dump({**org_record(f"org_{o}", 1e9), **rates})
     for u in range(s.users):
-        puts[user_config_key(f"user_{u}")] = dump(user_record(f"user_{u}", f"org_{u % s.orgs}",
-                                                              1e8))
+        puts[user_config_key(f"user_{u}")] = dump(
+            {**user_record(f"user_{u}", f"org_{u % s.orgs}", 1e8), **rates})
     store.records.write(puts)
     keys = []
     chunk = 25_000
@@ -101,7 +107,7 @@ def populate(store: Any, s: Any) -> list[str]:
             u = i % s.users
             limit = None if i % 2 else 1e6  # half the keys carry a key-level limit
             puts[apikey_key(store.hash(raw))] = dump(
-                key_record(f"key_{i}", f"user_{u}", f"org_{u % s.orgs}", limit))
+                {**key_record(f"key_{i}", f"user_{u}", f"org_{u % s.orgs}", limit), **rates})
         store.records.write(puts)
     return keys
 

@@ -20,8 +20,9 @@ from aigw_bench.runner import Report, Settings, distribution, format_distributio
 HOT_P99_TARGET_US = 50.0
 
 
-async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
-    """The gateway on a populated store in `tmp`, its hooks timed: the samples."""
+async def hot_path_run(s: Settings, tmp: Path, profile: bool, rated: bool = False) -> dict:
+    """The gateway on a populated store in `tmp` (with rate limits on every level when
+    `rated`), its hooks timed: the samples."""
     from mitmproxy.test import taddons
 
     from addon.gateway import Gateway
@@ -39,7 +40,7 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
         raise RuntimeError("the gateway did not open its store")
     try:
         t = time.perf_counter()
-        keys = populate(gw.store, s)
+        keys = populate(gw.store, s, rated)
         counts = gw.store.records.count()
         say(f"store: {counts['orgs']:,} orgs, {counts['users']:,} users, "
             f"{counts['apikeys']:,} keys, written in {time.perf_counter() - t:.1f} s")
@@ -50,7 +51,7 @@ async def hot_path_run(s: Settings, tmp: Path, profile: bool) -> dict:
         active = keys[:1_000]
         warm_flows, warm_responses = build_flows(active, len(active) + s.requests, seed=11,
                                                  cover=True)
-        floor_flows = build_flows(active, s.requests, seed=17) if s.floor else None
+        floor_flows = build_flows(active, s.requests, seed=17) if s.floor and not rated else None
         # The prebuilt flows are the harness's, not the gateway's: keep them out of the
         # collector's full passes (the hooks' own garbage is still collected as usual).
         gc.collect()
@@ -134,8 +135,7 @@ def run(s: Settings, report: Report, profile: bool = False) -> None:
     """The section: both hooks timed, the figures and the summary rows."""
     say(f"== hot path: the request hook (auth + budget decision + reservation: one ledger "
         f"write transaction), {s.keys:,} keys ==")
-    with tempfile.TemporaryDirectory(prefix="aigw-bench-hot-") as tmp:
-        result = asyncio.run(hot_path_run(s, Path(tmp), profile))
+    result, rated = asyncio.run(both_runs(s, profile))
     if result["not_allowed"]:
         report.invalid = True
         say(f"!! {sum(result['not_allowed'].values())} requests were not allowed: "
@@ -185,6 +185,38 @@ def run(s: Settings, report: Report, profile: bool = False) -> None:
     if result["profilers"]:
         for hook, profiler in zip(("request", "response"), result["profilers"], strict=True):
             print_profile(profiler, hook, result["profiled"])
+    rated_report(rated, report, warm, settle)
+
+
+async def both_runs(s: Settings, profile: bool) -> tuple[dict, dict]:
+    """The hooks without rate limits, then with them on every level, on one event loop
+    (mitmproxy's log handler keeps the loop it was made on)."""
+    with tempfile.TemporaryDirectory(prefix="aigw-bench-hot-") as tmp:
+        plain = await hot_path_run(s, Path(tmp), profile)
+    with tempfile.TemporaryDirectory(prefix="aigw-bench-hot-rated-") as tmp:
+        rated = await hot_path_run(s, Path(tmp), False, rated=True)
+    return plain, rated
+
+
+def rated_report(result: dict, report: Report, warm: dict, settle: dict) -> None:
+    """The same hooks with rpm_limit, tpm_limit and max_parallel_requests on every level (key,
+    user, org): the rate windows read, decided and written in the same transaction."""
+    say("== hot path with rate limits on every level (rpm, tpm, max_parallel) ==")
+    if result["not_allowed"] or result["in_flight"] or not result["request"]:
+        report.invalid = True
+        say(f"!! rated run: not allowed {dict(result['not_allowed'])}, "
+            f"in flight {result['in_flight']}")
+        return
+    rreq, rwarm, rsettle = (distribution(result[name]) for name in ("request", "warm",
+                                                                     "settle"))
+    say(format_distribution("request hook, rate limits", rreq, len(result["request"])))
+    say(format_distribution("request hook, warm, rate limits", rwarm, len(result["warm"])))
+    say(format_distribution("settle, rate limits", rsettle, len(result["settle"])))
+    report.lines.append(
+        f"| hot path with rate limits on every level: request hook p50 / p99, warm p50 / p99, "
+        f"settle p50 / p99 | {rreq['p50']:.1f} / {rreq['p99']:.1f}, {rwarm['p50']:.1f} / "
+        f"{rwarm['p99']:.1f}, {rsettle['p50']:.1f} / {rsettle['p99']:.1f} us "
+        f"(without: warm p50 {warm['p50']:.1f}, settle p50 {settle['p50']:.1f}) | - | |")
 
 
 
