@@ -427,3 +427,54 @@ def test_usage_of_a_level_without_rate_limits_has_no_rate_fields(tmp_path):
     where = tmp_path / "store"
     org = _ok(_cli(where, "org", "create", "--name", "A", "--budget", "1"))
     assert "rpm_used" not in _ok(_cli(where, "usage", "org", org["org_id"]))
+
+
+def test_a_stream_is_in_flight_until_it_ends_and_settles_its_metered_tokens(rated, monkeypatch):
+    from mitmproxy import http
+    from mitmproxy.test import tutils
+
+    from tests.test_gateway import run
+
+    Clock(monkeypatch, T0)
+    monkeypatch.setenv("AIGW_TEST_ANTHROPIC_KEY", "sk-ant-provider-fake")
+    gw = rated()
+    s = seed(gw.store, rates={"user": {"max_parallel_requests": 1, "tpm_limit": 10_000}})
+
+    def stream_flow():
+        return chat_flow(None, {"model": "claude-sonnet-4-5", "max_tokens": 50, "stream": True},
+                         host="api.anthropic.com", path="/v1/messages",
+                         headers={"x-api-key": s.api_key})
+
+    flow = stream_flow()
+    decide(gw, flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"),
+                                 content=None)
+    gw.responseheaders(flow)
+    assert flow.response.headers["x-ratelimit-limit-tokens"] == "10000"
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":'
+        b'"claude-sonnet-4-5","usage":{"input_tokens":100,"output_tokens":1}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":20}}\n\n'
+    )
+    flow.response.stream(events)
+    other = stream_flow()
+    decide(gw, other)
+    assert other.response.status_code == 429  # the stream is still in flight
+    flow.response.stream(b"")
+    run(gw.response(flow))
+    (w,) = gw.store.ledger.rate_windows([("user", s.user_id)])
+    assert (w.requests, w.tokens, w.in_flight) == (1, 120, 0)
+    again = stream_flow()
+    decide(gw, again)
+    assert again.response is None
+
+
+@pytest.mark.parametrize("value", [0, 3601, 1.5, "60"])
+def test_rate_window_s_is_checked(tmp_path, value):
+    from addon.config import load_config
+    from store.settings import ConfigError
+
+    config = tmp_path / "mitm.yaml"
+    config.write_text(f"policy: {{rate_window_s: {value!r}}}\n")
+    with pytest.raises(ConfigError, match="rate_window_s"):
+        load_config(config)
