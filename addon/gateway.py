@@ -33,40 +33,15 @@ from addon.admission import (
     read_body,
 )
 from addon.failure import FailureMode
+from addon.injector import CredentialInjector
 from addon.maintenance import Maintenance
-from addon.providers.base import Adapter, redact_credentials, remove_credentials
+from addon.providers.base import redact_credentials, remove_credentials
 from addon.runtime import STREAMING_REFUSED, Runtime, log_fault, shape_provider
 from addon.settlement import Settler, usage_headers
 from addon.telemetry import TELEMETRY_OPTIONS, Telemetry
 from store.money import month_of, utc_now
 
 log = logging.getLogger("aigw")
-
-
-class CredentialInjector:
-    """The last addon of the chain: puts the provider credential into an admitted request just
-    before mitmproxy sends it, so no addon before it (mitmweb's view, a saved stream, a dump)
-    ever sees the credential. The gateway redacts it again once the request has left."""
-
-    def __init__(self) -> None:
-        self.pending: dict[str, tuple[Adapter, str]] = {}
-        self.sent: dict[str, http.HTTPFlow] = {}  # holding a credential until redacted
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        entry = self.pending.pop(flow.id, None)
-        if entry is not None and flow.response is None and flow.live:
-            entry[0].set_credential(flow.request, entry[1])
-            self.sent[flow.id] = flow
-
-    def redact(self, flow: http.HTTPFlow) -> None:
-        self.pending.pop(flow.id, None)
-        self.sent.pop(flow.id, None)
-        redact_credentials(flow.request)
-
-    def redact_all(self) -> None:
-        """Flows still in flight (at shutdown, a saved-flows file gets them next)."""
-        for flow in list(self.sent.values()):
-            self.redact(flow)
 
 
 class Gateway:
