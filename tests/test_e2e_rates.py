@@ -2,6 +2,7 @@
 short window (policy.rate_window_s), a TPM limit exact to the token, and two gateway
 processes on one store holding the limits together."""
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ TOKENS = 110  # what each request meters
 
 
 def config_with_window(window_s: int) -> str:
-    text = (REPO_ROOT / "mitm.yaml").read_text()
+    text = re.sub(r"(?m)^  rate_window_s: .*\n", "", (REPO_ROOT / "mitm.yaml").read_text())
     return text.replace("policy:\n", f"policy:\n  rate_window_s: {window_s}\n", 1)
 
 
