@@ -173,7 +173,7 @@ class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: Policy = Policy()
     providers: dict[str, ProviderSection] = {}
     pricing: PricingSection = PricingSection()
-    sync: Any = None  # store/replication.py reads it, from the same file
+    sync: Any = None  # store/cloudflare reads it, from the same file
     alerts: AlertsSection = AlertsSection()  # store/alerts.py reads it, from the same file
 
 

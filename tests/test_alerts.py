@@ -373,7 +373,7 @@ def test_the_gateway_maintenance_sends_from_a_thread(tmp_path, webhook):
 
 
 def test_a_sync_pass_sends_alerts_after_it_applies(tmp_path, webhook):
-    from store.replication import CloudflareSettings, KVClient, Replicator, SyncSettings
+    from store.cloudflare import CloudflareSettings, KVClient, Replicator, SyncSettings
     from tests.support.fake_kv import FakeKV
 
     with FakeKV() as kv, Store(tmp_path / "store") as store:

@@ -457,7 +457,7 @@ def test_store_settings_give_settings_or_a_store_error(value):
         assert isinstance(got, StoreSettings) and got.hash_algorithm in ("blake3", "sha256")
 
 
-# --- decode_section for any other section (store/replication.py's `sync:` can use it) -------
+# --- decode_section for any other section (as store/cloudflare's `sync:` does) -------
 
 
 class _Node(ConfigText):

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from store import USD, Store
-from store.money import month_of, utc_now
-from store.replication import (
+from store.cloudflare import (
     STAMP,
     USAGE_PREFIX,
     KVClient,
@@ -28,6 +27,7 @@ from store.replication import (
     previous_month,
     stamp_of,
 )
+from store.money import month_of, utc_now
 from tests.support.fake_kv import FakeKV
 from tests.support.gateway import AIGW, OPENAI_KEY, aigw, chat, settled, start_gateway
 from tests.support.proxy import REPO_ROOT, Proxy

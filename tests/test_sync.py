@@ -23,9 +23,7 @@ import pytest
 
 from addon.policy import budgets_of, check_identity, decide_budgets
 from store import USD, Store
-from store.money import month_of, utc_now
-from store.records import apikey_key
-from store.replication import (
+from store.cloudflare import (
     STAMP,
     USAGE_PREFIX,
     CloudflareSettings,
@@ -39,6 +37,8 @@ from store.replication import (
     run_loop,
     stamp_of,
 )
+from store.money import month_of, utc_now
+from store.records import apikey_key
 from store.settings import ConfigError
 from tests.support.fake_kv import FakeKV
 

@@ -27,9 +27,9 @@ def sync_namespace(keys: int, orgs: int, users: int) -> tuple[list[dict], dict[s
     the rest `apikey:{hash}` records. Nine records in ten as aigw writes them (its version stamp
     in the KV metadata), one in ten as the Workers gateway does (no metadata; keys of its
     three-level version)."""
+    from store.cloudflare import STAMP, stamp_of
     from store.hashing import hash_key
     from store.records import apikey_key, org_config_key, user_config_key
-    from store.replication import STAMP, stamp_of
 
     created = "2025-01-02T00:00:00Z"
     items: list[dict] = []
@@ -115,7 +115,7 @@ def run(s: Settings, report: Report) -> None:
 
 def _sync(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
     from store import Store
-    from store.replication import (
+    from store.cloudflare import (
         CloudflareSettings,
         KVClient,
         Replicator,
@@ -237,7 +237,7 @@ def fakekv_main(argv: list[str]) -> None:
     parser.add_argument("--users", type=int, default=SYNC_USERS)
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
-    from store.replication import STAMP, stamp_of
+    from store.cloudflare import STAMP, stamp_of
     from tests.support.fake_kv import FakeKV
 
     started = time.perf_counter()

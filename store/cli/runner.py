@@ -109,7 +109,7 @@ def on_target(ctx: click.Context, operation: Operation, *, creates_store: bool =
     options = globals_of(ctx)
     if options.target != "cloudflare":
         return on_store(ctx, operation, creates_store=creates_store)
-    from store import replication  # httpx and the sync machinery, for this target only
+    from store import cloudflare as replication  # httpx and sync, for this target only
 
     try:
         settings = settings_from(options)

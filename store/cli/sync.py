@@ -35,7 +35,7 @@ def sync(ctx: click.Context, once: bool, interval: float | None, full: bool) -> 
     non-zero (--once) or is retried with backoff (loop)."""
     if once and interval is not None:
         raise click.UsageError("--interval: not allowed with --once", ctx)
-    from store import replication  # httpx and the sync machinery, for this command only
+    from store import cloudflare as replication  # httpx and sync, for this command only
 
     options = globals_of(ctx)
     try:
