@@ -716,3 +716,15 @@ def test_jobs_billed_after_the_request_are_refused(gateway, host, path):
     files.request.method = "GET"
     decide(gw, files)
     assert files.response is None
+
+
+def test_an_absurd_max_tokens_is_decided_on_the_budget_not_the_failure_mode(gateway):
+    """max_tokens 2**63-1 priced as is overflows the ledger's 64-bit counters: the reservation is
+    capped, so the request is decided like any other (here no level has a limit: allowed)."""
+    gw = gateway()
+    s = seed(gw.store, org_budget=None, user_limit=None)
+    flow = chat_flow(s.api_key, {"model": "gpt-4o", "max_tokens": 2**63 - 1, "messages": []})
+    decide(gw, flow)
+    assert flow.response is None and flow.metadata["aigw"]["decision"] == "allowed"
+    forward(gw, flow, openai_response(prompt=10, completion=5))
+    assert usage(gw, "key", s.key_id).reserved_nusd == 0
