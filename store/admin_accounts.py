@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from store.admin_base import (
     DEFAULT_KEY_NAME,
     AdminError,
+    Conflict,
+    NotFound,
     _check_text,
     _dump,
     _json_or_none,
@@ -238,7 +240,7 @@ def _new_key(
     name = _check_text(name, "name")
     key_hash = store.hash(raw_key)
     if store.records.get(apikey_key(key_hash)) is not None:
-        raise AdminError("this key is already registered")
+        raise Conflict("this key is already registered")
     key_id = new_id("key")
     created_at = now_iso()
     record = {
@@ -368,7 +370,7 @@ def find_key(store: AdminTarget, key_id: str) -> KeyRef:
             if found is not None:
                 listing_key, listing = candidate_key, _json_or_none(found) or {}
     if record is None and listing_key is None:
-        raise AdminError(f"unknown key {key_id}")
+        raise NotFound(f"unknown key {key_id}")
     return KeyRef(key_id, key_hash, record, listing_key, listing)
 
 

@@ -22,7 +22,16 @@ QUOTA_RESETS_META = "quota_resets"
 
 
 class AdminError(StoreError):
-    """An admin operation cannot be carried out (unknown id, invalid value)."""
+    """An admin operation cannot be carried out: an invalid value (the admin API answers 400),
+    or one of the kinds below."""
+
+
+class NotFound(AdminError):
+    """The org, user or key named does not exist (404)."""
+
+
+class Conflict(AdminError):
+    """The write would duplicate what exists: an email in the org, a registered key (409)."""
 
 
 def now_iso() -> str:
@@ -62,7 +71,7 @@ def _load(store: AdminTarget, key: str, what: str) -> dict:
     except ValueError as exc:
         raise AdminError(f"{what}: stored record is not valid JSON: {exc}") from exc
     if value is None:
-        raise AdminError(f"unknown {what}")
+        raise NotFound(f"unknown {what}")
     if not isinstance(value, dict):
         raise AdminError(f"{what}: stored record is not a JSON object")
     return value
