@@ -431,3 +431,17 @@ def list_keys(store: AdminTarget, user_id: str) -> dict:
             listing["last_used_at"] = datetime.fromtimestamp(
                 metered[i] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"user_id": user_id, "keys": keys}
+
+
+def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd: float,
+                         *, rates: RateLimits | None = None) -> dict:
+    """A user and a first gateway key (named `default`, no limit of its own) in one write, as
+    the Workers gateway's `POST /admin/users` makes them; the raw key is returned this once."""
+    _load(store, org_config_key(org_id), f"org {org_id}")
+    user = _new_user(org_id, email, limit_usd)
+    _set_rates(user, rates)
+    raw = new_gateway_key()
+    puts, key = _new_key(store, user["user_id"], org_id, raw, DEFAULT_KEY_NAME, None, False)
+    puts[user_config_key(user["user_id"])] = _dump(user)
+    _write(store, puts)
+    return {"user": user, "api_key": raw, "key_id": key["key_id"]}

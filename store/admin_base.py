@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from store import audit
 from store.db import StoreError
 from store.money import month_of, utc_now
 from store.records import (
@@ -91,7 +92,7 @@ def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = 
             validate_record(key, raw)
         except RecordError as exc:
             raise AdminError(str(exc)) from None
-    store.records.write(puts, deletes)
+    store.records.write({**puts, **audit.entry_for(store, puts, deletes)}, deletes)
 
 
 def _redacted(record: dict) -> dict:

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+from store import audit
 from store.admin_accounts import _new_key, _new_org, _new_user, find_key
 from store.admin_base import DEMO_META, AdminError, _dump, _load, _write
 from store.db import LMDB_MAX_KEY, Store
@@ -89,7 +90,7 @@ def import_bulk(store: Store, items: Any) -> dict:
     """Validate every item, then write them all in one transaction."""
     puts = parse_bulk(items)
     if puts:
-        store.records.write(puts)
+        store.records.write({**puts, **audit.entry_for(store, puts)})
     return {"imported": len(puts)}
 
 

@@ -30,6 +30,7 @@ MAX_USD = 9e9
 MAX_COUNT = 2**63 - 1
 LEVELS = ("key", "user", "org")
 RATE_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
+ADMIN_KEY_PREFIX = "aigw:admin_key:"
 
 Amount = Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
@@ -236,6 +237,25 @@ class KeyListing(msgspec.Struct, kw_only=True):
         return listing
 
 
+class AdminKeyRecord(msgspec.Struct, kw_only=True):
+    """`aigw:admin_key:{hash}`: a key of the admin API (`aigw admin-key create`)."""
+
+    admin_key_id: Id
+    name: Id
+    role: Literal["admin", "viewer"]
+    status: Literal["active", "revoked"] = "active"
+    created_at: Timestamp = None
+    revoked_at: Timestamp = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    @classmethod
+    def parse(cls, key_hash: str, raw: bytes | str | dict) -> "AdminKeyRecord":
+        return _decode(cls, raw, f"{ADMIN_KEY_PREFIX}{key_hash[:12]}...")
+
+
 class UsageFigures(msgspec.Struct):
     """The KV metadata of another node's `aigw:usage:{node}:{month}:{level}:{id}` key."""
 
@@ -274,6 +294,8 @@ def validate_record(key: str, raw: bytes | str | dict) -> None:
         QuotaRecord.parse(raw, key)
     elif parts[0] == "user" and len(parts) == 4 and parts[2] == "keys":
         KeyListing.parse(parts[1], parts[3], raw)
+    elif key.startswith(ADMIN_KEY_PREFIX):
+        AdminKeyRecord.parse(key.removeprefix(ADMIN_KEY_PREFIX), raw)
 
 
 # --- decoding and its messages ------------------------------------------------------------

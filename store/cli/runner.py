@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from store.audit import audited, cli_actor
 from store.cli.output import EXIT_ERROR, PROG, emit, fail, one_line, redact, say_created
 from store.db import Store, StoreError
 from store.records import RecordError
@@ -83,6 +84,11 @@ def nothing_to_change(ctx: click.Context, values: dict[str, Any]) -> None:
                                f"(give one of {flags})", ctx)
 
 
+def action_of(ctx: click.Context) -> str:
+    """What a command does, as the audit log names it: `org create`, `key revoke`."""
+    return ctx.command_path.removeprefix(PROG).strip()
+
+
 def config_from(options: Globals) -> tuple[dict, str]:
     """mitm.yaml as a mapping, and its name (ConfigError if invalid)."""
     if options.config is None:
@@ -115,7 +121,7 @@ def on_target(ctx: click.Context, operation: Operation, *, creates_store: bool =
         settings = settings_from(options)
         config, source = config_from(options)
         cf, sync = replication.load_sync_settings(config, source, options.api_base)
-        with replication.KVClient(cf, sync) as client:
+        with replication.KVClient(cf, sync) as client, audited(cli_actor(), action_of(ctx)):
             result = operation(replication.CloudflareTarget(client, settings.hash_algorithm))
     except (ConfigError, replication.SyncError, StoreError, RecordError) as exc:
         return fail(exc)
@@ -159,7 +165,7 @@ def on_store(ctx: click.Context, operation: Operation, *, creates_store: bool = 
             reason = f"cannot open store at {settings.path}: {exc.strerror or exc}"
         return failed(reason)
     try:
-        with store:
+        with store, audited(cli_actor(), action_of(ctx)):
             result = operation(store)
     except (StoreError, RecordError, OSError) as exc:
         _remove(created)

@@ -59,9 +59,13 @@ class KVRecords:
                                  else orjson.dumps(value))
         return out
 
+    def names(self, prefix: str = "") -> list[str]:
+        """The keys that start with `prefix` (a listing only: no value is fetched)."""
+        return [item["name"] for item in self._client.list_all(prefix=prefix)
+                if isinstance(item.get("name"), str)]
+
     def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
-        names = [item["name"] for item in self._client.list_all(prefix=prefix)
-                 if isinstance(item.get("name"), str)]
+        names = self.names(prefix)
         values = self.get_many(names)
         return [(name, values[name]) for name in names if name in values]
 
