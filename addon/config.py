@@ -17,6 +17,7 @@ from store.alert_settings import AlertsSection
 from store.rates import MAX_WINDOW_S
 from store.records import FAIL_CLOSED, MAX_USD, RecordError, normalize_failure_mode
 from store.settings import (
+    SHIPPED_CONFIG,
     ConfigText,
     NonEmptyText,
     StoreSection,
@@ -34,8 +35,6 @@ MAX_SECONDS = 366 * 24 * 3600
 MAX_TOKENS = 10**9
 MAX_BODY_BYTES = 2**40
 MAX_PRICE_USD_PER_1M = 1_000_000.0
-
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "mitm.yaml"
 
 # A host entry: a DNS name, or `*.` and a name (the wildcard stands for exactly one label).
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")

@@ -2,12 +2,13 @@
 Cloudflare KV namespace alike."""
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from store.admin_base import (
     DEFAULT_KEY_NAME,
+    REDACTED,
     AdminError,
     Conflict,
     NotFound,
@@ -29,6 +30,7 @@ from store.records import (
     MAX_COUNT,
     RATE_FIELDS,
     USER_STATUSES,
+    ApiKey,
     RecordError,
     User,
     apikey_key,
@@ -36,6 +38,7 @@ from store.records import (
     org_config_key,
     user_config_key,
     user_key_listing_key,
+    validate_record,
 )
 from store.target import AdminTarget
 
@@ -93,21 +96,25 @@ def create_org(
     allowed_models: Sequence[str] | None = None,
     provider_keys: Mapping[str, str | None] | None = None,
     rates: RateLimits | None = None,
+    known_providers: Collection[str] | None = None,
 ) -> dict:
     """Create `org:{id}:config`; returns the record (provider keys redacted). See
-    `update_org` for `allowed_models`, `provider_keys` and `rates`."""
+    `update_org` for `allowed_models`, `provider_keys`, `rates` and `known_providers`."""
     record = _new_org(name, budget_usd, failure_mode, fallback_daily_limit_usd)
-    _set_access(record, allowed_models, provider_keys)
+    _set_access(record, allowed_models, provider_keys, known_providers)
     _set_rates(record, rates)
     _write(store, {org_config_key(record["org_id"]): _dump(record)})
     return _redacted(record)
 
 
 def _set_access(record: dict, allowed_models: Sequence[str] | None,
-                provider_keys: Mapping[str, str | None] | None) -> None:
+                provider_keys: Mapping[str, str | None] | None,
+                known_providers: Collection[str] | None = None) -> None:
     """`allowed_models`: the models the org may use (empty: any). `provider_keys`: provider
     name (or kind) -> the org's credential, or `env:VAR` for a variable on the gateway hosts;
-    None removes one."""
+    None removes one (whatever its name: a typo can be cleaned up). `known_providers`: the names
+    and kinds of the configured providers, the only names a credential may be set under (None:
+    not checked)."""
     if allowed_models is not None:
         models = [_check_text(model, "allowed_models entry") for model in allowed_models]
         if models:
@@ -120,8 +127,16 @@ def _set_access(record: dict, allowed_models: Sequence[str] | None,
             name = _check_text(name, "provider_keys name")
             if ref is None:
                 keys.pop(name, None)
-            else:
-                keys[name] = _check_text(ref, f"provider_keys.{name}")
+                continue
+            if known_providers is not None and name not in known_providers:
+                known = ", ".join(sorted(known_providers)) or "none"
+                raise AdminError(f"provider_keys: unknown provider {name!r} (the configured "
+                                 f"providers and kinds: {known})")
+            ref = _check_text(ref, f"provider_keys.{name}")
+            if ref == REDACTED:
+                raise AdminError(f"provider_keys.{name}: {REDACTED} is what aigw shows in place "
+                                 "of a key, not a key (give the key, or env:VAR)")
+            keys[name] = ref
         if keys:
             record["provider_keys"] = keys
         else:
@@ -139,11 +154,14 @@ def update_org(
     allowed_models: Sequence[str] | None = None,
     provider_keys: Mapping[str, str | None] | None = None,
     rates: RateLimits | None = None,
+    known_providers: Collection[str] | None = None,
 ) -> dict:
     """Change the given fields of an org; returns the record (provider keys redacted).
     `allowed_models`: replaces the list (empty: any model); `provider_keys`: sets or (None)
     removes the named providers' credentials, keeping the others; `rates`: sets or (None)
-    removes the named rate limits."""
+    removes the named rate limits; `known_providers`: the provider names and kinds of the
+    gateway's configuration, the only names a credential may be set under (None: not checked,
+    for a caller without a configuration)."""
     key = org_config_key(org_id)
     record = _load(store, key, f"org {org_id}")
     if name is not None:
@@ -159,7 +177,7 @@ def update_org(
         record["fallback_daily_limit"] = check_usd(
             fallback_daily_limit_usd, "fallback_daily_limit"
         )
-    _set_access(record, allowed_models, provider_keys)
+    _set_access(record, allowed_models, provider_keys, known_providers)
     _set_rates(record, rates)
     record["updated_at"] = now_iso()
     _write(store, {key: _dump(record)})
@@ -169,6 +187,36 @@ def update_org(
 def show_org(store: AdminTarget, org_id: str) -> dict:
     """The org's config record (provider keys redacted)."""
     return _redacted(_load(store, org_config_key(org_id), f"org {org_id}"))
+
+
+def list_orgs(store: AdminTarget) -> dict:
+    """Every org's config record (provider keys redacted), sorted by name then id; a record
+    the gateway would refuse is listed with the reason (`invalid`)."""
+    orgs = [_listed(key, raw, "org_id", record_id)
+            for key, raw, record_id in _configs(store.records.scan("org:"), "org")]
+    orgs.sort(key=lambda org: (str(org.get("name") or "").casefold(), org["org_id"]))
+    return {"organizations": [_redacted(org) for org in orgs]}
+
+
+def _configs(items: Iterable[tuple[str, bytes]], kind: str
+             ) -> Iterable[tuple[str, bytes, str]]:
+    """(key, value, id) of the `{kind}:{id}:config` records among `items`."""
+    for key, raw in items:
+        parts = key.split(":")
+        if len(parts) == 3 and parts[0] == kind and parts[2] == "config" and parts[1]:
+            yield key, raw, parts[1]
+
+
+def _listed(key: str, raw: bytes, id_field: str, record_id: str) -> dict:
+    """A stored record as a listing shows it: its id first (the key's), and `invalid` with
+    the reason when the request path would refuse it."""
+    record = _json_or_none(raw) or {}
+    entry = {id_field: record_id, **{k: v for k, v in record.items() if k != id_field}}
+    try:
+        validate_record(key, raw)
+    except RecordError as exc:
+        entry["invalid"] = str(exc).removeprefix(f"{key}: ")
+    return entry
 
 
 # Users
@@ -189,14 +237,50 @@ def _new_user(org_id: str, email: str, limit_usd: float) -> dict:
     }
 
 
+def _email_key(email: object) -> str | None:
+    """An email as emails are compared everywhere: stripped, case-insensitively."""
+    return email.strip().casefold() if isinstance(email, str) else None
+
+
+def _users(store: AdminTarget) -> list[tuple[str, bytes, str]]:
+    """(key, value, id) of every user config record."""
+    return list(_configs(store.records.scan("user:"), "user"))
+
+
 def create_user(store: AdminTarget, org_id: str, email: str, limit_usd: float,
                 *, rates: RateLimits | None = None) -> dict:
-    """Create `user:{id}:config` in an existing org; returns the record."""
-    _load(store, org_config_key(org_id), f"org {org_id}")
-    record = _new_user(org_id, email, limit_usd)
-    _set_rates(record, rates)
+    """Create `user:{id}:config` in an existing org; returns the record. An email is unique
+    within an org (compared case-insensitively): Conflict if a user of the org has it."""
+    record = _checked_new_user(store, org_id, email, limit_usd, rates)
     _write(store, {user_config_key(record["user_id"]): _dump(record)})
     return record
+
+
+def _checked_new_user(store: AdminTarget, org_id: str, email: str, limit_usd: float,
+                      rates: RateLimits | None) -> dict:
+    """A new user record for an existing org, its email not yet used in the org."""
+    _load(store, org_config_key(org_id), f"org {org_id}")
+    record = _new_user(org_id, email, limit_usd)
+    wanted = _email_key(record["email"])
+    for _key, raw, user_id in _users(store):
+        other = _json_or_none(raw) or {}
+        if other.get("org_id") == org_id and _email_key(other.get("email")) == wanted:
+            raise Conflict(f"email {record['email']!r} is already used by user {user_id} of "
+                           f"org {org_id}")
+    _set_rates(record, rates)
+    return record
+
+
+def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd: float,
+                         *, rates: RateLimits | None = None) -> dict:
+    """A user and a first gateway key (named `default`, no limit of its own) in one write, as
+    the Workers gateway's `POST /admin/users` makes them; the raw key is returned this once."""
+    user = _checked_new_user(store, org_id, email, limit_usd, rates)
+    raw = new_gateway_key()
+    puts, key = _new_key(store, user["user_id"], org_id, raw, DEFAULT_KEY_NAME, None, False)
+    puts[user_config_key(user["user_id"])] = _dump(user)
+    _write(store, puts)
+    return {"user": user, "api_key": raw, "key_id": key["key_id"]}
 
 
 def update_user(
@@ -221,6 +305,27 @@ def update_user(
 def show_user(store: AdminTarget, user_id: str) -> dict:
     """The user's config record."""
     return _load(store, user_config_key(user_id), f"user {user_id}")
+
+
+def list_users(store: AdminTarget, org_id: str | None = None, email: str | None = None
+               ) -> dict:
+    """The users' config records, sorted by email then id: those of org `org_id` (NotFound if
+    there is no such org) and/or with the email `email` (compared case-insensitively), or all.
+    A record the gateway would refuse is listed with the reason (`invalid`)."""
+    if org_id is not None:
+        org_id = _check_text(org_id, "org_id")
+        _load(store, org_config_key(org_id), f"org {org_id}")
+    wanted = None if email is None else _email_key(_check_text(email, "email"))
+    users = []
+    for key, raw, user_id in _users(store):
+        entry = _listed(key, raw, "user_id", user_id)
+        if org_id is not None and entry.get("org_id") != org_id:
+            continue
+        if wanted is not None and _email_key(entry.get("email")) != wanted:
+            continue
+        users.append(entry)
+    users.sort(key=lambda user: (_email_key(user.get("email")) or "", user["user_id"]))
+    return {"users": users}
 
 
 # Keys
@@ -410,38 +515,82 @@ def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = Non
     return {"key_id": key_id, **{k: record[k] for k in shown if k in record}}
 
 
-def list_keys(store: AdminTarget, user_id: str) -> dict:
-    """A user's key listings (never raw keys), each with its own monthly limit and, from this
-    node's ledger, when it was last metered this month (`last_used_at`)."""
-    _load(store, user_config_key(user_id), f"user {user_id}")
-    prefix = f"user:{user_id}:keys:"
-    month = month_of(utc_now())
-    keys = [{"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
-            for k, v in store.records.scan(prefix)]
-    names = [apikey_key(h) if isinstance(h := k.get("key_hash"), str) and h else None
-             for k in keys]
-    records = store.records.get_many(name for name in names if name)
-    metered = store.last_metered([k["key_id"] for k in keys], month)
-    for i, listing in enumerate(keys):
-        record = _json_or_none(records.get(names[i])) if names[i] else None
+def list_keys(store: AdminTarget, user_id: str | None = None, org_id: str | None = None
+              ) -> dict:
+    """The keys (never raw keys) of a user, or of an org: the keys of every user of the org, and
+    those whose apikey record names the org (`org_id`, else its user's org, as the request path
+    charges them). Exactly one of `user_id`, `org_id`. Each key with its own monthly limit and,
+    from this node's ledger, when it was last metered this month (`last_used_at`); an org's
+    keys also name their user (`user_id`)."""
+    if (user_id is None) == (org_id is None):
+        raise AdminError("give exactly one of user_id or org_id")
+    if user_id is not None:
+        _load(store, user_config_key(user_id), f"user {user_id}")
+        prefix = f"user:{user_id}:keys:"
+        keys = [{"key_id": k.removeprefix(prefix), **(_json_or_none(v) or {})}
+                for k, v in store.records.scan(prefix)]
+        names = [_apikey_of(k) for k in keys]
+        found = store.records.get_many(name for name in names if name)
+        return {"user_id": user_id,
+                "keys": _with_limits(store, keys, [found.get(n) if n else None for n in names])}
+    return {"org_id": org_id, "keys": _org_keys(store, _check_text(org_id, "org_id"))}
+
+
+def _apikey_of(listing: dict) -> str | None:
+    """The apikey record a key listing names by its key_hash, if it does."""
+    key_hash = listing.get("key_hash")
+    return apikey_key(key_hash) if isinstance(key_hash, str) and key_hash else None
+
+
+def _org_keys(store: AdminTarget, org_id: str) -> list[dict]:
+    """The keys of an org (see `list_keys`), sorted by user then key id, each with its user."""
+    _load(store, org_config_key(org_id), f"org {org_id}")
+    users: dict[str, dict] = {}
+    listings: list[tuple[str, str, dict]] = []
+    for key, raw in store.records.scan("user:"):
+        parts = key.split(":")
+        if len(parts) == 3 and parts[2] == "config":
+            users[parts[1]] = _json_or_none(raw) or {}
+        elif len(parts) == 4 and parts[2] == "keys":
+            listings.append((parts[1], parts[3], _json_or_none(raw) or {}))
+    apikeys = dict(store.records.scan("apikey:"))
+    by_id: dict[str, bytes] = {}
+    charged: list[tuple[str, ApiKey]] = []  # (hash, record) of the keys charged to the org
+    for key, raw in apikeys.items():
+        key_hash = key.removeprefix("apikey:")
+        try:
+            record = ApiKey.parse(key_hash, raw)
+        except RecordError:
+            continue  # the request path refuses it, and charges no org (`aigw health` names it)
+        by_id.setdefault(record.key_id, raw)
+        owner_org = record.org_id or users.get(record.user_id, {}).get("org_id")
+        if owner_org == org_id:
+            charged.append((key_hash, record))
+    members = {uid for uid, user in users.items() if user.get("org_id") == org_id}
+    keys = {key_id: {"key_id": key_id, **listing, "user_id": uid}
+            for uid, key_id, listing in listings if uid in members}
+    for key_hash, record in charged:
+        keys.setdefault(record.key_id, {
+            "key_id": record.key_id, "key_hash": key_hash, "name": record.name,
+            "created_at": record.created_at, "status": record.status,
+            "revoked_at": record.revoked_at, "last_used_at": None, "user_id": record.user_id})
+    ordered = sorted(keys.values(), key=lambda k: (k["user_id"], k["key_id"]))
+    raws = [apikeys.get(name) if (name := _apikey_of(k)) else by_id.get(k["key_id"])
+            for k in ordered]
+    return _with_limits(store, ordered, raws)
+
+
+def _with_limits(store: AdminTarget, keys: list[dict], records: list[bytes | None]
+                 ) -> list[dict]:
+    """Key listings with their apikey records' limits (`records`, in the same order) and this
+    node's `last_used_at`."""
+    metered = store.last_metered([k["key_id"] for k in keys], month_of(utc_now()))
+    for listing, raw, last in zip(keys, records, metered, strict=True):
+        record = _json_or_none(raw)
         if record is not None:
             listing["monthly_limit_usd"] = record.get("monthly_limit_usd")
             listing.update({k: record[k] for k in RATE_FIELDS if k in record})
-        if metered[i] is not None:
+        if last is not None:
             listing["last_used_at"] = datetime.fromtimestamp(
-                metered[i] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"user_id": user_id, "keys": keys}
-
-
-def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd: float,
-                         *, rates: RateLimits | None = None) -> dict:
-    """A user and a first gateway key (named `default`, no limit of its own) in one write, as
-    the Workers gateway's `POST /admin/users` makes them; the raw key is returned this once."""
-    _load(store, org_config_key(org_id), f"org {org_id}")
-    user = _new_user(org_id, email, limit_usd)
-    _set_rates(user, rates)
-    raw = new_gateway_key()
-    puts, key = _new_key(store, user["user_id"], org_id, raw, DEFAULT_KEY_NAME, None, False)
-    puts[user_config_key(user["user_id"])] = _dump(user)
-    _write(store, puts)
-    return {"user": user, "api_key": raw, "key_id": key["key_id"]}
+                last / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return keys

@@ -3,6 +3,7 @@ records checked with the parser the request path uses."""
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,9 @@ LEVELS = ("user", "org", "key")
 DEFAULT_KEY_NAME = "default"
 DEMO_META = "demo"
 QUOTA_RESETS_META = "quota_resets"
+REDACTED = "<redacted>"  # what an admin answer or a redacted export shows in place of a key
+# A reference to a variable on the gateway hosts (provider_keys `env:VAR`): its name is no secret.
+_ENV_REFERENCE = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*")
 
 
 class AdminError(StoreError):
@@ -95,12 +99,19 @@ def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = 
     store.records.write({**puts, **audit.entry_for(store, puts, deletes)}, deletes)
 
 
+def shown_provider_key(ref: object) -> str:
+    """A provider_keys value as an admin answer shows it: an `env:VAR` reference in clear (it
+    names a variable, it is not a key), anything else `<redacted>`."""
+    return ref if isinstance(ref, str) and _ENV_REFERENCE.fullmatch(ref) else REDACTED
+
+
 def _redacted(record: dict) -> dict:
+    """The record as every admin answer shows it: literal provider keys redacted."""
     out = dict(record)
     if isinstance(out.get("provider_keys"), dict):
-        out["provider_keys"] = {name: "<redacted>" for name in out["provider_keys"]}
+        out["provider_keys"] = {name: shown_provider_key(ref)
+                                for name, ref in out["provider_keys"].items()}
     return out
-
 
 
 

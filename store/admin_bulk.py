@@ -9,7 +9,16 @@ from typing import Any
 
 from store import audit
 from store.admin_accounts import _new_key, _new_org, _new_user, find_key
-from store.admin_base import DEMO_META, AdminError, _dump, _load, _write
+from store.admin_base import (
+    DEMO_META,
+    REDACTED,
+    AdminError,
+    _dump,
+    _json_or_none,
+    _load,
+    _write,
+    shown_provider_key,
+)
 from store.db import LMDB_MAX_KEY, Store
 from store.hashing import new_gateway_key
 from store.records import (
@@ -62,7 +71,26 @@ def _bulk_item(item: Any) -> tuple[str, bytes]:
             raise
         raise RecordError(f"{label}: {exc}") from None
     validate_record(key, raw)
+    if redacted := redacted_provider_keys(key, raw):
+        names = ", ".join(f"provider_keys.{name}" for name in redacted)
+        raise RecordError(f"{label}: {names}: {REDACTED}, from `aigw export` without "
+                          "--include-secrets (put the key back, or env:VAR, before importing)")
     return key, raw
+
+
+def _is_org_config(key: str) -> bool:
+    parts = key.split(":")
+    return len(parts) == 3 and parts[0] == "org" and parts[2] == "config"
+
+
+def redacted_provider_keys(key: str, raw: bytes) -> list[str]:
+    """The providers whose key an org config record holds as `<redacted>` (an export without
+    secrets): importing it would break the org's requests to them."""
+    if not _is_org_config(key):
+        return []
+    keys = (_json_or_none(raw) or {}).get("provider_keys")
+    return [name for name, ref in keys.items() if ref == REDACTED] if isinstance(keys, dict) \
+        else []
 
 
 def parse_bulk(items: Any) -> dict[str, bytes]:
@@ -94,15 +122,38 @@ def import_bulk(store: Store, items: Any) -> dict:
     return {"imported": len(puts)}
 
 
-def export_bulk(store: Store) -> list[dict]:
-    """Every record as wrangler bulk JSON items (values are the stored JSON text)."""
+def export_bulk(store: Store, include_secrets: bool = False) -> list[dict]:
+    """Every record as wrangler bulk JSON items (values are the stored JSON text), literal
+    provider keys replaced by `<redacted>` unless `include_secrets` (`env:VAR` references stay:
+    they name a variable, they are not keys); `redacted_provider_keys` finds them again, and
+    import refuses them."""
     out = []
     for key, raw in store.records.scan(""):
+        if not include_secrets:
+            raw = _without_secrets(key, raw)
         try:
             out.append({"key": key, "value": raw.decode("utf-8")})
         except UnicodeDecodeError:
             out.append({"key": key, "value": base64.b64encode(raw).decode(), "base64": True})
     return out
+
+
+def _without_secrets(key: str, raw: bytes) -> bytes:
+    """An org config record with its literal provider keys redacted (others as they are)."""
+    if not _is_org_config(key):
+        return raw
+    record = _json_or_none(raw)
+    keys = record.get("provider_keys") if record is not None else None
+    if not isinstance(keys, dict):
+        return raw
+    shown = {name: shown_provider_key(ref) for name, ref in keys.items()}
+    return raw if shown == keys else _dump({**record, "provider_keys": shown})
+
+
+def count_redacted(items: list[dict]) -> int:
+    """How many provider keys of a bulk export read `<redacted>`."""
+    return sum(len(redacted_provider_keys(item["key"], item["value"].encode()))
+               for item in items if not item.get("base64"))
 
 
 # Health and demo

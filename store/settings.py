@@ -19,6 +19,8 @@ import yaml
 from store.hashing import HASH_ALGORITHMS
 
 DEFAULT_CONFIG = "mitm.yaml"
+# The mitm.yaml shipped with aigw: a file without `providers` or `pricing` gets its sections.
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "mitm.yaml"
 DEFAULT_STORE_PATH = "./var/store"
 
 NonEmptyText = Annotated[str, msgspec.Meta(min_length=1)]
@@ -260,3 +262,29 @@ def store_settings(config: dict[str, Any], source: str, override_path: str | Non
     """The `store:` section; a relative path is taken from the working directory."""
     return decode_section(StoreSection, config.get("store"), source, "store").settings(
         override_path)
+
+
+# --- the names of the `providers:` section ------------------------------------------------
+
+
+def provider_names(config: dict[str, Any], source: str) -> frozenset[str]:
+    """The names an org's `provider_keys` may use, as the request path looks them up: each
+    provider's name and its kind, from `providers:` (the shipped mitm.yaml's when the file has
+    no such section, as the gateway reads it). Only the names are read here: the addon checks
+    the whole section when the gateway starts."""
+    if "providers" not in config:
+        if not SHIPPED_CONFIG.exists():
+            return frozenset()
+        config, source = load_yaml(SHIPPED_CONFIG), str(SHIPPED_CONFIG)
+    providers = config.get("providers")
+    if providers is None:
+        return frozenset()
+    if not isinstance(providers, dict):
+        raise ConfigError(source, "providers", f"must be a mapping, not {show(providers)}")
+    names = set()
+    for name, entry in providers.items():
+        names.add(str(name))  # YAML reads `1.5:` as a number: the name is the text
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        if isinstance(kind, str):
+            names.add(kind)
+    return frozenset(names)

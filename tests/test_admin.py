@@ -442,7 +442,8 @@ def test_a_valid_namespace_of_both_workers_versions_imports_unchanged(store):
             "status": "active", "revoked_at": None})},
     ]
     assert admin.import_bulk(store, items) == {"imported": len(items)}
-    assert admin.export_bulk(store) == sorted(items, key=lambda item: item["key"])
+    assert admin.export_bulk(store, include_secrets=True) == sorted(
+        items, key=lambda item: item["key"])
 
 
 def test_admin_writers_refuse_what_the_request_path_would_refuse(store, org, user):

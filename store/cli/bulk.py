@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from store import admin
+from store.cli.output import PROG
 from store.cli.runner import late_globals, on_store
 from store.db import Store
 
@@ -17,7 +18,9 @@ IMPORT_HELP = (
 )
 EXPORT_HELP = (
     "Print every record as a wrangler bulk JSON array (the one command whose output is an "
-    "array, not an object): `aigw import` and `wrangler kv bulk put` accept it."
+    "array, not an object): `aigw import` and `wrangler kv bulk put` accept it. Literal provider "
+    "keys read <redacted> (env:VAR references stay) unless --include-secrets; stderr says how "
+    "many, and `aigw import` refuses a record with one."
 )
 
 
@@ -54,10 +57,21 @@ def import_(ctx: click.Context, file: str) -> int:
     return on_store(ctx, lambda store: _import(store, file), creates_store=True)
 
 
+def _export(store: Store, include_secrets: bool) -> list[dict]:
+    items = admin.export_bulk(store, include_secrets)
+    if not include_secrets and (redacted := admin.count_redacted(items)):
+        print(f"{PROG}: {redacted} literal provider key{'s' * (redacted != 1)} redacted: "
+              "`aigw import` refuses them (--include-secrets exports them)",
+              file=sys.stderr, flush=True)
+    return items
+
+
 @click.command("export", help=EXPORT_HELP,
                short_help="Print every record as a wrangler bulk JSON array.")
+@click.option("--include-secrets", is_flag=True,
+              help="export literal provider keys as they are (default: <redacted>)")
 @late_globals()
 @click.pass_context
-def export(ctx: click.Context) -> int:
+def export(ctx: click.Context, include_secrets: bool) -> int:
     """Print every record as a wrangler bulk JSON array."""
-    return on_store(ctx, admin.export_bulk)
+    return on_store(ctx, lambda store: _export(store, include_secrets))

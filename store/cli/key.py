@@ -1,4 +1,4 @@
-"""`aigw key create|register|revoke|list`: API keys of a user."""
+"""`aigw key create|update|register|revoke|list`: API keys of a user."""
 
 import click
 
@@ -63,10 +63,15 @@ def revoke(ctx: click.Context, key_id: str) -> int:
     return on_target(ctx, lambda store: admin.revoke_key(store, key_id))
 
 
-@group.command("list", help="List a user's keys, with each key's limit and last_used_at.")
-@click.option("--user", "user_id", required=True, metavar="USER_ID", help="whose keys")
+@group.command("list", help="List a user's or an org's keys, with each key's limit and "
+               "last_used_at.")
+@click.option("--user", "user_id", metavar="USER_ID", help="the user's keys")
+@click.option("--org", "org_id", metavar="ORG_ID",
+              help="the org's keys: its users' and those charged to it")
 @late_globals()
 @click.pass_context
-def list_(ctx: click.Context, user_id: str) -> int:
-    """List a user's keys."""
-    return on_target(ctx, lambda store: admin.list_keys(store, user_id))
+def list_(ctx: click.Context, user_id: str | None, org_id: str | None) -> int:
+    """List a user's or an org's keys."""
+    if (user_id is None) == (org_id is None):
+        raise click.UsageError("key list: give exactly one of --user or --org", ctx)
+    return on_target(ctx, lambda store: admin.list_keys(store, user_id, org_id))

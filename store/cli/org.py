@@ -1,4 +1,4 @@
-"""`aigw org create|update|show`: organizations."""
+"""`aigw org create|update|show|list`: organizations."""
 
 from collections.abc import Callable
 
@@ -13,9 +13,12 @@ from store.cli.params import (
     rate_limits,
     rate_options,
 )
-from store.cli.runner import Group, late_globals, nothing_to_change, on_target
+from store.cli.runner import Group, known_providers, late_globals, nothing_to_change, on_target
 
 group = Group("org", help="Organizations.")
+PROVIDER_KEY_HELP = (
+    "the org's credential for a provider of mitm.yaml (NAME: a provider's name or kind), read "
+    "from VAR on the gateway hosts (NAME= removes it); repeatable")
 
 
 def _org_options(*, create: bool) -> Callable[[Callable], Callable]:
@@ -34,8 +37,7 @@ def _org_options(*, create: bool) -> Callable[[Callable], Callable]:
         click.option("--allowed-models", type=MODEL_LIST, metavar="MODEL,...",
                      help='the only models the org may use ("": any model)'),
         click.option("--provider-key", type=PROVIDER_KEY, multiple=True, metavar="NAME=env:VAR",
-                     help="the org's credential for a provider, read from VAR on the gateway "
-                     "hosts (NAME= removes it); repeatable"),
+                     help=PROVIDER_KEY_HELP),
     ]
 
     def decorate(command: Callable) -> Callable:
@@ -56,10 +58,11 @@ def create(ctx: click.Context, name: str, budget: float, failure_mode: str,
            provider_key: tuple[tuple[str, str | None], ...], rpm: int | None, tpm: int | None,
            max_parallel: int | None) -> int:
     """Create an org."""
+    known = known_providers(ctx) if provider_key else None
     return on_target(ctx, lambda store: admin.create_org(
         store, name, budget, failure_mode, fallback_daily_limit,
         allowed_models=allowed_models, provider_keys=dict(provider_key),
-        rates=rate_limits(rpm, tpm, max_parallel),
+        rates=rate_limits(rpm, tpm, max_parallel), known_providers=known,
     ), creates_store=True)
 
 
@@ -79,17 +82,27 @@ def update(ctx: click.Context, org_id: str, name: str | None, budget: float | No
                             "fallback_daily_limit": fallback_daily_limit,
                             "allowed_models": allowed_models, "provider_key": provider_key,
                             "rpm": rpm, "tpm": tpm, "max_parallel": max_parallel})
+    known = known_providers(ctx) if provider_key else None
     return on_target(ctx, lambda store: admin.update_org(
         store, org_id, name=name, budget_usd=budget, failure_mode=failure_mode,
         fallback_daily_limit_usd=fallback_daily_limit, allowed_models=allowed_models,
         provider_keys=dict(provider_key), rates=rate_limits(rpm, tpm, max_parallel),
+        known_providers=known,
     ))
 
 
-@group.command("show", help="Show an org (provider keys redacted).")
+@group.command("show", help="Show an org (literal provider keys redacted; env:VAR shown).")
 @click.argument("org_id", metavar="ORG_ID")
 @late_globals()
 @click.pass_context
 def show(ctx: click.Context, org_id: str) -> int:
     """Show an org."""
     return on_target(ctx, lambda store: admin.show_org(store, org_id))
+
+
+@group.command("list", help="List every org, by name (literal provider keys redacted).")
+@late_globals()
+@click.pass_context
+def list_(ctx: click.Context) -> int:
+    """List every org."""
+    return on_target(ctx, admin.list_orgs)

@@ -13,7 +13,14 @@ from store.audit import audited, cli_actor
 from store.cli.output import EXIT_ERROR, PROG, emit, fail, one_line, redact, say_created
 from store.db import Store, StoreError
 from store.records import RecordError
-from store.settings import DEFAULT_CONFIG, ConfigError, StoreSettings, load_yaml, store_settings
+from store.settings import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    StoreSettings,
+    load_yaml,
+    provider_names,
+    store_settings,
+)
 
 TARGETS = ("local", "cloudflare")
 # An admin operation: it takes the store (or, with --target cloudflare, a
@@ -101,6 +108,15 @@ def settings_from(options: Globals) -> StoreSettings:
     """The store path and hash algorithm from --config/--store (ConfigError if invalid)."""
     config, source = config_from(options)
     return store_settings(config, source, options.store)
+
+
+def known_providers(ctx: click.Context) -> frozenset[str]:
+    """The provider names and kinds of the mitm.yaml this command reads: the names an org's
+    --provider-key may use (an invalid file is the one error line, exit 1)."""
+    try:
+        return provider_names(*config_from(globals_of(ctx)))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def local_only(ctx: click.Context) -> None:

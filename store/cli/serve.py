@@ -10,7 +10,7 @@ import click
 from store.cli.output import fail
 from store.cli.runner import config_from, globals_of, late_globals, settings_from
 from store.db import Store, StoreError
-from store.settings import ConfigError
+from store.settings import ConfigError, provider_names
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -62,7 +62,8 @@ def serve(ctx: click.Context, listen: str) -> int:
                             f"admin key)")
             else:
                 target = local
-            backend = Backend(target, local, target_name=options.target)
+            backend = Backend(target, local, target_name=options.target,
+                              known_providers=provider_names(config, source))
         except (ConfigError, StoreError, OSError) as exc:
             return fail(exc)
         except Exception as exc:  # SyncError from the settings, one line like every command

@@ -1,4 +1,4 @@
-"""`aigw user create|update|show`: users of an org."""
+"""`aigw user create|update|show|list`: users of an org."""
 
 import click
 
@@ -10,7 +10,7 @@ from store.records import USER_STATUSES
 group = Group("user", help="Users.")
 
 
-@group.command("create", help="Create a user in an org.")
+@group.command("create", help="Create a user in an org (an email is unique within an org).")
 @click.option("--org", "org_id", required=True, metavar="ORG_ID", help="the user's org")
 @click.option("--email", required=True, help="the user's e-mail address")
 @click.option("--limit", type=USD, required=True, metavar="USD", help="monthly limit in USD")
@@ -48,3 +48,13 @@ def update(ctx: click.Context, user_id: str, limit: float | None, status: str | 
 def show(ctx: click.Context, user_id: str) -> int:
     """Show a user."""
     return on_target(ctx, lambda store: admin.show_user(store, user_id))
+
+
+@group.command("list", help="List users, by email: all, an org's, or those with an email.")
+@click.option("--org", "org_id", metavar="ORG_ID", help="only the users of this org")
+@click.option("--email", metavar="EMAIL", help="only the users with this email (any case)")
+@late_globals()
+@click.pass_context
+def list_(ctx: click.Context, org_id: str | None, email: str | None) -> int:
+    """List users."""
+    return on_target(ctx, lambda store: admin.list_users(store, org_id, email))
