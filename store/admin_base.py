@@ -20,7 +20,6 @@ from store.target import AdminTarget
 LEVELS = ("user", "org", "key")
 DEFAULT_KEY_NAME = "default"
 DEMO_META = "demo"
-QUOTA_RESETS_META = "quota_resets"
 REDACTED = "<redacted>"  # what an admin answer or a redacted export shows in place of a key
 # A reference to a variable on the gateway hosts (provider_keys `env:VAR`): its name is no secret.
 _ENV_REFERENCE = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*")
@@ -88,7 +87,8 @@ def _check_text(value: Any, name: str) -> str:
     return value.strip()
 
 
-def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = ()) -> None:
+def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = (),
+           details: dict | None = None) -> None:
     """Write records after checking each with the parser the request path uses: an admin
     operation never leaves a record the gateway would misread or refuse."""
     for key, raw in puts.items():
@@ -96,7 +96,7 @@ def _write(store: AdminTarget, puts: dict[str, bytes], deletes: Sequence[str] = 
             validate_record(key, raw)
         except RecordError as exc:
             raise AdminError(str(exc)) from None
-    store.records.write({**puts, **audit.entry_for(store, puts, deletes)}, deletes)
+    store.records.write({**puts, **audit.entry_for(store, puts, deletes, details)}, deletes)
 
 
 def shown_provider_key(ref: object) -> str:

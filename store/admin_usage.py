@@ -2,10 +2,10 @@
 local store, whose ledger holds this node's metering."""
 
 
+from store import audit
 from store.admin_accounts import find_key
 from store.admin_base import (
     LEVELS,
-    QUOTA_RESETS_META,
     AdminError,
     _check_text,
     _current_month,
@@ -142,23 +142,11 @@ def level_usage(store: Store, level: str, level_id: str, month: str | None = Non
 
 
 def reset_quota(store: Store, level: str, level_id: str, reason: str) -> dict:
-    """Zero the current month's usage of a level (ledger and Workers quota record) and append an
-    audit entry to the config meta `quota_resets`."""
+    """Zero the current month's usage of a level (ledger and Workers quota record); the audit
+    log (`store.audit`) keeps the reset with its reason and the usage it zeroed."""
     reason = _check_text(reason, "reason")
     month = _current_month()
     before = level_usage(store, level, level_id, month)
-    key = _quota_key(level, level_id)
-    if key is not None:
-        quota = _json_or_none(store.records.get(key))
-        if quota is not None:
-            quota.update(
-                month_usage_usd=0,
-                request_count=0,
-                current_month=month,
-                last_update=int(utc_now().timestamp() * 1000),
-            )
-            _write(store, {key: _dump(quota)})
-    store.ledger.reset((level, level_id), month)
     entry = {
         "level": level,
         "id": level_id,
@@ -168,8 +156,15 @@ def reset_quota(store: Store, level: str, level_id: str, reason: str) -> dict:
         "previous_request_count": before["request_count"],
         "at": now_iso(),
     }
-    audit = store.records.meta(QUOTA_RESETS_META)
-    store.records.set_meta(QUOTA_RESETS_META, [*(audit if isinstance(audit, list) else []), entry])
+    store.ledger.reset((level, level_id), month)
+    key = _quota_key(level, level_id)
+    quota = _json_or_none(store.records.get(key)) if key is not None else None
+    if key is not None and quota is not None:
+        quota.update(month_usage_usd=0, request_count=0, current_month=month,
+                     last_update=int(utc_now().timestamp() * 1000))
+        _write(store, {key: _dump(quota)}, details={"quota_reset": entry})
+    else:
+        audit.note(store, {"quota_reset": entry})
     return {
         "level": level,
         "id": level_id,

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from store import admin
+from store.audit import audited, entries
 from store.db import Store
 from store.hashing import hash_key
 from store.money import USD, month_of, utc_now
@@ -232,11 +233,16 @@ def test_reset_zeroes_ledger_and_quota_and_audits(store, user):
     assert after["current_usage_usd"] == 0.0 and after["request_count"] == 0
     quota = store.records.get_json(user_quota_key(uid))
     assert quota["month_usage_usd"] == 0 and quota["request_count"] == 0
-    audit = store.records.meta("quota_resets")
-    assert len(audit) == 1 and audit[0]["reason"] == "new project"
-    assert audit[0]["previous_usage_usd"] == 4.0 and audit[0]["level"] == "user"
-    admin.reset_quota(store, "user", uid, "again")
-    assert len(store.records.meta("quota_resets")) == 2
+    with audited("cli:tester", "quota reset"):
+        admin.reset_quota(store, "user", uid, "again")
+        admin.reset_quota(store, "org", user["org_id"], "no quota record")
+    again, org_reset = entries(store)["entries"]
+    assert again["actor"] == "cli:tester" and again["action"] == "quota reset"
+    assert again["details"]["quota_reset"]["reason"] == "again"
+    assert again["details"]["quota_reset"]["previous_usage_usd"] == 0.0
+    (change,) = again["changes"]
+    assert change["key"] == user_quota_key(uid) and change["after"]["month_usage_usd"] == 0
+    assert org_reset["changes"] == [] and org_reset["details"]["quota_reset"]["level"] == "org"
     with pytest.raises(admin.AdminError):
         admin.reset_quota(store, "user", uid, " ")
 

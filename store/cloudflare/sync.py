@@ -22,16 +22,27 @@ import orjson
 
 from store.alert_settings import AlertSettings
 from store.alerts import Alerter, run_alerts
+from store.audit import AUDIT_PREFIX
 from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
 from store.cloudflare.settings import SyncSettings
 from store.db import LMDB_MAX_KEY, Store, StoreError
 from store.money import month_of, utc_now
-from store.records import MAX_COUNT, RecordError, parse_usage_key, record_label, validate_record
+from store.records import (
+    ADMIN_KEY_PREFIX,
+    MAX_COUNT,
+    RecordError,
+    parse_usage_key,
+    record_label,
+    validate_record,
+)
 
 log = logging.getLogger("aigw.sync")
 
 USAGE_PREFIX = "aigw:usage:"
 STAMP = "aigw"  # the metadata field holding aigw's version stamp
+# The audit log and the admin API's keys live in KV for `aigw --target cloudflare` and
+# `aigw serve`; no gateway reads them, so no node copies them.
+NOT_REPLICATED = (AUDIT_PREFIX, ADMIN_KEY_PREFIX)
 REJECTED_KEPT = 100  # rejected records named in the stored pass summary (the count is whole)
 
 
@@ -115,6 +126,8 @@ class Replicator:
                 continue
             metadata = item.get("metadata")
             stamp = metadata.get(STAMP) if isinstance(metadata, dict) else None
+            if name.startswith(NOT_REPLICATED):  # the admin server's own, not the nodes'
+                continue
             if name.startswith(USAGE_PREFIX):
                 summary.usage_keys += 1
                 try:
