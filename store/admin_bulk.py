@@ -22,6 +22,7 @@ from store.admin_base import (
 from store.db import LMDB_MAX_KEY, Store
 from store.hashing import new_gateway_key
 from store.records import (
+    ADMIN_KEY_PREFIX,
     FAIL_CLOSED,
     RecordError,
     org_config_key,
@@ -31,6 +32,8 @@ from store.records import (
 )
 
 # Bulk import / export (wrangler `kv bulk put` JSON)
+
+ADMIN_ONLY = (audit.AUDIT_PREFIX, ADMIN_KEY_PREFIX)  # not records of the Workers layout
 
 
 def _item_value(item: dict) -> bytes:
@@ -123,12 +126,15 @@ def import_bulk(store: Store, items: Any) -> dict:
 
 
 def export_bulk(store: Store, include_secrets: bool = False) -> list[dict]:
-    """Every record as wrangler bulk JSON items (values are the stored JSON text), literal
+    """Every record as wrangler bulk JSON items (values are the stored JSON text; the audit log
+    and the admin API's keys stay where they are), literal
     provider keys replaced by `<redacted>` unless `include_secrets` (`env:VAR` references stay:
     they name a variable, they are not keys); `redacted_provider_keys` finds them again, and
     import refuses them."""
     out = []
     for key, raw in store.records.scan(""):
+        if key.startswith(ADMIN_ONLY):
+            continue
         if not include_secrets:
             raw = _without_secrets(key, raw)
         try:
