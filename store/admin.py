@@ -11,7 +11,9 @@ The operations live in `admin_accounts`, `admin_usage` and `admin_bulk` (what th
 """
 
 from store.admin_accounts import (
+    MAX_GRACE_S,
     KeyRef,
+    check_grace_s,
     create_key,
     create_org,
     create_user,
@@ -19,6 +21,7 @@ from store.admin_accounts import (
     list_keys,
     register_key,
     revoke_key,
+    rotate_key,
     show_org,
     show_user,
     update_key,
@@ -61,7 +64,9 @@ __all__ = [
     "AdminTarget",
     "Conflict",
     "NotFound",
+    "MAX_GRACE_S",
     "KeyRef",
+    "check_grace_s",
     "check_usd",
     "create_key",
     "create_org",
@@ -80,6 +85,7 @@ __all__ = [
     "register_key",
     "reset_quota",
     "revoke_key",
+    "rotate_key",
     "show_org",
     "show_user",
     "update_key",

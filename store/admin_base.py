@@ -19,6 +19,7 @@ LEVELS = ("user", "org", "key")
 DEFAULT_KEY_NAME = "default"
 DEMO_META = "demo"
 QUOTA_RESETS_META = "quota_resets"
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # every *_at field aigw writes, in UTC
 
 
 class AdminError(StoreError):
@@ -36,7 +37,7 @@ class Conflict(AdminError):
 
 def now_iso() -> str:
     """The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`."""
-    return utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_now().strftime(ISO_FORMAT)
 
 
 def new_id(prefix: str) -> str:
