@@ -24,6 +24,7 @@ from addon.policy import (
     decide_rates,
     model_not_allowed,
     rate_headers,
+    rotated_out,
     unauthorized,
 )
 from addon.providers import Denial, Usage
@@ -216,11 +217,16 @@ class Admitter:
             return Unavailable(provider, "store unavailable", credential=credential,
                                store_fault=True)
         key_hash = store.hash(credential)
-        month = self._month_at(time.time())
+        now = time.time()
+        month = self._month_at(now)
         try:
             identity = store.records.resolve(key_hash, month)
         except StoreUnavailable as exc:
             return Unavailable(provider, str(exc), credential=credential, store_fault=True)
+        # On every request, not only when the records change: the clock ends a grace period.
+        key = identity.key
+        if key is not None and key.expires_at is not None and now >= key.expires_at.timestamp():
+            return Denied(provider, rotated_out(key.key_id))
         account = self._accounts.get(key_hash)
         if account is None or account.identity is not identity or account.month != month:
             # A key not seen since its records last changed: check them all.

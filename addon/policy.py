@@ -106,6 +106,12 @@ def unauthorized(message: str) -> Denial:
     return Denial(401, "invalid_api_key", message)
 
 
+def rotated_out(key_id: str) -> Denial:
+    """A key rotated out whose grace period has ended (`expires_at`): refused as a revoked one."""
+    return unauthorized(f"This gateway key ({key_id}) was replaced by a rotation and its grace "
+                        "period has ended.")
+
+
 def check_identity(identity: Identity, model: str | None) -> Denial | None:
     """Key active, user active, model allowed; None when the request may go on to budgets.
     A missing org is not decided here: it means quota data is unavailable."""

@@ -11,7 +11,9 @@ The operations live in `admin_accounts`, `admin_usage` and `admin_bulk` (what th
 """
 
 from store.admin_accounts import (
+    MAX_GRACE_S,
     KeyRef,
+    check_grace_s,
     create_key,
     create_org,
     create_user,
@@ -22,6 +24,7 @@ from store.admin_accounts import (
     list_users,
     register_key,
     revoke_key,
+    rotate_key,
     show_org,
     show_user,
     update_key,
@@ -67,7 +70,9 @@ __all__ = [
     "AdminTarget",
     "Conflict",
     "NotFound",
+    "MAX_GRACE_S",
     "KeyRef",
+    "check_grace_s",
     "check_usd",
     "count_redacted",
     "create_key",
@@ -91,6 +96,7 @@ __all__ = [
     "register_key",
     "reset_quota",
     "revoke_key",
+    "rotate_key",
     "show_org",
     "show_user",
     "shown_provider_key",

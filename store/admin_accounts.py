@@ -1,13 +1,16 @@
 """Admin operations on orgs, users and keys, over any `AdminTarget`: the local store or the
 Cloudflare KV namespace alike."""
 
+import math
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from store.admin_base import (
     DEFAULT_KEY_NAME,
+    ISO_FORMAT,
     REDACTED,
     AdminError,
     Conflict,
@@ -43,6 +46,7 @@ from store.records import (
 from store.target import AdminTarget
 
 RateLimits = Mapping[str, int | None]  # rpm_limit, tpm_limit, max_parallel_requests; None: remove
+MAX_GRACE_S = 30 * 24 * 3600  # the longest a rotated-out key may keep working
 
 
 def _set_rates(record: dict, rates: RateLimits | None) -> None:
@@ -437,17 +441,22 @@ def register_key(
 
 @dataclass
 class KeyRef:
-    """Where a key's records are: `apikey:{hash}` and/or its `user:{id}:keys:{key_id}` listing."""
+    """Where a key's records are: `apikey:{hash}` and/or its `user:{id}:keys:{key_id}` listing,
+    and the records of the raw key it replaced by a rotation (`grace`, hash -> record), which
+    may still be in their grace period."""
 
     key_id: str
     key_hash: str | None
     record: dict | None
     listing_key: str | None
     listing: dict | None
+    grace: dict[str, dict] = field(default_factory=dict)
 
 
 def find_key(store: AdminTarget, key_id: str) -> KeyRef:
-    """Locate a key by id: via its listing's key_hash, else by scanning `apikey:` records."""
+    """Locate a key by id: via its listing's key_hash (and previous_key_hash), else by scanning
+    `apikey:` records, where a record with `expires_at` is a rotated-out one, never the
+    current."""
     suffix = f":keys:{key_id}"
     listing_key = listing = None
     for k, v in store.records.scan("user:"):
@@ -455,41 +464,54 @@ def find_key(store: AdminTarget, key_id: str) -> KeyRef:
             listing_key, listing = k, _json_or_none(v) or {}
             break
     key_hash = record = None
-    if listing and isinstance(listing.get("key_hash"), str):
-        candidate = _json_or_none(store.records.get(apikey_key(listing["key_hash"])))
-        if candidate is not None and candidate.get("key_id", key_id) == key_id:
-            key_hash, record = listing["key_hash"], candidate
+    grace: dict[str, dict] = {}
+    pointers = [h if isinstance(h := (listing or {}).get(name), str) and h else None
+                for name in ("key_hash", "previous_key_hash")]
+    found = store.records.get_many(apikey_key(h) for h in pointers if h)
+    for is_current, pointer in zip((True, False), pointers, strict=True):
+        candidate = _json_or_none(found.get(apikey_key(pointer))) if pointer else None
+        if candidate is None or candidate.get("key_id", key_id) != key_id:
+            continue
+        if is_current and candidate.get("expires_at") is None:
+            key_hash, record = pointer, candidate
+        elif pointer != key_hash:
+            grace[pointer] = candidate
     if record is None:
         for k, v in store.records.scan("apikey:"):
             candidate = _json_or_none(v)
-            if candidate is not None and candidate.get("key_id") == key_id:
+            if candidate is None or candidate.get("key_id") != key_id:
+                continue
+            if candidate.get("expires_at") is not None:
+                grace[k.removeprefix("apikey:")] = candidate
+            elif record is None:
                 key_hash, record = k.removeprefix("apikey:"), candidate
-                break
     if record is not None and listing_key is None:
         user = record.get("user_id") or record.get("user")
         if isinstance(user, dict):
             user = user.get("user_id") or user.get("id")
         if isinstance(user, str) and user:
             candidate_key = user_key_listing_key(user, key_id)
-            found = store.records.get(candidate_key)
-            if found is not None:
-                listing_key, listing = candidate_key, _json_or_none(found) or {}
-    if record is None and listing_key is None:
+            found_listing = store.records.get(candidate_key)
+            if found_listing is not None:
+                listing_key, listing = candidate_key, _json_or_none(found_listing) or {}
+    if record is None and listing_key is None and not grace:
         raise NotFound(f"unknown key {key_id}")
-    return KeyRef(key_id, key_hash, record, listing_key, listing)
+    return KeyRef(key_id, key_hash, record, listing_key, listing, grace)
 
 
 def revoke_key(store: AdminTarget, key_id: str) -> dict:
-    """Mark a key revoked on its apikey record and its listing, in one write."""
+    """Mark a key revoked on its apikey record, the record of a raw key it replaced by a
+    rotation (if any), and its listing, in one write."""
     ref = find_key(store, key_id)
-    already = [r for r in (ref.record, ref.listing) if r is not None]
+    records = {h: r for h, r in ((ref.key_hash, ref.record), *ref.grace.items())
+               if h is not None and r is not None}
+    already = [*records.values(), *([ref.listing] if ref.listing is not None else [])]
     if all(r.get("status") == "revoked" for r in already):
         revoked_at = next((r["revoked_at"] for r in already if r.get("revoked_at")), None)
         return {"key_id": key_id, "status": "revoked", "revoked_at": revoked_at}
     revoked_at = now_iso()
-    puts: dict[str, bytes] = {}
-    if ref.record is not None and ref.key_hash is not None:
-        puts[apikey_key(ref.key_hash)] = _dump({**ref.record, "status": "revoked"})
+    puts: dict[str, bytes] = {
+        apikey_key(h): _dump({**r, "status": "revoked"}) for h, r in records.items()}
     if ref.listing_key is not None:
         listing = {**(ref.listing or {}), "status": "revoked", "revoked_at": revoked_at}
         puts[ref.listing_key] = _dump(listing)
@@ -499,20 +521,95 @@ def revoke_key(store: AdminTarget, key_id: str) -> dict:
 
 def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = None,
                rates: RateLimits | None = None) -> dict:
-    """Change a key's monthly limit and/or rate limits on its apikey record; returns the key's
+    """Change a key's monthly limit and/or rate limits on its apikey record (and on the record
+    of a raw key it replaced, still in its grace period: the same limits); returns the key's
     fields (never its hash's record in full, never a raw key)."""
     ref = find_key(store, key_id)
     if ref.record is None or ref.key_hash is None:
         raise AdminError(f"key {key_id} has no apikey record to update")
-    record = dict(ref.record)
-    if limit_usd is not None:
-        record["monthly_limit_usd"] = check_usd(limit_usd, "monthly_limit_usd")
-    _set_rates(record, rates)
-    record["updated_at"] = now_iso()
-    _write(store, {apikey_key(ref.key_hash): _dump(record)})
+    updated_at = now_iso()
+
+    def changed(found: dict) -> dict:
+        record = dict(found)
+        if limit_usd is not None:
+            record["monthly_limit_usd"] = check_usd(limit_usd, "monthly_limit_usd")
+        _set_rates(record, rates)
+        record["updated_at"] = updated_at
+        return record
+
+    record = changed(ref.record)
+    puts = {apikey_key(ref.key_hash): _dump(record)}
+    puts.update({apikey_key(h): _dump(changed(r)) for h, r in ref.grace.items()})
+    _write(store, puts)
     shown = ("key_id", "user_id", "org_id", "name", "status", "monthly_limit_usd",
              *RATE_FIELDS, "updated_at")
     return {"key_id": key_id, **{k: record[k] for k in shown if k in record}}
+
+
+def check_grace_s(value: Any) -> float:
+    """A rotation's grace period in seconds: a finite number from 0 to 30 days."""
+    if isinstance(value, bool):
+        raise AdminError(f"grace_s must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise AdminError(f"grace_s must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_GRACE_S:
+        raise AdminError(f"grace_s must be from 0 to {MAX_GRACE_S} seconds (30 days), "
+                         f"not {value!r}")
+    return seconds
+
+
+def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
+    """Replace a gateway key's raw key by a new one, shown once in the result (`api_key`): the
+    same key_id, owner, name and limits, and so the same usage. The old raw key keeps working
+    for `grace_s` seconds (its record gets `expires_at`), or stops at once (0: its record goes).
+    One old key at a time: a raw key still in the grace of an earlier rotation stops now. The
+    result never holds the old raw key or a hash."""
+    grace_s = check_grace_s(grace_s)
+    ref = find_key(store, key_id)
+    if ref.record is None or ref.key_hash is None:
+        raise AdminError(f"key {key_id} has no apikey record to rotate")
+    try:
+        current = ApiKey.parse(ref.key_hash, ref.record)
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
+    if current.passthrough:
+        raise AdminError(f"key {key_id} is a developer's own provider key (passthrough): there "
+                         "is nothing to rotate in aigw; register the new one instead")
+    if not current.active or (ref.listing or {}).get("status") == "revoked":
+        raise AdminError(f"key {key_id} is revoked: create a new key instead")
+    raw = new_gateway_key()
+    new_hash = store.hash(raw)
+    if store.records.get(apikey_key(new_hash)) is not None:
+        raise Conflict("this key is already registered")
+    now = utc_now()
+    rotated_at = now.strftime(ISO_FORMAT)
+    expires_at = None
+    if grace_s > 0:  # whole seconds, rounded up: the old key works for at least grace_s
+        expires_at = datetime.fromtimestamp(math.ceil(now.timestamp() + grace_s), UTC
+                                            ).strftime(ISO_FORMAT)
+    record = {k: v for k, v in ref.record.items() if k not in ("expires_at", "revoked_at")}
+    record.update(key_hash=new_hash, passthrough=False, rotated_at=rotated_at)
+    listing = ref.listing if ref.listing_key is not None else {
+        "key_id": key_id, "name": current.name, "created_at": current.created_at,
+        "status": "active", "revoked_at": None, "last_used_at": None}
+    listing = {**(listing or {}), "key_hash": new_hash, "rotated_at": rotated_at}
+    listing.pop("previous_key_hash", None)
+    # Without grace the old record goes, but is also written expired in the same write: on KV
+    # the deletes follow the puts, and should they fail the old key is refused all the same.
+    puts = {apikey_key(new_hash): _dump(record),
+            apikey_key(ref.key_hash): _dump({**ref.record, "expires_at": expires_at or rotated_at})}
+    deletes = [apikey_key(h) for h in ref.grace]
+    if expires_at is None:
+        deletes.append(apikey_key(ref.key_hash))
+    else:
+        listing["previous_key_hash"] = ref.key_hash
+    puts[ref.listing_key or user_key_listing_key(current.user_id, key_id)] = _dump(listing)
+    _write(store, puts, deletes)
+    return {"key_id": key_id, "api_key": raw, "user_id": current.user_id,
+            "org_id": current.org_id, "name": current.name,
+            "previous_key_expires_at": expires_at, "rotated_at": rotated_at}
 
 
 def list_keys(store: AdminTarget, user_id: str | None = None, org_id: str | None = None
@@ -531,9 +628,10 @@ def list_keys(store: AdminTarget, user_id: str | None = None, org_id: str | None
                 for k, v in store.records.scan(prefix)]
         names = [_apikey_of(k) for k in keys]
         found = store.records.get_many(name for name in names if name)
-        return {"user_id": user_id,
-                "keys": _with_limits(store, keys, [found.get(n) if n else None for n in names])}
-    return {"org_id": org_id, "keys": _org_keys(store, _check_text(org_id, "org_id"))}
+        return {"user_id": user_id, "keys": _with_grace(store, _with_limits(
+            store, keys, [found.get(n) if n else None for n in names]))}
+    return {"org_id": org_id,
+            "keys": _with_grace(store, _org_keys(store, _check_text(org_id, "org_id")))}
 
 
 def _apikey_of(listing: dict) -> str | None:
@@ -592,5 +690,18 @@ def _with_limits(store: AdminTarget, keys: list[dict], records: list[bytes | Non
             listing.update({k: record[k] for k in RATE_FIELDS if k in record})
         if last is not None:
             listing["last_used_at"] = datetime.fromtimestamp(
-                last / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                last / 1000, UTC).strftime(ISO_FORMAT)
+    return keys
+
+
+def _with_grace(store: AdminTarget, keys: list[dict]) -> list[dict]:
+    """Key listings with, for a key rotated with a grace period, when its old raw key stops
+    working (`previous_key_expires_at`)."""
+    previous = [apikey_key(h) if isinstance(h := k.get("previous_key_hash"), str) and h
+                else None for k in keys]
+    records = store.records.get_many(name for name in previous if name)
+    for listing, name in zip(keys, previous, strict=True):
+        old = _json_or_none(records.get(name)) if name else None
+        if old is not None and old.get("key_id", listing["key_id"]) == listing["key_id"]:
+            listing["previous_key_expires_at"] = old.get("expires_at")
     return keys

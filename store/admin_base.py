@@ -23,6 +23,7 @@ DEMO_META = "demo"
 REDACTED = "<redacted>"  # what an admin answer or a redacted export shows in place of a key
 # A reference to a variable on the gateway hosts (provider_keys `env:VAR`): its name is no secret.
 _ENV_REFERENCE = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*")
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # every *_at field aigw writes, in UTC
 
 
 class AdminError(StoreError):
@@ -40,7 +41,7 @@ class Conflict(AdminError):
 
 def now_iso() -> str:
     """The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`."""
-    return utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_now().strftime(ISO_FORMAT)
 
 
 def new_id(prefix: str) -> str:

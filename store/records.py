@@ -12,6 +12,7 @@ does not know are ignored, so an existing namespace loads unchanged.
 """
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -40,6 +41,8 @@ RateLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None
 Month = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
 # Times aigw never reads: ISO text (the Workers' created_at) or epoch milliseconds (last_update).
 Timestamp = str | Annotated[float, msgspec.Meta(ge=0, le=1e18)] | None
+# A time aigw does read: RFC 3339 with its zone (`2025-01-31T12:00:00Z`), nothing looser.
+Instant = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class RecordError(ValueError):
@@ -175,6 +178,9 @@ class ApiKey(msgspec.Struct, kw_only=True):
     updated_at: Timestamp = None
     revoked_at: Timestamp = None
     last_used_at: Timestamp = None
+    rotated_at: Timestamp = None
+    # A rotated-out key in its grace period: refused from this instant on (absent: never).
+    expires_at: Instant | None = None
 
     @property
     def active(self) -> bool:
@@ -222,11 +228,13 @@ class KeyListing(msgspec.Struct, kw_only=True):
 
     key_id: Id | None = None  # aigw's listings repeat the id and the hash
     key_hash: Id | None = None
+    previous_key_hash: Id | None = None  # the key rotated out, while it may be in its grace
     name: str = ""
     status: Literal["active", "revoked"] = "active"
     created_at: Timestamp = None
     last_used_at: Timestamp = None
     revoked_at: Timestamp = None
+    rotated_at: Timestamp = None
 
     @classmethod
     def parse(cls, user_id: str, key_id: str, raw: bytes | str | dict) -> "KeyListing":
@@ -305,7 +313,8 @@ _EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`, got `(?P<got>\w+)`$")
 _BOUND = re.compile(r"^Expected `(?P<type>\w+)` (?P<op>>=|<=) (?P<bound>[-0-9.e+]+)$")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _TYPE_WORDS = {"bool": "a boolean", "float": "a number", "int": "an integer", "str": "a string",
-               "object": "an object", "array": "an array", "null": "null"}
+               "object": "an object", "array": "an array", "null": "null",
+               "datetime": "an ISO time with its zone"}
 _SECRET_FIELDS = ("provider_keys",)
 
 
@@ -363,6 +372,8 @@ def _reason(cls: type, message: str, raw: bytes | str | dict) -> str:
     if text.startswith("Invalid enum value"):
         allowed = _literal_values(cls, field.split(".")[-1])
         return f"{field}: expected one of {', '.join(allowed)} (exact spelling){shown}"
+    if "RFC3339" in text or "timezone component" in text:
+        return f"{field}: expected an ISO time with its zone, as 2025-01-31T12:00:00Z{shown}"
     if "matching regex" in text:
         return f"{field}: expected a month as YYYY-MM{shown}"
     if "of length >=" in text:

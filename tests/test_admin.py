@@ -586,3 +586,167 @@ def test_list_keys_reports_when_this_node_last_metered_a_key(store, user):
     (listed,) = admin.list_keys(store, user["user_id"])["keys"]
     assert listed["last_used_at"] == datetime.fromtimestamp(metered / 1000, UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
+
+
+# Key rotation
+
+T_ROTATE = datetime(2030, 5, 6, 7, 8, 9, 250_000, tzinfo=UTC)
+
+
+@pytest.fixture
+def rotation_clock(monkeypatch):
+    """The admin operations' clock, fixed at T_ROTATE."""
+    monkeypatch.setattr("store.admin_accounts.utc_now", lambda: T_ROTATE)
+
+
+def key_records(store, key_id: str) -> dict[str, dict]:
+    """Every apikey record of `key_id`, by hash."""
+    return {k.removeprefix("apikey:"): json.loads(v) for k, v in store.records.scan("apikey:")
+            if json.loads(v).get("key_id") == key_id}
+
+
+def test_rotate_gives_a_new_raw_key_with_the_same_id_limits_and_usage(store, user):
+    key = admin.create_key(store, user["user_id"], "laptop", 7,
+                           rates={"rpm_limit": 30, "tpm_limit": 9000})
+    old_hash = store.hash(key["api_key"])
+    levels = [("key", key["key_id"]), ("user", user["user_id"]), ("org", user["org_id"])]
+    store.ledger.settle(None, levels, month(), 3 * USD // 10)
+    before = admin.level_usage(store, "key", key["key_id"])
+    assert before["request_count"] == 1 and before["current_usage_usd"] == 0.3
+
+    rotated = admin.rotate_key(store, key["key_id"])
+
+    assert set(rotated) == {"key_id", "api_key", "user_id", "org_id", "name",
+                            "previous_key_expires_at", "rotated_at"}
+    assert rotated["key_id"] == key["key_id"] and rotated["api_key"] != key["api_key"]
+    assert rotated["api_key"].startswith("gw_live_")
+    assert (rotated["user_id"], rotated["org_id"], rotated["name"]) == (
+        user["user_id"], user["org_id"], "laptop")
+    assert rotated["previous_key_expires_at"] is None
+    assert old_hash not in json.dumps(rotated) and key["api_key"] not in json.dumps(rotated)
+    new_hash = store.hash(rotated["api_key"])
+    assert new_hash not in json.dumps(rotated)
+    # grace 0: the old record is gone, the new one is the old one's twin under the new hash
+    (only,) = key_records(store, key["key_id"]).items()
+    assert only[0] == new_hash and store.records.get(apikey_key(old_hash)) is None
+    record = ApiKey.parse(new_hash, only[1])
+    assert (record.key_id, record.user_id, record.org_id, record.name, record.status) == (
+        key["key_id"], user["user_id"], user["org_id"], "laptop", "active")
+    assert (record.monthly_limit_usd, record.rpm_limit, record.tpm_limit) == (7, 30, 9000)
+    assert record.passthrough is False and record.expires_at is None
+    listing = store.records.get_json(user_key_listing_key(user["user_id"], key["key_id"]))
+    assert listing["key_hash"] == new_hash and "previous_key_hash" not in listing
+    assert listing["rotated_at"] == rotated["rotated_at"]
+    # the request path: the old raw key is unknown, the new one the same key
+    assert store.records.resolve(old_hash, month()).key is None
+    assert store.records.resolve(new_hash, month()).key.key_id == key["key_id"]
+    assert admin.level_usage(store, "key", key["key_id"]) == before
+
+
+def test_rotate_with_grace_keeps_the_old_key_until_expires_at(store, user, rotation_clock):
+    key = admin.create_key(store, user["user_id"], limit_usd=4)
+    old_hash = store.hash(key["api_key"])
+
+    rotated = admin.rotate_key(store, key["key_id"], grace_s=90.5)
+
+    # whole seconds, rounded up: 07:08:09.25 + 90.5 s = 07:09:39.75 -> 07:09:40
+    assert rotated["previous_key_expires_at"] == "2030-05-06T07:09:40Z"
+    assert rotated["rotated_at"] == "2030-05-06T07:08:09Z"
+    new_hash = store.hash(rotated["api_key"])
+    records = key_records(store, key["key_id"])
+    assert set(records) == {old_hash, new_hash}
+    old = ApiKey.parse(old_hash, records[old_hash])
+    assert old.active and old.expires_at == datetime(2030, 5, 6, 7, 9, 40, tzinfo=UTC)
+    assert ApiKey.parse(new_hash, records[new_hash]).expires_at is None
+    listing = store.records.get_json(user_key_listing_key(user["user_id"], key["key_id"]))
+    assert (listing["key_hash"], listing["previous_key_hash"]) == (new_hash, old_hash)
+    (listed,) = admin.list_keys(store, user["user_id"])["keys"]
+    assert listed["previous_key_expires_at"] == "2030-05-06T07:09:40Z"
+    # both resolve to the same key (the gateway refuses the old one from expires_at on)
+    for h in (old_hash, new_hash):
+        assert store.records.resolve(h, month()).key.key_id == key["key_id"]
+    ref = admin.find_key(store, key["key_id"])
+    assert (ref.key_hash, set(ref.grace)) == (new_hash, {old_hash})
+
+
+def test_rotating_again_in_a_grace_period_ends_the_older_grace_at_once(store, user):
+    key = admin.create_key(store, user["user_id"])
+    first = store.hash(key["api_key"])
+    second = admin.rotate_key(store, key["key_id"], grace_s=3600)
+    third = admin.rotate_key(store, key["key_id"], grace_s=60)
+    hashes = {store.hash(second["api_key"]), store.hash(third["api_key"])}
+    assert set(key_records(store, key["key_id"])) == hashes  # the first raw key is gone
+    assert store.records.get(apikey_key(first)) is None
+    listing = store.records.get_json(user_key_listing_key(user["user_id"], key["key_id"]))
+    assert listing["previous_key_hash"] == store.hash(second["api_key"])
+    admin.rotate_key(store, key["key_id"])  # grace 0 ends the second one's too
+    assert len(key_records(store, key["key_id"])) == 1
+    listing = store.records.get_json(user_key_listing_key(user["user_id"], key["key_id"]))
+    assert "previous_key_hash" not in listing
+
+
+def test_revoke_and_update_after_a_rotation_reach_the_key_in_grace_too(store, user):
+    key = admin.create_key(store, user["user_id"], limit_usd=5)
+    rotated = admin.rotate_key(store, key["key_id"], grace_s=600)
+
+    admin.update_key(store, key["key_id"], limit_usd=9, rates={"rpm_limit": 4})
+    records = key_records(store, key["key_id"])
+    assert len(records) == 2
+    assert {(r["monthly_limit_usd"], r["rpm_limit"]) for r in records.values()} == {(9, 4)}
+
+    admin.revoke_key(store, key["key_id"])
+    for raw in (key["api_key"], rotated["api_key"]):
+        assert store.records.resolve(store.hash(raw), month()).key.status == "revoked"
+    with pytest.raises(admin.AdminError, match="revoked"):
+        admin.rotate_key(store, key["key_id"])
+
+
+def test_find_key_never_takes_a_key_in_grace_for_the_current_one(store, user):
+    """A listing without key_hash (the Workers gateway's) makes find_key scan the apikey
+    records: one with expires_at is a rotated-out key, whatever its place in the scan."""
+    key = admin.create_key(store, user["user_id"])
+    current = store.hash(key["api_key"])
+    listing_key = user_key_listing_key(user["user_id"], key["key_id"])
+    listing = store.records.get_json(listing_key)
+    del listing["key_hash"]
+    grace = {**json.loads(store.records.get(apikey_key(current))),
+             "expires_at": "2030-01-01T00:00:00Z"}
+    store.records.write({listing_key: json.dumps(listing).encode(),
+                         apikey_key("0" * 64): json.dumps(grace).encode()})  # scanned first
+    ref = admin.find_key(store, key["key_id"])
+    assert ref.key_hash == current and set(ref.grace) == {"0" * 64}
+    rotated = admin.rotate_key(store, key["key_id"], grace_s=5)
+    assert set(key_records(store, key["key_id"])) == {current, store.hash(rotated["api_key"])}
+
+
+def test_rotate_refuses_revoked_passthrough_and_unknown_keys_and_bad_grace(store, user):
+    revoked = admin.create_key(store, user["user_id"])
+    admin.revoke_key(store, revoked["key_id"])
+    own = admin.register_key(store, user["user_id"], "own", "MY_KEY",
+                             environ={"MY_KEY": "sk-own-provider-key-1234"})
+    active = admin.create_key(store, user["user_id"])
+    before = store.records.scan("")
+    with pytest.raises(admin.AdminError, match="revoked"):
+        admin.rotate_key(store, revoked["key_id"])
+    with pytest.raises(admin.AdminError, match="passthrough"):
+        admin.rotate_key(store, own["key_id"])
+    with pytest.raises(admin.NotFound, match="unknown key key_nope"):
+        admin.rotate_key(store, "key_nope")
+    for bad in (-1, float("nan"), float("inf"), admin.MAX_GRACE_S + 1, "soon", None, True):
+        with pytest.raises(admin.AdminError, match="grace_s"):
+            admin.rotate_key(store, active["key_id"], grace_s=bad)
+    assert store.records.scan("") == before  # nothing written
+    assert admin.check_grace_s(admin.MAX_GRACE_S) == 30 * 24 * 3600
+    assert admin.check_grace_s("2.5") == 2.5
+
+
+def test_rotate_works_on_any_target():
+    target = MemoryTarget()
+    org = admin.create_org(target, "Mem", 5)
+    owner = admin.create_user(target, org["org_id"], "m@example.com", 2)
+    key = admin.create_key(target, owner["user_id"])
+    rotated = admin.rotate_key(target, key["key_id"], grace_s=30)
+    old, new = (json.loads(target.records.get(apikey_key(target.hash(raw))))
+                for raw in (key["api_key"], rotated["api_key"]))
+    assert old["key_id"] == new["key_id"] == key["key_id"]
+    assert "expires_at" in old and "expires_at" not in new

@@ -362,9 +362,29 @@ def test_every_documented_command_is_there():
         (), ("org",), ("org", "create"), ("org", "update"), ("org", "show"), ("org", "list"),
         ("user",), ("user", "create"), ("user", "update"), ("user", "show"), ("user", "list"),
         ("key",), ("key", "create"),
-        ("key", "register"), ("key", "revoke"), ("key", "list"), ("usage",), ("quota",),
+        ("key", "register"), ("key", "rotate"), ("key", "revoke"), ("key", "list"), ("usage",), ("quota",),
         ("quota", "reset"), ("log",), ("report",), ("import",), ("export",), ("health",),
         ("sync",), ("demo",)}
+
+
+def test_key_rotate_prints_the_new_key_once_and_refuses_in_one_line(run):
+    org = answer(run("org", "create", "--name", "A", "--budget", "5"))
+    user = answer(run("user", "create", "--org", org["org_id"], "--email", "a@b.c",
+                      "--limit", "2"))
+    key = answer(run("key", "create", "--user", user["user_id"]))
+    rotated = answer(run("key", "rotate", key["key_id"], "--grace-s", "120"))
+    assert rotated["key_id"] == key["key_id"] and rotated["api_key"] != key["api_key"]
+    assert rotated["previous_key_expires_at"] > rotated["rotated_at"]
+    assert key["api_key"] not in json.dumps(rotated)
+    for bad in ("-1", "nan", "inf", "2592001", "soon"):
+        line = error(run("key", "rotate", key["key_id"], "--grace-s", bad), 2)
+        assert "--grace-s" in line and ("30 days" in line or "number of seconds" in line)
+    assert "unknown key key_x" in error(run("key", "rotate", "key_x"), 1)
+    answer(run("key", "revoke", key["key_id"]))
+    assert "is revoked" in error(run("key", "rotate", key["key_id"]), 1)
+    (listed,) = answer(run("key", "list", "--user", user["user_id"]))["keys"]
+    assert listed["status"] == "revoked"
+    assert listed["previous_key_expires_at"] == rotated["previous_key_expires_at"]
 
 
 @pytest.mark.parametrize(("args", "flag"), [

@@ -3,15 +3,18 @@
 import asyncio
 import gzip
 import json
+from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
+from addon import admission
 from addon.gateway import Gateway
 from addon.policy import dollars
 from store import USD, Store, StoreUnavailable
-from store.admin import revoke_key, update_user
+from store.admin import revoke_key, rotate_key, update_user
 from store.money import month_of, utc_now
 from tests.support.seed import seed
 
@@ -282,6 +285,55 @@ def test_a_known_keys_cached_account_still_follows_its_records(gateway):
     revoked = chat_flow(s.api_key, allowed)
     decide(gw, revoked)
     assert revoked.response.status_code == 401
+
+
+def test_a_rotation_without_grace_stops_the_old_key_and_the_new_one_counts_as_the_same(
+        gateway):
+    gw = gateway()
+    s = seed(gw.store)
+    before = chat_flow(s.api_key)
+    decide(gw, before)  # the old key's account is now cached
+    forward(gw, before, openai_response(prompt=100, completion=10))
+    rotated = rotate_key(gw.store, s.key_id)
+    old = chat_flow(s.api_key)
+    decide(gw, old)
+    assert old.response.status_code == 401
+    assert json.loads(old.response.content)["error"]["code"] == "invalid_api_key"
+    new = chat_flow(rotated["api_key"])
+    decide(gw, new)
+    assert new.response is None and new.metadata["aigw"]["key_id"] == s.key_id
+    forward(gw, new, openai_response(prompt=100, completion=10))
+    assert usage(gw, "key", s.key_id).requests == 2
+    assert usage(gw, "key", s.key_id).used_nusd == 2 * (100 * 2.5 + 10 * 10) * 1000
+
+
+def test_a_key_in_grace_is_refused_from_expires_at_on_while_its_records_are_cached(
+        gateway, monkeypatch):
+    gw = gateway()
+    s = seed(gw.store)
+    rotated = rotate_key(gw.store, s.key_id, grace_s=60)
+    expires = datetime.fromisoformat(rotated["previous_key_expires_at"]).timestamp()
+    clock = [expires - 0.001]
+    monkeypatch.setattr(admission, "time", SimpleNamespace(time=lambda: clock[0]))
+    for raw in (s.api_key, rotated["api_key"]):
+        flow = chat_flow(raw)
+        decide(gw, flow)
+        assert flow.response is None, raw
+        forward(gw, flow, openai_response(prompt=10, completion=10))
+    generation = gw.store.records.generation()
+
+    clock[0] = expires  # the records stay as they were: only the clock moved
+    old = chat_flow(s.api_key)
+    decide(gw, old)
+    assert old.response.status_code == 401
+    error = json.loads(old.response.content)["error"]
+    assert error["code"] == "invalid_api_key" and "grace period has ended" in error["message"]
+    new = chat_flow(rotated["api_key"])
+    decide(gw, new)
+    assert new.response is None
+    forward(gw, new, openai_response(prompt=10, completion=10))
+    assert gw.store.records.generation() == generation
+    assert usage(gw, "key", s.key_id).requests == 3
 
 
 def test_missing_org_fails_closed_with_503(gateway):

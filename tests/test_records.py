@@ -5,7 +5,9 @@ plus the concrete cases of issue 10 and valid records of both Workers gateway ve
 
 import json
 import math
+import re
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -34,7 +36,9 @@ HASH = "9f" * 32
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
            | st.sampled_from(["active", "revoked", "suspended", "fail_open", "fail-closed",
-                              "Active", "false", "1.5", "inf", "2026-11", "", "NaN"])
+                              "Active", "false", "1.5", "inf", "2026-11", "", "NaN",
+                              "2030-01-31T12:00:00Z", "2030-01-31T12:00:00+02:00",
+                              "2030-01-31T12:00:00", "2030-02-30T12:00:00Z"])
            | st.sampled_from([-1, 0, 1, -0.0, 1.5, 9e9, 9.000001e9, 2**63 - 1, 2**63, 10**400]))
 json_values = st.recursive(
     scalars,
@@ -74,6 +78,22 @@ def an_id(v: Any) -> bool:
 
 def timestamp(v: Any) -> bool:
     return v is None or isinstance(v, str) or (finite(v) and 0 <= v <= 1e18)
+
+
+def instant(v: Any) -> bool:
+    """RFC 3339 with its zone (a real date and time), or null."""
+    if v is None:
+        return True
+    found = isinstance(v, str) and re.fullmatch(
+        r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+        r"([Zz]|[+-][0-9]{2}:?[0-9]{2})", v)
+    if not found:
+        return False
+    try:
+        datetime(*(int(part) for part in found.groups()[:6]))
+    except ValueError:
+        return False
+    return True
 
 
 def nullable(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -133,7 +153,8 @@ KINDS: dict[str, tuple[str, dict, dict[str, Callable[[Any], bool]]]] = {
                 "name": text, "status": one_of(KEY_STATUSES),
                 "monthly_limit_usd": nullable(amount),
                 "passthrough": lambda v: isinstance(v, bool),
-                "revoked_at": timestamp, "last_used_at": timestamp, **TIMES}),
+                "revoked_at": timestamp, "last_used_at": timestamp, "rotated_at": timestamp,
+                "expires_at": instant, **TIMES}),
     "quota": ("user:u1:quota",
               {"month_usage_usd": 1.5, "current_month": "2026-11", "request_count": 3,
                "last_update": 1_717_000_000_000},
@@ -142,9 +163,10 @@ KINDS: dict[str, tuple[str, dict, dict[str, Callable[[Any], bool]]]] = {
     "listing": ("user:u1:keys:k1",
                 {"key_id": "k1", "key_hash": HASH, "name": "n", "status": "active",
                  "created_at": "2024-03-01T10:00:00Z", "last_used_at": None, "revoked_at": None},
-                {"key_id": nullable(same_id("k1")), "key_hash": nullable(an_id), "name": text,
+                {"key_id": nullable(same_id("k1")), "key_hash": nullable(an_id),
+                 "previous_key_hash": nullable(an_id), "name": text,
                  "status": one_of(KEY_STATUSES), "created_at": timestamp,
-                 "last_used_at": timestamp, "revoked_at": timestamp}),
+                 "last_used_at": timestamp, "revoked_at": timestamp, "rotated_at": timestamp}),
 }
 FIELDS = [(kind, name) for kind, (_, _, rules) in KINDS.items() for name in rules]
 
@@ -277,6 +299,11 @@ def test_a_refusal_never_shows_a_credential(kind, name, secret):
         ("org:o:config", {"org_id": "o2"}, 'org:o:config: org_id: "o2" is not the id'),
         (f"apikey:{HASH}", {"name": "nobody's"}, "user_id: missing"),
         (f"apikey:{HASH}", {"user_id": "u1", "user": "u2"}, "user: names another user"),
+        (f"apikey:{HASH}", {"user_id": "u", "expires_at": "2030-01-31T12:00:00"},
+         'apikey:9f9f9f9f9f9f...: expires_at: expected an ISO time with its zone, as '
+         '2025-01-31T12:00:00Z, got "2030-01-31T12:00:00"'),
+        (f"apikey:{HASH}", {"user_id": "u", "expires_at": 1_900_000_000},
+         "expires_at: expected an ISO time with its zone or null, got 1900000000"),
         ("user:u:quota", b"[1, 2]", "user:u:quota: expected a JSON object, got an array"),
         ("user:u:quota", b"\xff\xfe", "user:u:quota: not valid JSON"),
     ],

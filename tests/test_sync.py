@@ -27,6 +27,7 @@ from store.cloudflare import (
     STAMP,
     USAGE_PREFIX,
     CloudflareSettings,
+    CloudflareTarget,
     KVClient,
     Replicator,
     RequestBudget,
@@ -1132,6 +1133,63 @@ def test_target_cloudflare_writes_stamped_records_the_next_pass_fetches(kv, make
     for raw in (OLD_KEY, key["api_key"]):
         identity = node.store.records.resolve(sha256(raw), this_month())
         assert identity.key.status == "revoked" and check_identity(identity, None).status == 401
+
+
+def test_target_cloudflare_rotates_a_workers_key_on_every_node(kv, make_node, tmp_path):
+    """`aigw --target cloudflare key rotate` on a key of the Workers gateway's layout (nested
+    user, a listing without key_hash): the nodes' next pass brings the new raw key for the
+    same key_id, the old one with its expires_at, and, rotated again without grace, neither
+    old key."""
+    kv.load_bulk(workers_namespace(this_month()))
+    node = make_node(hash_algorithm="sha256")
+    node.replicator.sync_once()
+    config = tmp_path / "admin.yaml"
+    config.write_text("store:\n  hash: sha256\n")
+
+    def admin(*args: str) -> dict:
+        done = run_aigw(tmp_path, "--config", str(config), "--target", "cloudflare",
+                        "--api-base", kv.api_base, *args, env=cf_env(kv))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    rotated = admin("key", "rotate", "key_new", "--grace-s", "600")
+    assert (rotated["key_id"], rotated["user_id"], rotated["org_id"]) == (
+        "key_new", "user_new", "org_new")
+    second = sha256(rotated["api_key"])
+    assert kv.metadata(f"apikey:{second}") == {STAMP: stamp_of(kv.get(f"apikey:{second}"))}
+    listing = json.loads(kv.get("user:user_new:keys:key_new"))
+    assert (listing["key_hash"], listing["previous_key_hash"]) == (second, sha256(NEW_KEY))
+    node.replicator.sync_once()
+    old = node.store.records.resolve(sha256(NEW_KEY), this_month()).key
+    new = node.store.records.resolve(second, this_month()).key
+    assert old.key_id == new.key_id == "key_new" and new.monthly_limit_usd == 5
+    assert old.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ") == rotated["previous_key_expires_at"]
+    assert new.expires_at is None and new.user_id == "user_new"
+
+    third = admin("key", "rotate", "key_new")  # no grace: both older raw keys go
+    assert kv.get(f"apikey:{sha256(NEW_KEY)}") is None and kv.get(f"apikey:{second}") is None
+    node.replicator.sync_once()
+    for gone in (NEW_KEY, rotated["api_key"]):
+        assert node.store.records.resolve(sha256(gone), this_month()).key is None
+    current = node.store.records.resolve(sha256(third["api_key"]), this_month())
+    assert current.key.key_id == "key_new" and check_identity(current, None) is None
+
+
+def test_a_rotation_whose_delete_does_not_reach_kv_still_stops_the_old_key(kv, make_node):
+    """Without grace the old record is deleted, and written expired in the same write: KV runs
+    the deletes after the puts, so a delete that fails leaves a key every node refuses."""
+    from store import admin
+
+    kv.load_bulk(workers_namespace(this_month()))
+    node = make_node(hash_algorithm="sha256")
+    kv.fail("bulk_delete", status=503, times=None)
+    with pytest.raises(SyncError):
+        admin.rotate_key(CloudflareTarget(node.client, "sha256"), "key_new")
+    kv.clear_faults()
+    assert kv.get(f"apikey:{sha256(NEW_KEY)}") is not None  # the delete did not happen
+    node.replicator.sync_once()
+    old = node.store.records.resolve(sha256(NEW_KEY), this_month()).key
+    assert old.key_id == "key_new" and old.expires_at.timestamp() <= time.time()
 
 
 # --------------------------------------------------------------------------- a real namespace

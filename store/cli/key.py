@@ -1,9 +1,9 @@
-"""`aigw key create|update|register|revoke|list`: API keys of a user."""
+"""`aigw key create|update|register|rotate|revoke|list`: API keys of a user."""
 
 import click
 
 from store import admin
-from store.cli.params import USD, rate_limits, rate_options
+from store.cli.params import GRACE_SECONDS, USD, rate_limits, rate_options
 from store.cli.runner import Group, late_globals, nothing_to_change, on_target
 
 group = Group("key", help="API keys.")
@@ -52,6 +52,18 @@ def register(ctx: click.Context, user_id: str, name: str, from_env: str,
     """Register a developer's own provider key, read from an environment variable."""
     return on_target(ctx, lambda store: admin.register_key(store, user_id, name, from_env,
                                                            limit))
+
+
+@group.command("rotate", help="Replace a gateway key by a new one (printed once): the same "
+               "key_id, limits and usage; the old one stops after --grace-s.")
+@click.argument("key_id", metavar="KEY_ID")
+@click.option("--grace-s", "grace_s", type=GRACE_SECONDS, default=0, show_default=True,
+              metavar="S", help="seconds the old key keeps working (at most 30 days)")
+@late_globals()
+@click.pass_context
+def rotate(ctx: click.Context, key_id: str, grace_s: float) -> int:
+    """Rotate a gateway key."""
+    return on_target(ctx, lambda store: admin.rotate_key(store, key_id, grace_s))
 
 
 @group.command("revoke", help="Revoke a key.")

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from store.admin import AdminError, check_usd
+from store.admin import AdminError, check_grace_s, check_usd
 from store.records import FAILURE_MODES, MAX_COUNT
 
 FAILURE_MODE_CHOICES = (*FAILURE_MODES, *(m.replace("_", "-") for m in FAILURE_MODES))
@@ -23,6 +23,19 @@ class Usd(click.ParamType):
             return check_usd(value)
         except AdminError:
             self.fail(f"must be a non-negative number of USD, not {value!r}", param, ctx)
+
+
+class GraceSeconds(click.ParamType):
+    """A rotation's grace period: seconds, from 0 to 30 days."""
+
+    name = "S"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            return check_grace_s(value)
+        except AdminError as exc:
+            self.fail(str(exc).removeprefix("grace_s "), param, ctx)
 
 
 class FailureMode(click.ParamType):
@@ -114,6 +127,7 @@ def rate_options(command: Any) -> Any:
 
 
 USD = Usd()
+GRACE_SECONDS = GraceSeconds()
 RATE_LIMIT = RateLimit()
 FAILURE_MODE = FailureMode()
 MODEL_LIST = ModelList()
