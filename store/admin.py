@@ -1,9 +1,9 @@
 """Admin operations over the store API: orgs, users, keys, usage, quota resets, bulk import/export.
 
-Every operation returns a JSON-ready dict. The org, user and key operations take any
-`store.target.AdminTarget` (the local `Store`, or the Cloudflare KV namespace with `aigw --target
-cloudflare`); usage, quota resets, import, export, health and the demo take the local `Store`,
-whose ledger and metadata they read. Records keep the Workers gateway's KV layout, so an export
+Every operation returns a JSON-ready dict. The org, user and key operations, usage and quota
+resets take any `store.target.AdminTarget` (the local `Store`, or the Cloudflare KV namespace with
+`aigw --target cloudflare`); import, export, health and the demo take the local `Store`, whose
+ledger and metadata they read. Records keep the Workers gateway's KV layout, so an export
 can be bulk-put back into a KV namespace.
 
 The operations live in `admin_accounts`, `admin_usage` and `admin_bulk` (what they share in

@@ -13,7 +13,7 @@ import heapq
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import lmdb
@@ -445,6 +445,40 @@ class Ledger(_Part):
 
         return self._env.write(apply)
 
+    def applied_resets(self) -> dict[Level, tuple[str, int]]:
+        """The fleet-wide reset markers this node has applied: (month, at_ms) by level."""
+        return self._env.read(lambda txn: _applied_resets(txn, self._meta))
+
+    def apply_resets(self, markers: dict[Level, tuple[str, int]], months: Collection[str]
+                     ) -> list[Level]:
+        """Apply the fleet-wide reset markers (level -> (month, at_ms)) of `months` that are
+        newer than the one applied before for their level: zero the level's counter of the
+        marker's month, if it has one (reservations in flight stay), and remember the marker, in
+        one transaction (a marker is never remembered without its reset, nor reset twice).
+        Remembered markers of other months are forgotten. Returns the levels reset."""
+
+        def apply(txn: lmdb.Transaction) -> list[Level]:
+            remembered = _applied_resets(txn, self._meta)
+            applied = {level: mark for level, mark in remembered.items() if mark[0] in months}
+            reset: list[Level] = []
+            now = _now_ms()
+            for level, (month, at_ms) in markers.items():
+                if month not in months or at_ms <= applied.get(level, ("", 0))[1]:
+                    continue
+                k = _counter_key(month, level)
+                raw = txn.get(k, db=self._usage)
+                if raw is not None:
+                    before = Counter.unpack(raw)
+                    txn.put(k, _COUNTER.pack(0, before.reserved_nusd, 0, now), db=self._usage)
+                applied[level] = (month, at_ms)
+                reset.append(level)
+            if applied != remembered:
+                stored = {f"{lv}|{i}": [m, t] for (lv, i), (m, t) in applied.items()}
+                txn.put(_RESETS_APPLIED, orjson.dumps(stored), db=self._meta)
+            return reset
+
+        return self._env.write(apply)
+
     def log_entries(self, since_ns: int = 0) -> list[UsageRecord]:
         """The metered requests logged since `since_ns` (epoch nanoseconds), oldest first."""
         start = f"{since_ns:020d}".encode()
@@ -585,6 +619,15 @@ class Ledger(_Part):
             return out
 
         return self._env.read(collect)
+
+
+_RESETS_APPLIED = b"resets_applied"  # ledger meta: {"level|id": [month, at_ms]}
+
+
+def _applied_resets(txn: lmdb.Transaction, meta: Any) -> dict[Level, tuple[str, int]]:
+    raw = txn.get(_RESETS_APPLIED, db=meta)
+    stored: dict[str, list] = orjson.loads(raw) if raw else {}
+    return {(k.split("|", 1)[0], k.split("|", 1)[1]): (v[0], v[1]) for k, v in stored.items()}
 
 
 def record_tokens(record: UsageRecord) -> int:

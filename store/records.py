@@ -3,6 +3,8 @@
 Keys (the KV layout, unchanged):
   org:{org_id}:config      user:{user_id}:config      apikey:{hash}
   user:{user_id}:keys:{key_id}      user:{user_id}:quota      org:{org_id}:quota
+and aigw's own in KV (never replicated into a node's records): each node's monthly totals
+`aigw:usage:{node}:{month}:{level}:{id}` and fleet-wide reset markers `aigw:reset:{level}:{id}`.
 
 Every writer (admin operations, import, sync) and the request path parse a record with the same
 `parse`, so the request path never meets a value a writer did not accept. Decoding is msgspec's
@@ -13,7 +15,7 @@ does not know are ignored, so an existing namespace loads unchanged.
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import orjson
@@ -269,24 +271,127 @@ class UsageFigures(msgspec.Struct):
 
     n: Count  # nano-dollars
     r: Count  # requests
+    # The fleet-wide reset of this level (its marker's at_ms) the node had applied to its ledger
+    # when it pushed these figures; 0: none. Figures pushed before the level's marker count zero.
+    z: Count = 0
 
 
-def parse_usage_key(name: str, metadata: Any, prefix: str) -> tuple[str, str, str, str, int, int]:
-    """(node, month, level, id, nano-dollars, requests) of another node's usage key and its
-    metadata; RecordError naming the key otherwise."""
+class UsageKey(NamedTuple):
+    """A node's pushed monthly totals of one level, from its key's name and metadata."""
+
+    node: str
+    month: str
+    level: str
+    id: str
+    used_nusd: int
+    requests: int
+    reset_ms: int  # the reset marker the node had applied (UsageFigures.z)
+
+
+def parse_usage_key(name: str, metadata: Any, prefix: str) -> UsageKey:
+    """A node's usage key and its metadata; RecordError naming the key otherwise."""
     label = record_label(name)
     parts = name[len(prefix):].split(":", 3)
     if len(parts) != 4 or not all(parts):
         raise RecordError(f"{label}: expected {prefix}NODE:MONTH:LEVEL:ID")
     node, month, level, level_id = parts
+    _check_month_level(label, month, level)
+    if not isinstance(metadata, dict):
+        raise RecordError(f"{label}: metadata: expected an object, got {_show(metadata)}")
+    figures = _decode(UsageFigures, metadata, f"{label}: metadata")
+    return UsageKey(node, month, level, level_id, figures.n, figures.r, figures.z)
+
+
+def _check_month_level(label: str, month: str, level: str) -> None:
     if not re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", month):
         raise RecordError(f"{label}: month: expected YYYY-MM, got {_show(month)}")
     if level not in LEVELS:
         raise RecordError(f"{label}: level: expected one of key, user, org, got {_show(level)}")
+
+
+# --- fleet-wide quota resets ------------------------------------------------------------------
+
+RESET_PREFIX = "aigw:reset:"
+
+
+def reset_marker_key(level: str, level_id: str) -> str:
+    """The KV key of a level's fleet-wide reset marker (one per level: the latest reset)."""
+    return f"{RESET_PREFIX}{level}:{level_id}"
+
+
+class ResetMarker(msgspec.Struct, kw_only=True):
+    """`aigw:reset:{level}:{id}`: a fleet-wide quota reset, written by `aigw --target cloudflare
+    quota reset`. Its KV metadata repeats `at_ms` and `month` (`listing_metadata`), so a sync
+    pass reads every marker from its listing alone."""
+
+    level: Literal["key", "user", "org"]
+    id: Id
+    month: Month  # the month whose usage was reset
+    at_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]  # when (epoch ms): the marker's version
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, key: str, raw: bytes | str | dict) -> "ResetMarker":
+        level, level_id = _reset_key_parts(key)
+        marker = _decode(cls, raw, record_label(key))
+        if (marker.level, marker.id) != (level, level_id):
+            raise RecordError(f"{record_label(key)}: level and id: expected {level} "
+                              f"{_show(level_id)}, the ones its key names")
+        return marker
+
+    def listing_metadata(self) -> dict:
+        """What the marker's KV metadata holds beside aigw's version stamp."""
+        return {"t": self.at_ms, "m": self.month}
+
+
+class _ResetMetadata(msgspec.Struct):
+    t: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+    m: Month
+
+
+class Reset(NamedTuple):
+    """A reset marker as a listing shows it."""
+
+    level: str
+    id: str
+    month: str
+    at_ms: int
+
+
+def _reset_key_parts(key: str) -> tuple[str, str]:
+    label = record_label(key)
+    level, _, level_id = key.removeprefix(RESET_PREFIX).partition(":")
+    if not key.startswith(RESET_PREFIX) or not level_id:
+        raise RecordError(f"{label}: expected {RESET_PREFIX}LEVEL:ID")
+    if level not in LEVELS:
+        raise RecordError(f"{label}: level: expected one of key, user, org, got {_show(level)}")
+    return level, level_id
+
+
+def parse_reset_listing(name: str, metadata: Any) -> Reset:
+    """A reset marker from its key and KV metadata (a listing entry); RecordError naming the key
+    otherwise."""
+    level, level_id = _reset_key_parts(name)
+    label = record_label(name)
     if not isinstance(metadata, dict):
         raise RecordError(f"{label}: metadata: expected an object, got {_show(metadata)}")
-    figures = _decode(UsageFigures, metadata, f"{label}: metadata")
-    return node, month, level, level_id, figures.n, figures.r
+    fields = _decode(_ResetMetadata, metadata, f"{label}: metadata")
+    return Reset(level, level_id, fields.m, fields.t)
+
+
+def counts_after_reset(usage: UsageKey, reset: Reset | None) -> bool:
+    """Whether a node's pushed figures count, given its level's reset marker: not when the
+    marker is of the figures' month and the node had not applied it when it pushed them (they
+    hold usage from before the reset)."""
+    return reset is None or reset.month != usage.month or usage.reset_ms >= reset.at_ms
+
+
+def listing_metadata(key: str, raw: bytes) -> dict:
+    """What a record's KV metadata holds beside aigw's version stamp, derived from its value (so
+    the two never disagree): a reset marker's `at_ms` and month; nothing for other records."""
+    if key.startswith(RESET_PREFIX):
+        return ResetMarker.parse(key, raw).listing_metadata()
+    return {}
 
 
 def validate_record(key: str, raw: bytes | str | dict) -> None:
@@ -304,6 +409,8 @@ def validate_record(key: str, raw: bytes | str | dict) -> None:
         KeyListing.parse(parts[1], parts[3], raw)
     elif key.startswith(ADMIN_KEY_PREFIX):
         AdminKeyRecord.parse(key.removeprefix(ADMIN_KEY_PREFIX), raw)
+    elif key.startswith(RESET_PREFIX):
+        ResetMarker.parse(key, raw)
 
 
 # --- decoding and its messages ------------------------------------------------------------

@@ -33,8 +33,8 @@ class RecordOps(Protocol):
 
 @runtime_checkable
 class AdminTarget(Protocol):
-    """Where the org, user and key commands read and write: records, the hash under which keys
-    are stored, and what this node metered of each key."""
+    """Where the org, user, key, usage and quota commands read and write: records, the hash
+    under which keys are stored, and what this node metered of each key."""
 
     hash_algorithm: str
 

@@ -546,10 +546,10 @@ def test_the_global_options_go_before_the_command_or_after_it(run, tmp_path):
 
 @pytest.mark.parametrize("args", [("--target", "x", "health"), ("health", "--target", "x"),
                                   ("--target", "cloudflare", "health"),
-                                  ("--target", "cloudflare", "usage", "org", "o"),
+                                  ("--target", "cloudflare", "log"),
                                   ("export", "--target", "cloudflare"),
                                   ("--target", "cloudflare", "sync", "--once")])
-def test_target_is_local_or_cloudflare_and_cloudflare_only_for_org_user_key(run, args):
+def test_target_is_local_or_cloudflare_and_cloudflare_only_for_admin_commands(run, args):
     line = error(run(*args), 2)
     assert "--target" in line
 

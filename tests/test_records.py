@@ -20,13 +20,20 @@ from store.records import (
     KEY_STATUSES,
     MAX_COUNT,
     MAX_USD,
+    RESET_PREFIX,
     USER_STATUSES,
     ApiKey,
     KeyListing,
     Org,
     QuotaRecord,
     RecordError,
+    Reset,
+    ResetMarker,
+    UsageKey,
     User,
+    counts_after_reset,
+    listing_metadata,
+    parse_reset_listing,
     parse_usage_key,
     validate_record,
 )
@@ -167,7 +174,15 @@ KINDS: dict[str, tuple[str, dict, dict[str, Callable[[Any], bool]]]] = {
                  "previous_key_hash": nullable(an_id), "name": text,
                  "status": one_of(KEY_STATUSES), "created_at": timestamp,
                  "last_used_at": timestamp, "revoked_at": timestamp, "rotated_at": timestamp}),
+    "reset": ("aigw:reset:user:u1",
+              {"level": "user", "id": "u1", "month": "2026-11", "at_ms": 1_780_000_000_000,
+               "reason": "new project"},
+              {"level": same_id("user"), "id": same_id("u1"), "month": month,
+               "at_ms": lambda v: count(v) and v >= 1, "reason": text}),
 }
+# aigw's own reset marker names what it resets: only its reason may be left out.
+REQUIRED = {("apikey", "user_id"), ("reset", "level"), ("reset", "id"), ("reset", "month"),
+            ("reset", "at_ms")}
 FIELDS = [(kind, name) for kind, (_, _, rules) in KINDS.items() for name in rules]
 
 
@@ -210,6 +225,8 @@ def test_every_field_may_be_left_out_but_a_keys_owner(kind, name):
     error = outcome(key, {k: v for k, v in valid.items() if k != name})
     if (kind, name) == ("apikey", "user_id"):  # nor `user`: the key belongs to no one
         assert error is not None and "user_id: missing" in str(error)
+    elif (kind, name) in REQUIRED:
+        assert error is not None and f"{name}: missing" in str(error)
     else:
         assert error is None
 
@@ -239,13 +256,108 @@ def test_any_bytes_are_accepted_or_refused_cleanly(raw):
     "aigw:usage:n1:2026-11:user", "aigw:usage::2026-11:user:u"]))
 def test_other_nodes_usage_figures_are_accepted_or_refused_cleanly(metadata, name):
     try:
-        node, _, level, _, used, requests = parse_usage_key(name, metadata, "aigw:usage:")
+        figures = parse_usage_key(name, metadata, "aigw:usage:")
     except RecordError as exc:
         assert str(exc).startswith(name)
         return
-    assert name == "aigw:usage:n1:2026-11:org:o1" and node == "n1" and level == "org"
-    assert count(used) and count(requests)
-    assert isinstance(metadata, dict) and metadata["n"] == used and metadata["r"] == requests
+    assert name == "aigw:usage:n1:2026-11:org:o1"
+    assert (figures.node, figures.month, figures.level, figures.id) == ("n1", "2026-11", "org",
+                                                                        "o1")
+    assert isinstance(metadata, dict) and count(figures.used_nusd) and count(figures.requests)
+    assert (metadata["n"], metadata["r"], metadata.get("z", 0)) == (
+        figures.used_nusd, figures.requests, figures.reset_ms)
+    assert count(figures.reset_ms)
+
+
+# A figures' metadata that only a valid one is: hypothesis rarely builds one by chance.
+usage_metadata = st.fixed_dictionaries(
+    {"n": scalars, "r": scalars}, optional={"z": scalars, "aigw": st.text(max_size=16)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(metadata=usage_metadata)
+def test_usage_figures_take_counts_only_and_the_reset_they_follow(metadata):
+    name = "aigw:usage:n1:2026-11:user:u1"
+    valid = all(count(metadata[k]) for k in ("n", "r")) and count(metadata.get("z", 0))
+    try:
+        figures = parse_usage_key(name, metadata, "aigw:usage:")
+    except RecordError as exc:
+        assert not valid and str(exc).startswith(f"{name}: metadata: ")
+        return
+    assert valid and figures == UsageKey("n1", "2026-11", "user", "u1", metadata["n"],
+                                         metadata["r"], metadata.get("z", 0))
+
+
+# --- reset markers as a listing shows them --------------------------------------------------
+
+reset_metadata = st.fixed_dictionaries(
+    {}, optional={"t": scalars, "m": scalars, "aigw": st.text(max_size=16)}) | json_values
+RESET_NAMES = ["aigw:reset:user:u1", "aigw:reset:org:o:1", "aigw:reset:key:k1",
+               "aigw:reset:team:u1", "aigw:reset:user:", "aigw:reset:user", "aigw:reset:",
+               "aigw:reset::u1", "aigw:reset:User:u1"]
+GOOD_RESET_NAMES = {"aigw:reset:user:u1": ("user", "u1"), "aigw:reset:org:o:1": ("org", "o:1"),
+                    "aigw:reset:key:k1": ("key", "k1")}
+
+
+@settings(max_examples=400, deadline=None)
+@given(metadata=reset_metadata, name=st.sampled_from(RESET_NAMES))
+def test_a_reset_marker_listing_is_accepted_exactly_when_valid(metadata, name):
+    valid = (name in GOOD_RESET_NAMES and isinstance(metadata, dict)
+             and count(metadata.get("t")) and metadata["t"] >= 1 and month(metadata.get("m")))
+    try:
+        reset = parse_reset_listing(name, metadata)
+    except RecordError as exc:
+        assert not valid and str(exc).startswith(name)
+        return
+    assert valid and reset == Reset(*GOOD_RESET_NAMES[name], metadata["m"], metadata["t"])
+
+
+@pytest.mark.parametrize(("name", "metadata", "message"), [
+    ("aigw:reset:user:u1", None, "aigw:reset:user:u1: metadata: expected an object, got null"),
+    ("aigw:reset:user:u1", {"m": "2026-11"}, "metadata: t: missing"),
+    ("aigw:reset:user:u1", {"t": "1780000000000", "m": "2026-11"},
+     'metadata: t: expected an integer, got "1780000000000"'),
+    ("aigw:reset:user:u1", {"t": 0, "m": "2026-11"}, "metadata: t: expected at least 1, got 0"),
+    ("aigw:reset:user:u1", {"t": True, "m": "2026-11"}, "t: expected an integer, got true"),
+    ("aigw:reset:user:u1", {"t": 1.5, "m": "2026-11"}, "t: expected an integer, got 1.5"),
+    ("aigw:reset:user:u1", {"t": 2**70, "m": "2026-11"}, "t: expected at most"),
+    ("aigw:reset:user:u1", {"t": 5, "m": "2026-13"}, 'm: expected a month as YYYY-MM'),
+    ("aigw:reset:team:u1", {"t": 5, "m": "2026-11"},
+     'aigw:reset:team:u1: level: expected one of key, user, org, got "team"'),
+    ("aigw:reset:user", {"t": 5, "m": "2026-11"}, "expected aigw:reset:LEVEL:ID"),
+])
+def test_a_malformed_reset_marker_is_refused_naming_key_field_and_reason(name, metadata,
+                                                                         message):
+    with pytest.raises(RecordError) as caught:
+        parse_reset_listing(name, metadata)
+    assert message in str(caught.value)
+
+
+def test_a_marker_value_and_its_listing_metadata_agree():
+    raw = orjson.dumps({"level": "org", "id": "o1", "month": "2026-11", "at_ms": 42,
+                        "reason": "audit"})
+    key = f"{RESET_PREFIX}org:o1"
+    marker = ResetMarker.parse(key, raw)
+    assert listing_metadata(key, raw) == {"t": 42, "m": "2026-11"}
+    assert parse_reset_listing(key, {"aigw": "stamp", **listing_metadata(key, raw)}) == Reset(
+        "org", "o1", "2026-11", 42) and marker.reason == "audit"
+    assert listing_metadata("org:o1:config", b"{}") == {}
+    with pytest.raises(RecordError, match="level and id: expected org"):
+        ResetMarker.parse(f"{RESET_PREFIX}org:o2", raw)  # another level's marker
+
+
+def test_figures_pushed_before_their_levels_reset_do_not_count():
+    reset = Reset("user", "u1", "2026-11", 1000)
+
+    def figures(month: str, reset_ms: int) -> UsageKey:
+        return UsageKey("n1", month, "user", "u1", 5, 1, reset_ms)
+
+    assert counts_after_reset(figures("2026-11", 0), None)  # no reset
+    assert not counts_after_reset(figures("2026-11", 0), reset)  # pushed before any
+    assert not counts_after_reset(figures("2026-11", 999), reset)  # after an older reset only
+    assert counts_after_reset(figures("2026-11", 1000), reset)  # after this reset
+    assert counts_after_reset(figures("2026-11", 1001), reset)  # after a newer one
+    assert counts_after_reset(figures("2026-10", 0), reset)  # another month's
 
 
 SECRETS = ["sk-proj-" + "A1" * 20, "gw_live_" + "0f" * 16, "AIzaSy" + "B" * 33,

@@ -77,8 +77,8 @@ class AigwGroup(Group):
               help=f"mitm.yaml to read (default ./{DEFAULT_CONFIG}, used only if it exists)")
 @click.option("--store", metavar="DIR", help="store directory (overrides store.path)")
 @click.option("--target", type=click.Choice(TARGETS), default="local", show_default=True,
-              help="where org, user and key commands write: the local store or the Cloudflare "
-              "KV namespace every node syncs from")
+              help="where org, user, key, usage and quota commands work: the local store or "
+              "the Cloudflare KV namespace every node syncs from")
 @click.option("--api-base", metavar="URL",
               help="Cloudflare API base (default https://api.cloudflare.com/client/v4)")
 @click.pass_context

@@ -122,12 +122,14 @@ def known_providers(ctx: click.Context) -> frozenset[str]:
 def local_only(ctx: click.Context) -> None:
     """Refuse --target cloudflare for a command that works on the local store only."""
     if globals_of(ctx).target == "cloudflare":
-        raise click.UsageError("--target cloudflare is for the org, user and key commands", ctx)
+        raise click.UsageError("--target cloudflare is for the org, user, key, usage and quota "
+                               "commands", ctx)
 
 
 def on_target(ctx: click.Context, operation: Operation, *, creates_store: bool = False) -> int:
-    """Run an org, user or key operation where --target says: the local store, or the KV
-    namespace itself (records version-stamped, so every node's next sync pass fetches them)."""
+    """Run an org, user, key, usage or quota operation where --target says: the local store, or
+    the KV namespace itself (records version-stamped, so every node's next sync pass fetches
+    them)."""
     options = globals_of(ctx)
     if options.target != "cloudflare":
         return on_store(ctx, operation, creates_store=creates_store)

@@ -5,7 +5,7 @@ import click
 
 from store import admin
 from store.cli.report import MONTH
-from store.cli.runner import Group, late_globals, on_store
+from store.cli.runner import Group, late_globals, on_target
 
 LEVEL = click.Choice(admin.LEVELS)
 
@@ -13,7 +13,8 @@ LEVEL = click.Choice(admin.LEVELS)
 @click.command("usage", short_help="A month's usage of a user, org or key.",
                help="A month's usage of a user, org or key (the current UTC month unless "
                "--month names another): what the gateway enforces (this node, the other "
-               "nodes, the Workers quota record), each shown.")
+               "nodes, the Workers quota record), each shown; with --target cloudflare, every "
+               "node's pushed totals.")
 @click.argument("level", type=LEVEL, metavar="user|org|key")
 @click.argument("level_id", metavar="ID")
 @click.option("--month", type=MONTH, metavar="YYYY-MM",
@@ -22,13 +23,14 @@ LEVEL = click.Choice(admin.LEVELS)
 @click.pass_context
 def usage(ctx: click.Context, level: str, level_id: str, month: str | None) -> int:
     """A month's usage of a user, org or key."""
-    return on_store(ctx, lambda store: admin.level_usage(store, level, level_id, month))
+    return on_target(ctx, lambda target: admin.level_usage(target, level, level_id, month))
 
 
 quota = Group("quota", help="Quotas.")
 
 
-@quota.command("reset", help="Zero the current month's usage (audited).")
+@quota.command("reset", help="Zero the current month's usage (audited): of this node's store, "
+               "or with --target cloudflare of every node (at its next sync pass).")
 @click.argument("level", type=LEVEL, metavar="user|org|key")
 @click.argument("level_id", metavar="ID")
 @click.option("--reason", required=True, metavar="TEXT", help="why, kept in the audit record")
@@ -36,4 +38,4 @@ quota = Group("quota", help="Quotas.")
 @click.pass_context
 def reset(ctx: click.Context, level: str, level_id: str, reason: str) -> int:
     """Zero the current month's usage of a user, org or key."""
-    return on_store(ctx, lambda store: admin.reset_quota(store, level, level_id, reason))
+    return on_target(ctx, lambda target: admin.reset_quota(target, level, level_id, reason))

@@ -8,6 +8,13 @@ locally only after a listing that reached its end no longer contains it.
 
 Usage: each node writes its own monthly totals under `aigw:usage:{node}:{month}:{level}:{id}`,
 with the figures in the key's metadata, so a listing alone reads every node's totals.
+
+Fleet-wide resets: `aigw --target cloudflare quota reset` writes a marker
+`aigw:reset:{level}:{id}` (its month and `at_ms` in the metadata). A pass that lists a marker newer
+than the one this node applied zeroes the level's counter of that month in its ledger and pushes
+the level again with the marker in the figures' metadata (`z`); every node counts another node's
+figures of that month as zero until they carry the marker, i.e. were pushed after that node
+applied it.
 """
 
 import logging
@@ -15,7 +22,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import blake3
 import orjson
@@ -26,11 +32,17 @@ from store.audit import AUDIT_PREFIX
 from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
 from store.cloudflare.settings import SyncSettings
 from store.db import LMDB_MAX_KEY, Store, StoreError
+from store.ledger import Level
 from store.money import month_of, utc_now
 from store.records import (
     ADMIN_KEY_PREFIX,
     MAX_COUNT,
+    RESET_PREFIX,
     RecordError,
+    Reset,
+    UsageKey,
+    counts_after_reset,
+    parse_reset_listing,
     parse_usage_key,
     record_label,
     validate_record,
@@ -61,6 +73,10 @@ class PassSummary:
     # rejected record keeps its previous version in the store, if it had one.
     rejected: list[dict] = field(default_factory=list)
     usage_keys: int = 0
+    # Other nodes' usage keys counted zero: pushed before their level's fleet-wide reset.
+    usage_before_reset: int = 0
+    reset_markers: int = 0
+    resets_applied: int = 0  # markers new to this node: its counter of the level zeroed
     pushed: int = 0
     requests: int = 0
     duration_s: float = 0.0
@@ -70,7 +86,8 @@ class PassSummary:
     def line(self) -> str:
         return (f"sync: listed {self.listed}, fetched {self.fetched}, changed {self.changed}, "
                 f"deleted {self.deleted}, rejected {len(self.rejected)}, usage keys "
-                f"{self.usage_keys}, pushed {self.pushed}, requests {self.requests}, "
+                f"{self.usage_keys}, pushed {self.pushed}, resets applied "
+                f"{self.resets_applied}, requests {self.requests}, "
                 f"{self.duration_s:.2f} s{' (full)' if self.full else ''}")
 
 
@@ -108,18 +125,14 @@ class Replicator:
             full = time.time() - float(last.get("last_full_at", 0)) >= self.settings.full_interval_s
         summary.full = full
 
-        if self.settings.push_usage:
-            try:
-                summary.pushed = self.push_usage()
-            except SyncError as exc:  # other nodes see our spend a pass later; still pull
-                log.warning("sync: pushing this node's usage failed: %s", exc)
         listing = self.client.list_all(progress=lambda n: self._progress("list", n, None))
         summary.listed = len(listing)
         local_stamps = self.store.records.stamps()
         listed: set[str] = set()
         wanted: list[str] = []
         stamps: dict[str, str] = {}
-        remote: dict[tuple[str, str, str], tuple[int, int]] = {}
+        usage: list[tuple[str, UsageKey]] = []
+        resets: dict[Level, Reset] = {}
         for item in listing:
             name = item.get("name")
             if not isinstance(name, str):
@@ -131,9 +144,21 @@ class Replicator:
             if name.startswith(USAGE_PREFIX):
                 summary.usage_keys += 1
                 try:
-                    self._count_remote(name, metadata, remote)
+                    figures = parse_usage_key(name, metadata, USAGE_PREFIX)
                 except RecordError as exc:
                     self._reject(summary, name, exc)
+                    continue
+                if figures.node != self.node_id:
+                    usage.append((name, figures))
+                continue
+            if name.startswith(RESET_PREFIX):
+                summary.reset_markers += 1
+                try:
+                    reset = parse_reset_listing(name, metadata)
+                except RecordError as exc:
+                    self._reject(summary, name, exc)
+                    continue
+                resets[(reset.level, reset.id)] = reset
                 continue
             if not name or len(name.encode()) > LMDB_MAX_KEY:
                 self._reject(summary, name, RecordError(
@@ -148,6 +173,18 @@ class Replicator:
             elif full or known is None:
                 wanted.append(name)
                 stamps[name] = ""
+        remote = self._remote_totals(usage, resets, summary)
+        this_month = month_of(utc_now())
+        summary.resets_applied = len(self.store.ledger.apply_resets(
+            {level: (reset.month, reset.at_ms) for level, reset in resets.items()},
+            (previous_month(this_month), this_month)))
+        # After the resets: a level just reset is pushed in this pass, with its marker (one
+        # push a pass, so never two writes to one key within a second).
+        if self.settings.push_usage:
+            try:
+                summary.pushed = self.push_usage()
+            except SyncError as exc:  # other nodes see our spend a pass later; still pull
+                log.warning("sync: pushing this node's usage failed: %s", exc)
 
         values = self._fetch(wanted)
         summary.fetched = len(values)
@@ -214,24 +251,31 @@ class Replicator:
         """Report a record (or usage figures) the pass does not apply: stderr and the summary."""
         label = record_label(name)
         reason = str(exc).removeprefix(f"{label}: ")
-        kept = not name.startswith(USAGE_PREFIX) and 0 < len(name.encode()) <= LMDB_MAX_KEY \
+        kept = not name.startswith((USAGE_PREFIX, RESET_PREFIX)) \
+            and 0 < len(name.encode()) <= LMDB_MAX_KEY \
             and self.store.records.get(name) is not None
         summary.rejected.append({"key": name, "reason": reason, "kept_previous": kept})
         log.warning("sync: %s not replicated: %s%s", label, reason,
                     " (its previous version stays)" if kept else "")
 
-    def _count_remote(self, name: str, metadata: Any,
-                      remote: dict[tuple[str, str, str], tuple[int, int]]) -> None:
-        """Add another node's figures to the totals; RecordError if they are malformed."""
-        node, month, level, level_id, used, requests = parse_usage_key(name, metadata,
-                                                                       USAGE_PREFIX)
-        if node == self.node_id:
-            return
-        total = remote.get((month, level, level_id), (0, 0))
-        summed = (total[0] + used, total[1] + requests)
-        if max(summed) > MAX_COUNT:
-            raise RecordError(f"{record_label(name)}: metadata: the nodes' totals overflow 64 bits")
-        remote[(month, level, level_id)] = summed
+    def _remote_totals(self, usage: list[tuple[str, UsageKey]], resets: dict[Level, Reset],
+                       summary: PassSummary) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """Other nodes' figures summed by (month, level, id); figures pushed before their
+        level's reset marker count zero, and figures that would overflow the sum are rejected."""
+        remote: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for name, figures in usage:
+            if not counts_after_reset(figures, resets.get((figures.level, figures.id))):
+                summary.usage_before_reset += 1
+                continue
+            level = (figures.month, figures.level, figures.id)
+            total = remote.get(level, (0, 0))
+            summed = (total[0] + figures.used_nusd, total[1] + figures.requests)
+            if max(summed) > MAX_COUNT:
+                self._reject(summary, name, RecordError(
+                    f"{record_label(name)}: metadata: the nodes' totals overflow 64 bits"))
+                continue
+            remote[level] = summed
+        return remote
 
     def push_usage(self) -> int:
         """Write this node's changed monthly totals (this month and last) to KV in bulk. Each key
@@ -239,20 +283,27 @@ class Replicator:
         this_month = month_of(utc_now())
         months = (previous_month(this_month), this_month)  # last month's final figures too
         pushed_before: dict[str, list[int]] = self.store.ledger.meta("pushed") or {}
+        applied = self.store.ledger.applied_resets()
         items, current = [], {}
         for month in months:
             for (level, level_id), counter in self.store.ledger.month_counters(month).items():
                 name = f"{USAGE_PREFIX}{self.node_id}:{month}:{level}:{level_id}"
-                figures = [counter.used_nusd, counter.requests]
+                mark = applied.get((level, level_id))
+                reset_ms = mark[1] if mark is not None and mark[0] == month else 0
+                # The marker is part of what was pushed: a level just reset is pushed again
+                # even when its figures did not change.
+                figures = [counter.used_nusd, counter.requests, *([reset_ms] if reset_ms else [])]
                 current[name] = figures
                 if pushed_before.get(name) == figures or len(name.encode()) > 512:
                     continue
-                value = orjson.dumps({"node": self.node_id, "month": month, "level": level,
-                                      "id": level_id, "used_nusd": figures[0],
-                                      "requests": figures[1], "at": int(time.time())})
+                body = {"node": self.node_id, "month": month, "level": level, "id": level_id,
+                        "used_nusd": figures[0], "requests": figures[1], "at": int(time.time())}
+                metadata = {"n": figures[0], "r": figures[1]}
+                if reset_ms:
+                    body["reset_ms"] = metadata["z"] = reset_ms
+                value = orjson.dumps(body)
                 items.append({"key": name, "value": value.decode(),
-                              "metadata": {STAMP: stamp_of(value), "n": figures[0],
-                                           "r": figures[1]}})
+                              "metadata": {STAMP: stamp_of(value), **metadata}})
         failed: set[str] = set()
         for start in range(0, len(items), BULK_PUT):
             failed.update(self.client.bulk_put(items[start:start + BULK_PUT]))

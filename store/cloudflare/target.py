@@ -9,12 +9,14 @@ import orjson
 from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
 from store.cloudflare.sync import STAMP, stamp_of
 from store.hashing import hash_key
+from store.records import listing_metadata
 
 
 def write_records(client: KVClient, records: dict[str, bytes], deletes: Iterable[str] = ()
                   ) -> None:
     """Admin writes straight to KV, each value with its version stamp (so syncs fetch it)."""
-    items = [{"key": k, "value": v.decode(), "metadata": {STAMP: stamp_of(v)}}
+    items = [{"key": k, "value": v.decode(),
+              "metadata": {STAMP: stamp_of(v), **listing_metadata(k, v)}}
              for k, v in records.items()]
     for start in range(0, len(items), BULK_PUT):
         failed = client.bulk_put(items[start:start + BULK_PUT])
@@ -71,6 +73,11 @@ class KVRecords:
 
     def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
         write_records(self._client, puts, deletes)
+
+    def listing(self, prefix: str) -> list[dict]:
+        """Every key under `prefix` with its metadata ({name, metadata?}), as a pass lists it:
+        what aigw's usage keys and reset markers hold is read from their metadata."""
+        return self._client.list_all(prefix=prefix)
 
 
 class CloudflareTarget:
