@@ -364,7 +364,8 @@ def test_every_documented_command_is_there():
         ("key",), ("key", "create"),
         ("key", "register"), ("key", "rotate"), ("key", "revoke"), ("key", "list"), ("usage",), ("quota",),
         ("quota", "reset"), ("log",), ("report",), ("import",), ("export",), ("health",),
-        ("sync",), ("demo",)}
+        ("sync",), ("demo",), ("admin-key",), ("admin-key", "create"), ("admin-key", "list"),
+        ("admin-key", "revoke"), ("audit",), ("serve",)}
 
 
 def test_key_rotate_prints_the_new_key_once_and_refuses_in_one_line(run):
