@@ -255,6 +255,7 @@ class VirtualKey(msgspec.Struct, kw_only=True):
     revoked_at: Timestamp = None
     rotated_at: Timestamp = None
     expires_at: Instant | None = None
+    previous_key_hash: Id | None = None  # the key rotated out, while it may be in its grace
 
     @classmethod
     def parse(cls, key_hash: str, raw: bytes | str | dict) -> "VirtualKey":
