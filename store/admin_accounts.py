@@ -1,6 +1,7 @@
 """Admin operations on orgs, users and keys, over any `AdminTarget`: the local store or the
 Cloudflare KV namespace alike."""
 
+import json
 import math
 import os
 import secrets
@@ -38,6 +39,7 @@ from store.records import (
     MAX_COUNT,
     RATE_FIELDS,
     USER_STATUSES,
+    VKEY_INDEX_PREFIX,
     VKEY_PREFIX,
     ApiKey,
     RecordError,
@@ -428,7 +430,8 @@ def _new_key(
     return puts, result
 
 
-def _new_vkey(user_id: str, org_id: str | None, key_hash: str, name: str, limit: float | None,
+def _new_vkey(user_id: str, org_id: str | None, key_hash: str, name: str | None,
+              limit: float | None,
               passthrough: bool, rates: RateLimits | None) -> tuple[dict[str, bytes], dict]:
     """A key in the later Workers gateway's layout: `vkey:{hash}:config` and its index
     `vkey:id:{key_id}` (the hash, as plain text). No limit: the field is left out, as the
@@ -439,8 +442,9 @@ def _new_vkey(user_id: str, org_id: str | None, key_hash: str, name: str, limit:
     record: dict[str, Any] = {
         "key_id": key_id, "key_hash": key_hash, "org_id": org_id, "user": user_id,
         "name": name, "monthly_limit_usd": limit, "status": "active", "created_at": now_iso()}
-    if limit is None:
-        del record["monthly_limit_usd"]
+    for field_name in ("monthly_limit_usd", "name"):  # absent, as the later gateway leaves it
+        if record[field_name] is None:
+            del record[field_name]
     if passthrough:
         record["passthrough"] = True
     _set_rates(record, rates)
@@ -910,3 +914,62 @@ def _with_grace(store: AdminTarget, keys: list[dict]) -> list[dict]:
         if old is not None and old.get("key_id", listing["key_id"]) == listing["key_id"]:
             listing["previous_key_expires_at"] = old.get("expires_at")
     return keys
+
+
+# The later Workers gateway's virtual keys (its /admin/vkeys API)
+
+VKEY_SHOWN = ("key_id", "org_id", "user", "name", "monthly_limit_usd", "status", "created_at")
+
+
+def shown_vkey(record: dict) -> dict:
+    """A virtual key as the later gateway's API shows it (never its hash)."""
+    return {name: record[name] for name in VKEY_SHOWN if name in record}
+
+
+def find_vkey(store: AdminTarget, key_id: str) -> KeyRef:
+    """A key of the later layout by its index; NotFound for any other (a first-layout key is
+    not a virtual key)."""
+    ref = _find_vkey(store, key_id)
+    if ref is None:
+        raise NotFound(f"Virtual key not found: {key_id}")
+    return ref
+
+
+def create_vkey(store: AdminTarget, org_id: str, user_id: str, name: str | None = None,
+                limit_usd: float = 10.0) -> dict:
+    """A key in the later layout for a user of an org, as its gateway's `POST /admin/vkeys`
+    makes one (NotFound: no such org or user; AdminError: the user is of another org). The
+    result holds the raw key (`api_key`), shown once, and the key (`virtual_key`)."""
+    org_id, user_id = _check_text(org_id, "org_id"), _check_text(user_id, "user")
+    _load(store, org_config_key(org_id), f"org {org_id}")
+    user = _load(store, user_config_key(user_id), f"user {user_id}")
+    if user.get("org_id") != org_id:
+        raise AdminError(f"user: {user_id} does not belong to the organization {org_id}")
+    raw = new_gateway_key(RAW_KEY_HEX["vkey"])
+    key_hash = store.hash(raw)
+    if store.records.get_many([apikey_key(key_hash), vkey_config_key(key_hash)]):
+        raise Conflict("this key is already registered")
+    puts, _ = _new_vkey(user_id, org_id, key_hash, None if name is None else _check_text(
+        name, "name"), check_usd(limit_usd, "monthly_limit_usd"), False, None)
+    _write(store, puts)
+    return {"virtual_key": shown_vkey(json.loads(puts[vkey_config_key(key_hash)])),
+            "api_key": raw}
+
+
+def list_vkeys(store: AdminTarget, org_id: str | None = None, user_id: str | None = None
+               ) -> dict:
+    """Every virtual key (the later layout's), of an org and/or a user if given, by key id."""
+    keys = [shown_vkey(json.loads(raw)) for entry, raw in _vkeys(store)
+            if (org_id is None or entry["org_id"] == org_id)
+            and (user_id is None or entry["user_id"] == user_id)]
+    return {"virtual_keys": keys}
+
+
+def count_entities(store: AdminTarget) -> dict:
+    """Gateway keys of either layout (each once: by its `vkey:id:` index or its
+    `user:{id}:keys:` listing) and organizations, counted from key names only."""
+    listings = sum(1 for name in store.records.names("user:")
+                   if len(name.split(":")) == 4 and name.split(":")[2] == "keys")
+    orgs = sum(1 for name in store.records.names("org:") if name.endswith(":config"))
+    return {"virtual_keys": len(store.records.names(VKEY_INDEX_PREFIX)) + listings,
+            "organizations": orgs}

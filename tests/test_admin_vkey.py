@@ -104,6 +104,8 @@ def test_status_and_user_of_a_first_layout_key_do_not_change(store):
         admin.update_key(store, key["key_id"], status="revoked")
     with pytest.raises(admin.AdminError, match="apikey layout"):
         admin.delete_key(store, key["key_id"])
+    with pytest.raises(admin.NotFound, match="Virtual key not found"):
+        admin.find_vkey(store, key["key_id"])  # /admin/vkeys answers 404 for it
 
 
 @pytest.mark.parametrize("grace_s", [0, 3600])
