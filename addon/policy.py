@@ -80,8 +80,10 @@ def budgets_of(identity: Identity, month: str) -> tuple[Budget, ...]:
     remote_key, remote_user, remote_org = identity.remote
     user_ext = _plus(identity.user_quota.usage_in(month) if identity.user_quota else (0, 0),
                      remote_user)
+    key_ext = _plus(identity.key_quota.usage_in(month) if identity.key_quota else (0, 0),
+                    remote_key)
     budgets = [
-        Budget("key", key.key_id, _nusd(key.monthly_limit_usd), *remote_key,
+        Budget("key", key.key_id, _nusd(key.monthly_limit_usd), *key_ext,
                key.rpm_limit, key.tpm_limit, key.max_parallel_requests),
         Budget("user", user.user_id, _nusd(user.monthly_limit_usd), *user_ext,
                user.rpm_limit, user.tpm_limit, user.max_parallel_requests),
@@ -124,6 +126,11 @@ def check_identity(identity: Identity, model: str | None) -> Denial | None:
         return unauthorized(f"The gateway key {key.key_id} belongs to no known user.")
     if not identity.user.active:
         return unauthorized(f"The user {identity.user.user_id} is {identity.user.status}.")
+    if identity.layout == "vkey" and identity.user.org_id != key.org_id:
+        # The later gateway's key names its org and its user: both must agree, as a key whose
+        # user is missing is refused (a misconfiguration, never charged to the wrong org).
+        return unauthorized(f"The gateway key {key.key_id} names organization {key.org_id}, "
+                            f"and its user {identity.user.user_id} is not of it.")
     org = identity.org
     if org is not None and org.allowed_models and model and model not in org.allowed_models:
         return model_not_allowed(org.org_id, model)

@@ -1,8 +1,12 @@
 """Admin operations on orgs, users and keys, over any `AdminTarget`: the local store or the
 Cloudflare KV namespace alike."""
 
+import json
 import math
 import os
+import secrets
+import string
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,23 +34,51 @@ from store.money import month_of, utc_now
 from store.records import (
     DEFAULT_FALLBACK_DAILY_LIMIT_USD,
     FAIL_CLOSED,
+    KEY_LAYOUTS,
+    KEY_STATUSES,
     MAX_COUNT,
     RATE_FIELDS,
     USER_STATUSES,
+    VKEY_INDEX_PREFIX,
+    VKEY_PREFIX,
     ApiKey,
     RecordError,
     User,
+    VirtualKey,
     apikey_key,
     normalize_failure_mode,
     org_config_key,
+    parse_vkey_index,
     user_config_key,
     user_key_listing_key,
     validate_record,
+    vkey_config_key,
+    vkey_index_key,
+    vkey_quota_key,
 )
 from store.target import AdminTarget
 
 RateLimits = Mapping[str, int | None]  # rpm_limit, tpm_limit, max_parallel_requests; None: remove
 MAX_GRACE_S = 30 * 24 * 3600  # the longest a rotated-out key may keep working
+RAW_KEY_HEX = {"apikey": 32, "vkey": 48}  # a raw key's hex characters in each layout
+
+
+def key_layout_of(store: AdminTarget) -> str:
+    """The layout new keys are written in: `store.key_layout` when set, else `vkey` when the
+    records hold any `vkey:` record (a namespace of the later Workers gateway), else `apikey`."""
+    layout = getattr(store, "key_layout", None)
+    if layout is None:
+        return "vkey" if store.records.names(VKEY_PREFIX) else "apikey"
+    if layout not in KEY_LAYOUTS:
+        raise AdminError(f"store.key_layout must be one of {', '.join(KEY_LAYOUTS)}, "
+                         f"not {layout!r}")
+    return layout
+
+
+def new_vkey_id() -> str:
+    """A key id as the later Workers gateway makes them: `vkey_{epoch ms}_{6 base36}`."""
+    tail = "".join(secrets.choice(string.digits + string.ascii_lowercase) for _ in range(6))
+    return f"vkey_{int(time.time() * 1000)}_{tail}"
 
 
 def _set_rates(record: dict, rates: RateLimits | None) -> None:
@@ -280,8 +312,10 @@ def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd:
     """A user and a first gateway key (named `default`, no limit of its own) in one write, as
     the Workers gateway's `POST /admin/users` makes them; the raw key is returned this once."""
     user = _checked_new_user(store, org_id, email, limit_usd, rates)
-    raw = new_gateway_key()
-    puts, key = _new_key(store, user["user_id"], org_id, raw, DEFAULT_KEY_NAME, None, False)
+    layout = key_layout_of(store)
+    raw = new_gateway_key(RAW_KEY_HEX[layout])
+    puts, key = _new_key(store, user["user_id"], org_id, raw, DEFAULT_KEY_NAME, None, False,
+                         layout=layout)
     puts[user_config_key(user["user_id"])] = _dump(user)
     _write(store, puts)
     return {"user": user, "api_key": raw, "key_id": key["key_id"]}
@@ -344,12 +378,17 @@ def _new_key(
     limit_usd: float | None,
     passthrough: bool,
     rates: RateLimits | None = None,
+    *,
+    layout: str = "apikey",
 ) -> tuple[dict[str, bytes], dict]:
+    """The records of a new key in `layout`, and the admin answer (without the raw key)."""
     limit = None if limit_usd is None else check_usd(limit_usd, "monthly_limit_usd")
     name = _check_text(name, "name")
     key_hash = store.hash(raw_key)
-    if store.records.get(apikey_key(key_hash)) is not None:
+    if store.records.get_many([apikey_key(key_hash), vkey_config_key(key_hash)]):
         raise Conflict("this key is already registered")
+    if layout == "vkey":
+        return _new_vkey(user_id, org_id, key_hash, name, limit, passthrough, rates)
     key_id = new_id("key")
     created_at = now_iso()
     record = {
@@ -391,6 +430,32 @@ def _new_key(
     return puts, result
 
 
+def _new_vkey(user_id: str, org_id: str | None, key_hash: str, name: str | None,
+              limit: float | None,
+              passthrough: bool, rates: RateLimits | None) -> tuple[dict[str, bytes], dict]:
+    """A key in the later Workers gateway's layout: `vkey:{hash}:config` and its index
+    `vkey:id:{key_id}` (the hash, as plain text). No limit: the field is left out, as the
+    later gateway reads a key without one (a null would read as a $0 limit there)."""
+    if not org_id:
+        raise AdminError(f"user {user_id} has no org_id: a key of the vkey layout names its org")
+    key_id = new_vkey_id()
+    record: dict[str, Any] = {
+        "key_id": key_id, "key_hash": key_hash, "org_id": org_id, "user": user_id,
+        "name": name, "monthly_limit_usd": limit, "status": "active", "created_at": now_iso()}
+    for field_name in ("monthly_limit_usd", "name"):  # absent, as the later gateway leaves it
+        if record[field_name] is None:
+            del record[field_name]
+    if passthrough:
+        record["passthrough"] = True
+    _set_rates(record, rates)
+    puts = {vkey_config_key(key_hash): _dump(record), vkey_index_key(key_id): key_hash.encode()}
+    result = {"key_id": key_id, "user_id": user_id, "org_id": org_id, "name": name,
+              "monthly_limit_usd": limit, "status": "active", "created_at": record["created_at"],
+              "passthrough": passthrough, "key_layout": "vkey",
+              **{name: record[name] for name in RATE_FIELDS if name in record}}
+    return puts, result
+
+
 def _store_key(
     store: AdminTarget,
     user_id: str,
@@ -399,13 +464,15 @@ def _store_key(
     limit_usd: float | None,
     passthrough: bool,
     rates: RateLimits | None = None,
+    layout: str | None = None,
 ) -> dict:
     user = _load(store, user_config_key(user_id), f"user {user_id}")
     try:
         org_id = User.parse(user_id, user).org_id
     except RecordError as exc:
         raise AdminError(str(exc)) from None
-    puts, result = _new_key(store, user_id, org_id, raw_key, name, limit_usd, passthrough, rates)
+    puts, result = _new_key(store, user_id, org_id, raw_key, name, limit_usd, passthrough, rates,
+                            layout=layout or key_layout_of(store))
     _write(store, puts)
     return result
 
@@ -414,9 +481,12 @@ def create_key(
     store: AdminTarget, user_id: str, name: str | None = None, limit_usd: float | None = None,
     *, rates: RateLimits | None = None,
 ) -> dict:
-    """Issue a gateway key for a user; the result holds the raw key (`api_key`), shown once."""
-    raw = new_gateway_key()
-    result = _store_key(store, user_id, raw, name or DEFAULT_KEY_NAME, limit_usd, False, rates)
+    """Issue a gateway key for a user, in the store's key layout (`key_layout_of`); the result
+    holds the raw key (`api_key`), shown once."""
+    layout = key_layout_of(store)
+    raw = new_gateway_key(RAW_KEY_HEX[layout])
+    result = _store_key(store, user_id, raw, name or DEFAULT_KEY_NAME, limit_usd, False, rates,
+                        layout)
     return {"key_id": result["key_id"], "api_key": raw, **result}
 
 
@@ -441,9 +511,10 @@ def register_key(
 
 @dataclass
 class KeyRef:
-    """Where a key's records are: `apikey:{hash}` and/or its `user:{id}:keys:{key_id}` listing,
-    and the records of the raw key it replaced by a rotation (`grace`, hash -> record), which
-    may still be in their grace period."""
+    """Where a key's records are: `apikey:{hash}` and/or its `user:{id}:keys:{key_id}` listing
+    (the first layout), or `vkey:{hash}:config` and its `vkey:id:{key_id}` index (the later
+    one); and the records of the raw key it replaced by a rotation (`grace`, hash -> record),
+    which may still be in their grace period."""
 
     key_id: str
     key_hash: str | None
@@ -451,12 +522,53 @@ class KeyRef:
     listing_key: str | None
     listing: dict | None
     grace: dict[str, dict] = field(default_factory=dict)
+    layout: str = "apikey"
+
+    def record_key(self, key_hash: str) -> str:
+        """The record of one of the key's raw keys, in the key's layout."""
+        return vkey_config_key(key_hash) if self.layout == "vkey" else apikey_key(key_hash)
+
+    def parsed(self) -> ApiKey:
+        """The current record as the request path reads it; AdminError if it would refuse it."""
+        if self.record is None or self.key_hash is None:
+            raise AdminError(f"key {self.key_id} has no key record")
+        try:
+            if self.layout == "vkey":
+                return VirtualKey.parse(self.key_hash, self.record).as_api_key()
+            return ApiKey.parse(self.key_hash, self.record)
+        except RecordError as exc:
+            raise AdminError(str(exc)) from None
+
+
+def _find_vkey(store: AdminTarget, key_id: str) -> KeyRef | None:
+    """A key of the later layout by its `vkey:id:{key_id}` index, with the record of the raw
+    key it replaced (its config's `previous_key_hash`); None if there is no index."""
+    index = store.records.get(vkey_index_key(key_id))
+    if index is None:
+        return None
+    try:
+        key_hash = parse_vkey_index(key_id, index)
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
+    record = _json_or_none(store.records.get(vkey_config_key(key_hash)))
+    if record is None or record.get("key_id") != key_id:
+        raise NotFound(f"unknown key {key_id} (its index names no key record of it)")
+    grace: dict[str, dict] = {}
+    previous = record.get("previous_key_hash")
+    if isinstance(previous, str) and previous and previous != key_hash:
+        old = _json_or_none(store.records.get(vkey_config_key(previous)))
+        if old is not None and old.get("key_id") == key_id:
+            grace[previous] = old
+    return KeyRef(key_id, key_hash, record, None, None, grace, "vkey")
 
 
 def find_key(store: AdminTarget, key_id: str) -> KeyRef:
-    """Locate a key by id: via its listing's key_hash (and previous_key_hash), else by scanning
-    `apikey:` records, where a record with `expires_at` is a rotated-out one, never the
-    current."""
+    """Locate a key by id: in the later layout by its index; else via its listing's key_hash
+    (and previous_key_hash), else by scanning `apikey:` records, where a record with
+    `expires_at` is a rotated-out one, never the current."""
+    later = _find_vkey(store, key_id)
+    if later is not None:
+        return later
     suffix = f":keys:{key_id}"
     listing_key = listing = None
     for k, v in store.records.scan("user:"):
@@ -500,8 +612,8 @@ def find_key(store: AdminTarget, key_id: str) -> KeyRef:
 
 
 def revoke_key(store: AdminTarget, key_id: str) -> dict:
-    """Mark a key revoked on its apikey record, the record of a raw key it replaced by a
-    rotation (if any), and its listing, in one write."""
+    """Mark a key revoked on its key record (either layout), the record of a raw key it
+    replaced by a rotation (if any), and its listing, in one write."""
     ref = find_key(store, key_id)
     records = {h: r for h, r in ((ref.key_hash, ref.record), *ref.grace.items())
                if h is not None and r is not None}
@@ -510,8 +622,9 @@ def revoke_key(store: AdminTarget, key_id: str) -> dict:
         revoked_at = next((r["revoked_at"] for r in already if r.get("revoked_at")), None)
         return {"key_id": key_id, "status": "revoked", "revoked_at": revoked_at}
     revoked_at = now_iso()
+    extra = {"revoked_at": revoked_at} if ref.layout == "vkey" else {}
     puts: dict[str, bytes] = {
-        apikey_key(h): _dump({**r, "status": "revoked"}) for h, r in records.items()}
+        ref.record_key(h): _dump({**r, "status": "revoked", **extra}) for h, r in records.items()}
     if ref.listing_key is not None:
         listing = {**(ref.listing or {}), "status": "revoked", "revoked_at": revoked_at}
         puts[ref.listing_key] = _dump(listing)
@@ -520,28 +633,57 @@ def revoke_key(store: AdminTarget, key_id: str) -> dict:
 
 
 def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = None,
-               rates: RateLimits | None = None) -> dict:
-    """Change a key's monthly limit and/or rate limits on its apikey record (and on the record
-    of a raw key it replaced, still in its grace period: the same limits); returns the key's
-    fields (never its hash's record in full, never a raw key)."""
+               rates: RateLimits | None = None, name: str | None = None,
+               status: str | None = None, user_id: str | None = None) -> dict:
+    """Change a key's monthly limit, rate limits and/or name on its key record (and on the
+    record of a raw key it replaced, still in its grace period: the same fields; the listing's
+    name too); returns the key's fields (never its hash's record in full, never a raw key).
+    A key of the later layout may also change `status` (active or revoked, as the later
+    gateway's PATCH does) and its user (`user_id`: a user of the key's org)."""
     ref = find_key(store, key_id)
     if ref.record is None or ref.key_hash is None:
-        raise AdminError(f"key {key_id} has no apikey record to update")
+        raise AdminError(f"key {key_id} has no key record to update")
+    if ref.layout != "vkey" and (status is not None or user_id is not None):
+        raise AdminError(f"key {key_id} is in the apikey layout: its user cannot change, and "
+                         "`key revoke` revokes it")
+    if status is not None and status not in KEY_STATUSES:
+        raise AdminError(f"status must be one of {', '.join(KEY_STATUSES)}, not {status!r}")
+    if name is not None:
+        name = _check_text(name, "name")
+    if user_id is not None:
+        user_id = _check_text(user_id, "user")
+        owner = _load(store, user_config_key(user_id), f"user {user_id}")
+        if owner.get("org_id") != ref.record.get("org_id"):
+            raise AdminError(f"user: {user_id} is not of the key's org "
+                             f"{ref.record.get('org_id')}")
+    limit = None if limit_usd is None else check_usd(limit_usd, "monthly_limit_usd")
     updated_at = now_iso()
 
     def changed(found: dict) -> dict:
         record = dict(found)
-        if limit_usd is not None:
-            record["monthly_limit_usd"] = check_usd(limit_usd, "monthly_limit_usd")
+        if limit is not None:
+            record["monthly_limit_usd"] = limit
+        if name is not None:
+            record["name"] = name
+        if user_id is not None:
+            record["user"] = user_id
+        if status is not None and status != record.get("status"):
+            record["status"] = status
+            if status == "revoked":
+                record["revoked_at"] = updated_at
+            else:
+                record.pop("revoked_at", None)
         _set_rates(record, rates)
         record["updated_at"] = updated_at
         return record
 
     record = changed(ref.record)
-    puts = {apikey_key(ref.key_hash): _dump(record)}
-    puts.update({apikey_key(h): _dump(changed(r)) for h, r in ref.grace.items()})
+    puts = {ref.record_key(ref.key_hash): _dump(record)}
+    puts.update({ref.record_key(h): _dump(changed(r)) for h, r in ref.grace.items()})
+    if name is not None and ref.listing_key is not None:
+        puts[ref.listing_key] = _dump({**(ref.listing or {}), "name": name})
     _write(store, puts)
-    shown = ("key_id", "user_id", "org_id", "name", "status", "monthly_limit_usd",
+    shown = ("key_id", "user_id", "user", "org_id", "name", "status", "monthly_limit_usd",
              *RATE_FIELDS, "updated_at")
     return {"key_id": key_id, **{k: record[k] for k in shown if k in record}}
 
@@ -569,19 +711,16 @@ def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
     grace_s = check_grace_s(grace_s)
     ref = find_key(store, key_id)
     if ref.record is None or ref.key_hash is None:
-        raise AdminError(f"key {key_id} has no apikey record to rotate")
-    try:
-        current = ApiKey.parse(ref.key_hash, ref.record)
-    except RecordError as exc:
-        raise AdminError(str(exc)) from None
+        raise AdminError(f"key {key_id} has no key record to rotate")
+    current = ref.parsed()
     if current.passthrough:
         raise AdminError(f"key {key_id} is a developer's own provider key (passthrough): there "
                          "is nothing to rotate in aigw; register the new one instead")
     if not current.active or (ref.listing or {}).get("status") == "revoked":
         raise AdminError(f"key {key_id} is revoked: create a new key instead")
-    raw = new_gateway_key()
+    raw = new_gateway_key(RAW_KEY_HEX[ref.layout])
     new_hash = store.hash(raw)
-    if store.records.get(apikey_key(new_hash)) is not None:
+    if store.records.get_many([apikey_key(new_hash), vkey_config_key(new_hash)]):
         raise Conflict("this key is already registered")
     now = utc_now()
     rotated_at = now.strftime(ISO_FORMAT)
@@ -591,6 +730,12 @@ def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
                                             ).strftime(ISO_FORMAT)
     record = {k: v for k, v in ref.record.items() if k not in ("expires_at", "revoked_at")}
     record.update(key_hash=new_hash, passthrough=False, rotated_at=rotated_at)
+    answer = {"key_id": key_id, "api_key": raw, "user_id": current.user_id,
+              "org_id": current.org_id, "name": current.name,
+              "previous_key_expires_at": expires_at, "rotated_at": rotated_at}
+    if ref.layout == "vkey":
+        _rotate_vkey(store, ref, record, expires_at or rotated_at, grace=expires_at is not None)
+        return answer
     listing = ref.listing if ref.listing_key is not None else {
         "key_id": key_id, "name": current.name, "created_at": current.created_at,
         "status": "active", "revoked_at": None, "last_used_at": None}
@@ -607,9 +752,44 @@ def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
         listing["previous_key_hash"] = ref.key_hash
     puts[ref.listing_key or user_key_listing_key(current.user_id, key_id)] = _dump(listing)
     _write(store, puts, deletes)
-    return {"key_id": key_id, "api_key": raw, "user_id": current.user_id,
-            "org_id": current.org_id, "name": current.name,
-            "previous_key_expires_at": expires_at, "rotated_at": rotated_at}
+    return answer
+
+
+def _rotate_vkey(store: AdminTarget, ref: KeyRef, record: dict, expires_at: str, *,
+                 grace: bool) -> None:
+    """`rotate_key` in the later layout: the new config, the index pointing at it, and the
+    key's `vkey:{hash}:quota` (its Workers usage) copied under the new hash, in one write. The
+    old config is written expired and, without grace, goes with its quota record; a raw key
+    still in an earlier rotation's grace goes now."""
+    assert ref.record is not None and ref.key_hash is not None
+    old_hash, new_hash = ref.key_hash, record["key_hash"]
+    record.pop("previous_key_hash", None)
+    if grace:
+        record["previous_key_hash"] = old_hash
+    puts = {vkey_config_key(new_hash): _dump(record),
+            vkey_index_key(ref.key_id): new_hash.encode(),
+            vkey_config_key(old_hash): _dump({**ref.record, "expires_at": expires_at})}
+    quota = store.records.get(vkey_quota_key(old_hash))
+    if quota is not None:
+        puts[vkey_quota_key(new_hash)] = quota
+    deletes = [name for h in ref.grace for name in (vkey_config_key(h), vkey_quota_key(h))]
+    if not grace:
+        deletes += [vkey_config_key(old_hash), vkey_quota_key(old_hash)]
+    _write(store, puts, deletes)
+
+
+def delete_key(store: AdminTarget, key_id: str) -> dict:
+    """Remove a key of the later layout, as its gateway's DELETE does: its config, its quota
+    record and its index (and those of a raw key it replaced, still in its grace), in one
+    write. A key of the first layout is revoked, never deleted (its listing keeps its history):
+    AdminError."""
+    ref = find_key(store, key_id)
+    if ref.layout != "vkey" or ref.key_hash is None:
+        raise AdminError(f"key {key_id} is in the apikey layout: revoke it instead")
+    hashes = [ref.key_hash, *ref.grace]
+    deletes = [name for h in hashes for name in (vkey_config_key(h), vkey_quota_key(h))]
+    _write(store, {}, [*deletes, vkey_index_key(key_id)])
+    return {"key_id": key_id, "deleted": True}
 
 
 def list_keys(store: AdminTarget, user_id: str | None = None, org_id: str | None = None
@@ -628,10 +808,32 @@ def list_keys(store: AdminTarget, user_id: str | None = None, org_id: str | None
                 for k, v in store.records.scan(prefix)]
         names = [_apikey_of(k) for k in keys]
         found = store.records.get_many(name for name in names if name)
+        later = [(entry, raw) for entry, raw in _vkeys(store) if entry["user_id"] == user_id]
         return {"user_id": user_id, "keys": _with_grace(store, _with_limits(
-            store, keys, [found.get(n) if n else None for n in names]))}
+            store, [*keys, *(entry for entry, _ in later)],
+            [*(found.get(n) if n else None for n in names), *(raw for _, raw in later)]))}
     return {"org_id": org_id,
             "keys": _with_grace(store, _org_keys(store, _check_text(org_id, "org_id")))}
+
+
+def _vkeys(store: AdminTarget) -> list[tuple[dict, bytes]]:
+    """Every current key of the later layout (a rotated-out raw key's config left out) as a
+    listing shows it, sorted by key id, with its config."""
+    out = []
+    for key, raw in store.records.scan(VKEY_PREFIX):
+        parts = key.split(":")
+        record = _json_or_none(raw) if len(parts) == 3 and parts[2] == "config" \
+            and parts[1] != "id" else None
+        if record is None or record.get("expires_at") is not None:
+            continue
+        out.append(({"key_id": record.get("key_id"), "key_hash": parts[1],
+                     "name": record.get("name", ""), "created_at": record.get("created_at"),
+                     "status": record.get("status"), "revoked_at": record.get("revoked_at"),
+                     "last_used_at": None, "user_id": record.get("user"),
+                     "org_id": record.get("org_id"), "key_layout": "vkey",
+                     "previous_key_hash": record.get("previous_key_hash")}, raw))
+    out.sort(key=lambda item: str(item[0]["key_id"]))
+    return out
 
 
 def _apikey_of(listing: dict) -> str | None:
@@ -672,8 +874,14 @@ def _org_keys(store: AdminTarget, org_id: str) -> list[dict]:
             "key_id": record.key_id, "key_hash": key_hash, "name": record.name,
             "created_at": record.created_at, "status": record.status,
             "revoked_at": record.revoked_at, "last_used_at": None, "user_id": record.user_id})
-    ordered = sorted(keys.values(), key=lambda k: (k["user_id"], k["key_id"]))
-    raws = [apikeys.get(name) if (name := _apikey_of(k)) else by_id.get(k["key_id"])
+    later: dict[str, bytes] = {}
+    for entry, raw in _vkeys(store):  # the later layout's key names its org itself
+        if entry["org_id"] == org_id:
+            later[entry["key_id"]] = raw
+            keys.setdefault(entry["key_id"], entry)
+    ordered = sorted(keys.values(), key=lambda k: (str(k["user_id"]), str(k["key_id"])))
+    raws = [later[k["key_id"]] if k.get("key_layout") == "vkey"
+            else apikeys.get(name) if (name := _apikey_of(k)) else by_id.get(k["key_id"])
             for k in ordered]
     return _with_limits(store, ordered, raws)
 
@@ -697,11 +905,71 @@ def _with_limits(store: AdminTarget, keys: list[dict], records: list[bytes | Non
 def _with_grace(store: AdminTarget, keys: list[dict]) -> list[dict]:
     """Key listings with, for a key rotated with a grace period, when its old raw key stops
     working (`previous_key_expires_at`)."""
-    previous = [apikey_key(h) if isinstance(h := k.get("previous_key_hash"), str) and h
-                else None for k in keys]
+    previous = [(vkey_config_key(h) if k.get("key_layout") == "vkey" else apikey_key(h))
+                if isinstance(h := k.get("previous_key_hash"), str) and h else None
+                for k in keys]
     records = store.records.get_many(name for name in previous if name)
     for listing, name in zip(keys, previous, strict=True):
         old = _json_or_none(records.get(name)) if name else None
         if old is not None and old.get("key_id", listing["key_id"]) == listing["key_id"]:
             listing["previous_key_expires_at"] = old.get("expires_at")
     return keys
+
+
+# The later Workers gateway's virtual keys (its /admin/vkeys API)
+
+VKEY_SHOWN = ("key_id", "org_id", "user", "name", "monthly_limit_usd", "status", "created_at")
+
+
+def shown_vkey(record: dict) -> dict:
+    """A virtual key as the later gateway's API shows it (never its hash)."""
+    return {name: record[name] for name in VKEY_SHOWN if name in record}
+
+
+def find_vkey(store: AdminTarget, key_id: str) -> KeyRef:
+    """A key of the later layout by its index; NotFound for any other (a first-layout key is
+    not a virtual key)."""
+    ref = _find_vkey(store, key_id)
+    if ref is None:
+        raise NotFound(f"Virtual key not found: {key_id}")
+    return ref
+
+
+def create_vkey(store: AdminTarget, org_id: str, user_id: str, name: str | None = None,
+                limit_usd: float = 10.0) -> dict:
+    """A key in the later layout for a user of an org, as its gateway's `POST /admin/vkeys`
+    makes one (NotFound: no such org or user; AdminError: the user is of another org). The
+    result holds the raw key (`api_key`), shown once, and the key (`virtual_key`)."""
+    org_id, user_id = _check_text(org_id, "org_id"), _check_text(user_id, "user")
+    _load(store, org_config_key(org_id), f"org {org_id}")
+    user = _load(store, user_config_key(user_id), f"user {user_id}")
+    if user.get("org_id") != org_id:
+        raise AdminError(f"user: {user_id} does not belong to the organization {org_id}")
+    raw = new_gateway_key(RAW_KEY_HEX["vkey"])
+    key_hash = store.hash(raw)
+    if store.records.get_many([apikey_key(key_hash), vkey_config_key(key_hash)]):
+        raise Conflict("this key is already registered")
+    puts, _ = _new_vkey(user_id, org_id, key_hash, None if name is None else _check_text(
+        name, "name"), check_usd(limit_usd, "monthly_limit_usd"), False, None)
+    _write(store, puts)
+    return {"virtual_key": shown_vkey(json.loads(puts[vkey_config_key(key_hash)])),
+            "api_key": raw}
+
+
+def list_vkeys(store: AdminTarget, org_id: str | None = None, user_id: str | None = None
+               ) -> dict:
+    """Every virtual key (the later layout's), of an org and/or a user if given, by key id."""
+    keys = [shown_vkey(json.loads(raw)) for entry, raw in _vkeys(store)
+            if (org_id is None or entry["org_id"] == org_id)
+            and (user_id is None or entry["user_id"] == user_id)]
+    return {"virtual_keys": keys}
+
+
+def count_entities(store: AdminTarget) -> dict:
+    """Gateway keys of either layout (each once: by its `vkey:id:` index or its
+    `user:{id}:keys:` listing) and organizations, counted from key names only."""
+    listings = sum(1 for name in store.records.names("user:")
+                   if len(name.split(":")) == 4 and name.split(":")[2] == "keys")
+    orgs = sum(1 for name in store.records.names("org:") if name.endswith(":config"))
+    return {"virtual_keys": len(store.records.names(VKEY_INDEX_PREFIX)) + listings,
+            "organizations": orgs}

@@ -36,6 +36,7 @@ from store.records import (
     reset_marker_key,
     user_config_key,
     user_quota_key,
+    vkey_quota_key,
 )
 from store.target import AdminTarget
 
@@ -50,18 +51,21 @@ def _check_level(level: str) -> None:
         raise AdminError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
 
 
-def _quota_key(level: str, level_id: str) -> str | None:
+def _quota_key(store: AdminTarget, level: str, level_id: str) -> str | None:
+    """The Workers gateway's quota record of a level: a user's, an org's, and a key's in the
+    later layout (`vkey:{hash}:quota`, under its current raw key's hash)."""
     if level == "user":
         return user_quota_key(level_id)
     if level == "org":
         return org_quota_key(level_id)
-    return None
+    ref = find_key(store, level_id)
+    return vkey_quota_key(ref.key_hash) if ref.layout == "vkey" and ref.key_hash else None
 
 
 def _quota_usage(store: AdminTarget, level: str, level_id: str, month: str) -> tuple[int, int]:
     """What the Workers gateway's own quota record counts for `month` (the request path adds
-    it to user and org budgets; keys have none)."""
-    key = _quota_key(level, level_id)
+    it to the level's budget; a key of the first layout has none)."""
+    key = _quota_key(store, level, level_id)
     raw = store.records.get(key) if key else None
     if key is None or raw is None:
         return 0, 0
@@ -84,7 +88,7 @@ def _record_of(store: AdminTarget, level: str, level_id: str) -> ApiKey | User |
             ref = find_key(store, level_id)
             if ref.record is None or ref.key_hash is None:
                 return None
-            return ApiKey.parse(ref.key_hash, ref.record)
+            return ref.parsed()
         if level == "user":
             record = _load(store, user_config_key(level_id), f"user {level_id}")
             return User.parse(level_id, record)
@@ -231,7 +235,7 @@ def _zeroed_quota(target: AdminTarget, level: str, level_id: str, month: str
                   ) -> dict[str, bytes]:
     """The Workers gateway's quota record of a user or org zeroed for `month` (to write), if
     the level has one."""
-    key = _quota_key(level, level_id)
+    key = _quota_key(target, level, level_id)
     quota = None if key is None else _json_or_none(target.records.get(key))
     if key is None or quota is None:
         return {}

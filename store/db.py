@@ -84,11 +84,15 @@ class Store:
         hash_algorithm: str = "blake3",
         map_size: int = 4 * GIB,
         create: bool = True,
+        key_layout: str | None = None,
     ) -> None:
         """Open the store at `path`, creating it unless `create` is False (then a path with no
-        store is `StoreMissing`). A store that cannot be opened is `StoreUnavailable`."""
+        store is `StoreMissing`). A store that cannot be opened is `StoreUnavailable`.
+        `key_layout`: where admin operations create keys (`store.key_layout`; None: as the
+        records show)."""
         self.path = Path(path)
         self.hash_algorithm = hash_algorithm
+        self.key_layout = key_layout
         hash_key("", hash_algorithm)  # rejects an unknown algorithm early
         if not create and not Store.exists(self.path):
             raise StoreMissing(missing_store_message(self.path))

@@ -3,6 +3,8 @@
 Keys (the KV layout, unchanged):
   org:{org_id}:config      user:{user_id}:config      apikey:{hash}
   user:{user_id}:keys:{key_id}      user:{user_id}:quota      org:{org_id}:quota
+and the later version's keys (the "vkey" layout: the key is the primary entity):
+  vkey:{hash}:config      vkey:{hash}:quota      vkey:id:{key_id} (the hash, as plain text)
 and aigw's own in KV (never replicated into a node's records): each node's monthly totals
 `aigw:usage:{node}:{month}:{level}:{id}` and fleet-wide reset markers `aigw:reset:{level}:{id}`.
 
@@ -34,6 +36,11 @@ MAX_COUNT = 2**63 - 1
 LEVELS = ("key", "user", "org")
 RATE_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
 ADMIN_KEY_PREFIX = "aigw:admin_key:"
+VKEY_PREFIX = "vkey:"
+VKEY_INDEX_PREFIX = "vkey:id:"
+KEY_LAYOUTS = ("apikey", "vkey")
+# A key's hash as both layouts store it: hex of a 32-byte digest (blake3 or sha256).
+_HASH_TEXT = re.compile(r"[0-9a-f]{64}")
 
 Amount = Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
@@ -75,6 +82,19 @@ def apikey_key(key_hash: str) -> str:
     return f"apikey:{key_hash}"
 
 
+def vkey_config_key(key_hash: str) -> str:
+    return f"vkey:{key_hash}:config"
+
+
+def vkey_quota_key(key_hash: str) -> str:
+    return f"vkey:{key_hash}:quota"
+
+
+def vkey_index_key(key_id: str) -> str:
+    """`vkey:id:{key_id}`: its value is the key's hash as plain text, not JSON."""
+    return f"{VKEY_INDEX_PREFIX}{key_id}"
+
+
 def apikey_label(key_hash: str) -> str:
     """`apikey:{hash}` shortened for messages."""
     return f"apikey:{key_hash[:12]}..." if len(key_hash) > 12 else apikey_key(key_hash)
@@ -84,6 +104,9 @@ def record_label(key: str) -> str:
     """A record key for a message: an apikey's hash shortened, a long key cut."""
     if key.startswith("apikey:"):
         return apikey_label(key.removeprefix("apikey:"))
+    parts = key.split(":")
+    if parts[0] == "vkey" and len(parts) == 3 and parts[1] != "id" and len(parts[1]) > 12:
+        return f"vkey:{parts[1][:12]}...:{parts[2]}"
     return key if len(key) <= 80 else key[:60] + "..."
 
 
@@ -206,8 +229,69 @@ class ApiKey(msgspec.Struct, kw_only=True):
         return key
 
 
+def vkey_label(key_hash: str) -> str:
+    """`vkey:{hash}:config` shortened for messages."""
+    return record_label(vkey_config_key(key_hash))
+
+
+class VirtualKey(msgspec.Struct, kw_only=True):
+    """`vkey:{hash}:config`: a key of the later Workers gateway, the primary entity there. It
+    names its org and its user (a user id) itself; the gateway writes every field but `name`.
+    aigw's own fields (rate limits, rotation, revocation time) are those of `ApiKey`."""
+
+    key_id: Id
+    key_hash: Id | None = None
+    org_id: Id
+    user: Id
+    name: str = ""
+    monthly_limit_usd: Amount | None = None  # absent: no limit at this level
+    status: Literal["active", "revoked"]  # the later gateway refuses a key without one
+    passthrough: bool = False
+    rpm_limit: RateLimit = None
+    tpm_limit: RateLimit = None
+    max_parallel_requests: RateLimit = None
+    created_at: Timestamp = None
+    updated_at: Timestamp = None
+    revoked_at: Timestamp = None
+    rotated_at: Timestamp = None
+    expires_at: Instant | None = None
+    previous_key_hash: Id | None = None  # the key rotated out, while it may be in its grace
+
+    @classmethod
+    def parse(cls, key_hash: str, raw: bytes | str | dict) -> "VirtualKey":
+        label = vkey_label(key_hash)
+        key = _decode(cls, raw, label)
+        if key.key_hash is not None and key.key_hash != key_hash:
+            raise RecordError(f"{label}: key_hash: not the hash its key names")
+        return key
+
+    def as_api_key(self) -> ApiKey:
+        """The key as the request path and the admin operations read either layout."""
+        return ApiKey(
+            key_id=self.key_id, user_id=self.user, org_id=self.org_id, key_hash=self.key_hash,
+            name=self.name, status=self.status, monthly_limit_usd=self.monthly_limit_usd,
+            passthrough=self.passthrough, rpm_limit=self.rpm_limit, tpm_limit=self.tpm_limit,
+            max_parallel_requests=self.max_parallel_requests, created_at=self.created_at,
+            updated_at=self.updated_at, revoked_at=self.revoked_at, rotated_at=self.rotated_at,
+            expires_at=self.expires_at)
+
+
+def parse_vkey_index(key_id: str, raw: bytes | str) -> str:
+    """The hash a `vkey:id:{key_id}` index holds (plain text); RecordError otherwise."""
+    label = vkey_index_key(key_id)
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise RecordError(f"{label}: not valid UTF-8 text") from None
+    if not isinstance(text, str) or not _HASH_TEXT.fullmatch(text):
+        raise RecordError(f"{label}: expected a key's hash (64 lowercase hex characters, "
+                          "plain text)")
+    return text
+
+
 class QuotaRecord(msgspec.Struct, kw_only=True):
-    """The Workers gateway's own monthly totals (`user:{id}:quota`, `org:{id}:quota`)."""
+    """The Workers gateway's own monthly totals (`user:{id}:quota`, `org:{id}:quota`, and the
+    later version's `vkey:{hash}:quota`)."""
 
     month_usage_usd: Amount = 0.0
     current_month: Month = ""  # absent: no month, so it counts for none (as a stale one)
@@ -403,8 +487,14 @@ def validate_record(key: str, raw: bytes | str | dict) -> None:
         User.parse(parts[1], raw)
     elif parts[0] == "apikey" and len(parts) == 2:
         ApiKey.parse(parts[1], raw)
-    elif len(parts) == 3 and parts[0] in ("user", "org") and parts[2] == "quota":
-        QuotaRecord.parse(raw, key)
+    elif len(parts) == 3 and parts[0] in ("user", "org", "vkey") and parts[2] == "quota" \
+            and parts[1] != "id":
+        QuotaRecord.parse(raw, record_label(key))
+    elif key.startswith(VKEY_INDEX_PREFIX):
+        parse_vkey_index(key.removeprefix(VKEY_INDEX_PREFIX),
+                         raw if not isinstance(raw, dict) else "")
+    elif parts[0] == "vkey" and len(parts) == 3 and parts[2] == "config":
+        VirtualKey.parse(parts[1], raw)
     elif parts[0] == "user" and len(parts) == 4 and parts[2] == "keys":
         KeyListing.parse(parts[1], parts[3], raw)
     elif key.startswith(ADMIN_KEY_PREFIX):

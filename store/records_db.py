@@ -23,11 +23,14 @@ from store.records import (
     QuotaRecord,
     RecordError,
     User,
+    VirtualKey,
     apikey_key,
     org_config_key,
     org_quota_key,
     user_config_key,
     user_quota_key,
+    vkey_config_key,
+    vkey_quota_key,
 )
 
 CONFIG_DBS = ("records", "meta", "stamps", "remote")
@@ -48,6 +51,8 @@ class Identity:
     # Other gateway nodes' totals this month (nano-dollars, requests) for key, user and org,
     # as the last sync pass found them in KV.
     remote: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0))
+    key_quota: QuotaRecord | None = None  # the later Workers gateway's `vkey:{hash}:quota`
+    layout: str = "apikey"  # where the key was found: `apikey:{hash}` or `vkey:{hash}:config`
 
 
 class Records(_Part):
@@ -111,18 +116,26 @@ class Records(_Part):
             if hit is not None:
                 return hit
 
-            raw_key = txn.get(apikey_key(key_hash).encode(), db=self._db)
+            get, db = txn.get, self._db
+            layout, key_quota = "apikey", None
+            raw_key = get(apikey_key(key_hash).encode(), db=db)
+            if raw_key is not None:
+                key = ApiKey.parse(key_hash, raw_key)
+            elif (raw_key := get(vkey_config_key(key_hash).encode(), db=db)) is not None:
+                # The later layout, looked up only when the first misses (its hot path stays).
+                layout, key = "vkey", VirtualKey.parse(key_hash, raw_key).as_api_key()
+                key_quota = self._parsed(QuotaRecord, None,
+                                         get(vkey_quota_key(key_hash).encode(), db=db))
             if raw_key is None:
                 identity = Identity(key_hash, None, None, None, None, None)
             else:
-                key = ApiKey.parse(key_hash, raw_key)
                 user, user_quota, user_remote = self._level(txn, "user", key.user_id, month)
                 org_id = key.org_id or (user.org_id if user else None)
                 org, org_quota, org_remote = (
                     self._level(txn, "org", org_id, month) if org_id else (None, None, (0, 0)))
                 key_remote = _remote_sum(txn, self._remote, month, "key", key.key_id)
                 identity = Identity(key_hash, key, user, org, user_quota, org_quota,
-                                    (key_remote, user_remote, org_remote))
+                                    (key_remote, user_remote, org_remote), key_quota, layout)
             self._cache.put(key_hash, identity)
             return identity
 
@@ -253,6 +266,23 @@ class Records(_Part):
         nodes' totals, and by no other."""
         return self._env.read(lambda txn: _generation(txn, self._meta))
 
+    def names(self, prefix: str = "") -> list[str]:
+        """The keys that start with `prefix`, in key order (no value is read)."""
+        start = prefix.encode()
+
+        def collect(txn: lmdb.Transaction) -> list[str]:
+            cursor = txn.cursor(db=self._db)
+            if not cursor.set_range(start):
+                return []
+            out = []
+            for k in cursor.iternext(keys=True, values=False):
+                if not k.startswith(start):
+                    break
+                out.append(k.decode())
+            return out
+
+        return self._env.read(collect)
+
     def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
         start = prefix.encode()
 
@@ -270,7 +300,8 @@ class Records(_Part):
         return self._env.read(collect)
 
     def count(self) -> dict[str, int]:
-        """Record counts by kind: org, user, apikey, key listing, quota, other."""
+        """Record counts by kind: org, user, key (apikey, and vkey config of the later layout),
+        key listing, quota, other (the later layout's `vkey:id:` index among them)."""
 
         def tally(txn: lmdb.Transaction) -> dict[str, int]:
             counts = {"orgs": 0, "users": 0, "apikeys": 0, "key_listings": 0, "quotas": 0,
@@ -279,6 +310,9 @@ class Records(_Part):
                 parts = k.decode().split(":")
                 if parts[0] == "apikey":
                     counts["apikeys"] += 1
+                elif parts[0] == "vkey" and len(parts) == 3 and parts[1] != "id" \
+                        and parts[2] == "config":
+                    counts["vkeys"] = counts.get("vkeys", 0) + 1
                 elif parts[-1] == "quota":
                     counts["quotas"] += 1
                 elif parts[0] == "org" and parts[-1] == "config":

@@ -17,6 +17,7 @@ import msgspec
 import yaml
 
 from store.hashing import HASH_ALGORITHMS
+from store.records import KEY_LAYOUTS
 
 DEFAULT_CONFIG = "mitm.yaml"
 # The mitm.yaml shipped with aigw: a file without `providers` or `pricing` gets its sections.
@@ -246,16 +247,21 @@ class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     path: NonEmptyText = DEFAULT_STORE_PATH
     hash: Literal[HASH_ALGORITHMS] = "blake3"  # type: ignore[valid-type]
+    # Where `aigw key create` writes a key: the first Workers layout (`apikey:{hash}`) or the
+    # later one (`vkey:{hash}:config`); absent: the later one if the records hold any of it.
+    key_layout: Literal[KEY_LAYOUTS] | None = None  # type: ignore[valid-type]
 
     def settings(self, override_path: str | None = None) -> "StoreSettings":
         """The settings the store opens with; a relative path is from the working directory."""
-        return StoreSettings(Path(os.path.expanduser(override_path or self.path)), self.hash)
+        return StoreSettings(Path(os.path.expanduser(override_path or self.path)), self.hash,
+                             self.key_layout)
 
 
 @dataclass(frozen=True)
 class StoreSettings:
     path: Path
     hash_algorithm: str
+    key_layout: str | None = None  # None: as the records show (store.admin_accounts)
 
 
 def store_settings(config: dict[str, Any], source: str, override_path: str | None) -> StoreSettings:

@@ -22,6 +22,10 @@ class RecordOps(Protocol):
         """The values of those `keys` that exist."""
         ...
 
+    def names(self, prefix: str = "") -> list[str]:
+        """Every key that starts with `prefix`, in key order (no value read)."""
+        ...
+
     def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
         """Every (key, value) whose key starts with `prefix`, in key order."""
         ...
@@ -37,6 +41,7 @@ class AdminTarget(Protocol):
     under which keys are stored, and what this node metered of each key."""
 
     hash_algorithm: str
+    key_layout: str | None  # where keys are created: apikey, vkey, or None (as records show)
 
     @property
     def records(self) -> RecordOps:

@@ -531,6 +531,9 @@ class MemoryRecords:
     def get_many(self, keys) -> dict[str, bytes]:
         return {k: self.data[k] for k in keys if k in self.data}
 
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
+
     def scan(self, prefix: str = "") -> list[tuple[str, bytes]]:
         return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))
 
@@ -542,6 +545,7 @@ class MemoryRecords:
 
 class MemoryTarget:
     hash_algorithm = "sha256"
+    key_layout = None
 
     def __init__(self) -> None:
         self.records = MemoryRecords()

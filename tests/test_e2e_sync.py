@@ -31,7 +31,7 @@ from store.money import month_of, utc_now
 from tests.support.fake_kv import FakeKV
 from tests.support.gateway import AIGW, OPENAI_KEY, aigw, chat, settled, start_gateway
 from tests.support.proxy import REPO_ROOT, Proxy
-from tests.support.seed import seed
+from tests.support.seed import later_gateway_records, seed
 
 pytestmark = pytest.mark.e2e
 
@@ -224,6 +224,55 @@ def test_workers_namespace_syncs_as_is_and_its_keys_work_through_the_proxy(fleet
     assert fake_provider.last.credential == OPENAI_KEY
     assert settled(node.store, "key_wnew").used_nusd == COST
     assert len(fake_provider.requests) == 2
+
+
+def test_a_later_workers_namespace_syncs_and_its_virtual_keys_work_through_the_proxy(
+        fleet, fake_provider):
+    """vkey records, sha256 and `fail-closed`, as the later Workers gateway writes them: active
+    keys metered, revoked ones 401, an exhausted key quota record 429; a key made with
+    `aigw --target cloudflare key create` is of the namespace's layout and works on every node."""
+    month = this_month()
+    active, revoked, exhausted = (
+        later_gateway_records(sha256, suffix=suffix, **options) for suffix, options in (
+            ("lg1", {}), ("lg2", {"key_status": "revoked"}),
+            ("lg3", {"key_limit": 1.0, "key_quota": {
+                "month_usage_usd": 1.0, "current_month": month, "request_count": 40,
+                "last_update": 1}})))
+    namespace = {**active[0], **revoked[0], **exhausted[0]}
+    fleet.kv.load_bulk([{"key": k, "value": v} for k, v in namespace.items()])
+    a, b, c = fleet.nodes
+    fleet.clock.t += INTERVAL_S
+
+    result = aigw(a.proxy, "sync", "--once", "--api-base", fleet.kv.api_base)
+
+    assert result["ok"] is True and result["rejected"] == []
+    for name in namespace:  # the plain-text index too, byte for byte
+        assert a.store.records.get(name) == fleet.kv.get(name), name
+    fake_provider.set(usage=USAGE)
+    assert chat(a.openai(active[1])).choices[0].message.content
+    assert fake_provider.last.credential == OPENAI_KEY
+    assert settled(a.store, active[2]).used_nusd == COST
+    with pytest.raises(openai.AuthenticationError):
+        chat(a.openai(revoked[1]))
+    with pytest.raises(openai.RateLimitError) as raised:
+        chat(a.openai(exhausted[1]))
+    error = raised.value.body
+    assert (error["type"], error["details"]["usage_usd"]) == ("key_quota_exceeded", 1.0)
+    assert len(fake_provider.requests) == 1
+
+    made = fleet.admin("key", "create", "--user", "user_lg1", "--name", "ci")
+    assert len(made["api_key"]) == len("gw_live_") + 48 and made["key_layout"] == "vkey"
+    assert fleet.kv.get(f"vkey:id:{made['key_id']}") == sha256(made["api_key"]).encode()
+    fleet.sync_round()
+    assert chat(b.openai(made["api_key"])).choices[0].message.content
+    fleet.admin("key", "revoke", made["key_id"])
+    fleet.sync_round()
+    with pytest.raises(openai.AuthenticationError):
+        chat(c.openai(made["api_key"]))
+    assert len(fake_provider.requests) == 2
+    for name in fleet.kv.keys("vkey:"):  # the fleet's later tests create keys: as aigw's own
+        fleet.kv.delete(name)
+    fleet.sync_round()
 
 
 # --------------------------------------------------------------------------- usage across nodes

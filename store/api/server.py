@@ -14,6 +14,7 @@ from store.admin_base import AdminError, Conflict, NotFound
 from store.api.backend import Backend
 from store.api.payloads import PayloadError
 from store.api.routes import ACTOR, BACKEND, LocalStoreMissing, routes
+from store.api.vkeys import routes as vkey_routes
 from store.db import StoreError
 
 log = logging.getLogger("aigw.serve")
@@ -86,6 +87,7 @@ def make_app(backend: Backend) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[BACKEND] = backend
     app.add_routes(routes)
+    app.add_routes(vkey_routes)  # the later Workers gateway's /admin/vkeys and /admin/metrics
     app.router.add_get("/healthz", lambda request: web.json_response({"ok": True}))
 
     async def close(_: web.Application) -> None:

@@ -140,7 +140,8 @@ def on_target(ctx: click.Context, operation: Operation, *, creates_store: bool =
         config, source = config_from(options)
         cf, sync = replication.load_sync_settings(config, source, options.api_base)
         with replication.KVClient(cf, sync) as client, audited(cli_actor(), action_of(ctx)):
-            result = operation(replication.CloudflareTarget(client, settings.hash_algorithm))
+            result = operation(replication.CloudflareTarget(client, settings.hash_algorithm,
+                                                            settings.key_layout))
     except (ConfigError, replication.SyncError, StoreError, RecordError) as exc:
         return fail(exc)
     except Exception as exc:  # one line for the operator, whatever went wrong
@@ -175,7 +176,8 @@ def on_store(ctx: click.Context, operation: Operation, *, creates_store: bool = 
         p for p in (settings.path, settings.path / "config", settings.path / "ledger")
         if not p.exists()]
     try:
-        store = Store(settings.path, hash_algorithm=settings.hash_algorithm)
+        store = Store(settings.path, hash_algorithm=settings.hash_algorithm,
+                      key_layout=settings.key_layout)
     except (StoreError, OSError, ValueError) as exc:
         _remove(created)
         reason: object = exc

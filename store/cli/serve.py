@@ -49,13 +49,15 @@ def serve(ctx: click.Context, listen: str) -> int:
             local = None
             if Store.exists(settings.path):
                 local = stack.enter_context(
-                    Store(settings.path, hash_algorithm=settings.hash_algorithm, create=False))
+                    Store(settings.path, hash_algorithm=settings.hash_algorithm,
+                          key_layout=settings.key_layout, create=False))
             if options.target == "cloudflare":
                 from store import cloudflare
 
                 cf, sync = cloudflare.load_sync_settings(config, source, options.api_base)
                 client = stack.enter_context(cloudflare.KVClient(cf, sync))
-                target = cloudflare.CloudflareTarget(client, settings.hash_algorithm)
+                target = cloudflare.CloudflareTarget(client, settings.hash_algorithm,
+                                                     settings.key_layout)
             elif local is None:
                 return fail(f"no store at {settings.path} (check --store or store.path; "
                             f"`aigw admin-key create --name NAME` creates one with the first "

@@ -84,10 +84,12 @@ class CloudflareTarget:
     """The admin operations' target (`store.target.AdminTarget`) with the records in
     Cloudflare KV."""
 
-    def __init__(self, client: KVClient, hash_algorithm: str) -> None:
+    def __init__(self, client: KVClient, hash_algorithm: str, key_layout: str | None = None
+                 ) -> None:
         hash_key("", hash_algorithm)  # rejects an unknown algorithm early
         self._records = KVRecords(client)
         self.hash_algorithm = hash_algorithm
+        self.key_layout = key_layout  # None: as the namespace shows
 
     @property
     def records(self) -> KVRecords:

@@ -70,3 +70,42 @@ def seed(
         records[target].update(fields)
     store.records.write({k: json.dumps(v).encode() for k, v in records.items()})
     return Seeded(org_id, user_id, key_id, api_key)
+
+
+def later_gateway_records(
+    hash_of, *, suffix: str = "1", key_status: str = "active", key_limit: float = 10.0,
+    user_limit: float = 20.0, org_budget: float = 100.0, failure_mode: str = "fail-closed",
+    key_quota: dict | None = None, user_org: str | None = None, with_user: bool = True,
+) -> tuple[dict[str, bytes | str], str, str]:
+    """An org, a user and a virtual key as the later Workers gateway writes them (`vkey:`
+    records, `fail-closed`, a 48-hex raw key); `hash_of` hashes the raw key as the namespace
+    does. Returns (records by KV key, raw key, key_id); the index is plain text."""
+    org_id, user_id = f"org_{suffix}", f"user_{suffix}"
+    key_id = f"vkey_1735689600000_{suffix.rjust(6, '0')[-6:]}"
+    raw = f"gw_live_{suffix.rjust(48, 'a')[-48:]}"
+    key_hash = hash_of(raw)
+    records: dict[str, bytes | str] = {
+        org_config_key(org_id): json.dumps({
+            "org_id": org_id, "name": f"Org {suffix}", "monthly_budget_usd": org_budget,
+            "failure_mode": failure_mode, "provider_keys": {},
+            "created_at": "2025-01-01T00:00:00.000Z"}),
+        f"vkey:{key_hash}:config": json.dumps({
+            "key_id": key_id, "key_hash": key_hash, "org_id": org_id, "user": user_id,
+            "name": "laptop", "monthly_limit_usd": key_limit, "status": key_status,
+            "created_at": "2025-01-01T00:00:00.000Z"}),
+        f"vkey:id:{key_id}": key_hash,
+    }
+    if with_user:
+        records[user_config_key(user_id)] = json.dumps({
+            "user": user_id, "org_id": user_org or org_id, "monthly_limit_usd": user_limit,
+            "created_at": "2025-01-01T00:00:00.000Z"})
+    if key_quota is not None:
+        records[f"vkey:{key_hash}:quota"] = json.dumps(key_quota)
+    return records, raw, key_id
+
+
+def seed_later_gateway(store: Store, **options) -> tuple[str, str]:
+    """`later_gateway_records` written into a local store: (raw key, key_id)."""
+    records, raw, key_id = later_gateway_records(store.hash, **options)
+    store.records.write({k: v.encode() if isinstance(v, str) else v for k, v in records.items()})
+    return raw, key_id
