@@ -7,6 +7,7 @@ import os
 import secrets
 import string
 import time
+import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from store.records import (
     VKEY_INDEX_PREFIX,
     VKEY_PREFIX,
     ApiKey,
+    Org,
     RecordError,
     User,
     VirtualKey,
@@ -108,10 +110,7 @@ def _new_org(
         if fallback_daily_limit_usd is None
         else check_usd(fallback_daily_limit_usd, "fallback_daily_limit")
     )
-    try:
-        mode = normalize_failure_mode(failure_mode)
-    except RecordError as exc:
-        raise AdminError(str(exc)) from None
+    mode = _failure_mode(failure_mode)
     return {
         "org_id": new_id("org"),
         "name": _check_text(name, "name"),
@@ -200,15 +199,13 @@ def update_org(
     for a caller without a configuration)."""
     key = org_config_key(org_id)
     record = _load(store, key, f"org {org_id}")
+    _stored_valid(Org.parse, org_id, record)
     if name is not None:
         record["name"] = _check_text(name, "name")
     if budget_usd is not None:
         record["monthly_budget_usd"] = check_usd(budget_usd, "monthly_budget_usd")
     if failure_mode is not None:
-        try:
-            record["failure_mode"] = normalize_failure_mode(failure_mode)
-        except RecordError as exc:
-            raise AdminError(str(exc)) from None
+        record["failure_mode"] = _failure_mode(failure_mode)
     if fallback_daily_limit_usd is not None:
         record["fallback_daily_limit"] = check_usd(
             fallback_daily_limit_usd, "fallback_daily_limit"
@@ -261,7 +258,7 @@ def _listed(key: str, raw: bytes, id_field: str, record_id: str) -> dict:
 def _new_user(org_id: str, email: str, limit_usd: float) -> dict:
     email = _check_text(email, "email")
     local, at, domain = email.partition("@")
-    if not (local and at and domain):
+    if not (local and at and domain) or any(c.isspace() for c in email):
         raise AdminError(f"email must look like name@domain, not {email!r}")
     return {
         "user_id": new_id("user"),
@@ -274,8 +271,10 @@ def _new_user(org_id: str, email: str, limit_usd: float) -> dict:
 
 
 def _email_key(email: object) -> str | None:
-    """An email as emails are compared everywhere: stripped, case-insensitively."""
-    return email.strip().casefold() if isinstance(email, str) else None
+    """An email as emails are compared everywhere: stripped, its compatibility forms folded
+    (a fullwidth letter is the letter) and case-insensitively."""
+    return unicodedata.normalize("NFKC", email).strip().casefold() \
+        if isinstance(email, str) else None
 
 
 def _users(store: AdminTarget) -> list[tuple[str, bytes, str]]:
@@ -297,14 +296,63 @@ def _checked_new_user(store: AdminTarget, org_id: str, email: str, limit_usd: fl
     """A new user record for an existing org, its email not yet used in the org."""
     _load(store, org_config_key(org_id), f"org {org_id}")
     record = _new_user(org_id, email, limit_usd)
-    wanted = _email_key(record["email"])
+    _email_free(store, org_id, record["email"])
+    _set_rates(record, rates)
+    return record
+
+
+def _email_free(store: AdminTarget, org_id: str | None, email: str) -> None:
+    """Conflict if a user of the org has this email (compared as `_email_key` does)."""
+    wanted = _email_key(email)
     for _key, raw, user_id in _users(store):
         other = _json_or_none(raw) or {}
         if other.get("org_id") == org_id and _email_key(other.get("email")) == wanted:
-            raise Conflict(f"email {record['email']!r} is already used by user {user_id} of "
-                           f"org {org_id}")
-    _set_rates(record, rates)
-    return record
+            raise Conflict(f"email {email!r} is already used by user {user_id} of org {org_id}")
+
+
+def _stored_valid(parse: Any, record_id: str, record: dict) -> None:
+    """AdminError if the stored record is one the gateway refuses: an update would build on
+    it (replace it whole with `aigw import`)."""
+    try:
+        parse(record_id, record)
+    except RecordError as exc:
+        raise AdminError(f"the stored record is invalid ({exc}); replace it with aigw import"
+                         ) from None
+
+
+def _failure_mode(value: str) -> str:
+    """A failure mode as given, in either spelling (`fail_open`, `fail-open`: the later
+    Workers gateway reads only the hyphenated one); RecordError's message otherwise."""
+    try:
+        normalize_failure_mode(value)
+    except RecordError as exc:
+        raise AdminError(str(exc)) from None
+    return value.strip().lower()
+
+
+def delete_user(store: AdminTarget, user_id: str) -> dict:
+    """Delete a user, as the Workers gateway's `DELETE /admin/users/{id}` does: the config and
+    quota records, and with them the user's keys (records and listings), which could no longer
+    be used (a key of no user gets 401). Usage already metered stays in the ledger."""
+    _load(store, user_config_key(user_id), f"user {user_id}")
+    prefix = f"user:{user_id}:"
+    deletes = [name for name in store.records.names(prefix)]
+    key_ids = {name.removeprefix(f"{prefix}keys:") for name in deletes
+               if name.startswith(f"{prefix}keys:")}
+    for key_id in sorted(key_ids):
+        try:
+            ref = find_key(store, key_id)
+        except NotFound:
+            continue
+        deletes += [ref.record_key(h) for h in (ref.key_hash, *ref.grace) if h]
+    for entry, _raw in _vkeys(store):  # the later layout's keys name their user
+        if entry["user_id"] == user_id:
+            key_ids.add(entry["key_id"])
+            hashes = [entry["key_hash"]]
+            deletes += [vkey_config_key(h) for h in hashes] + [vkey_quota_key(h) for h in hashes]
+            deletes.append(vkey_index_key(entry["key_id"]))
+    _write(store, {}, list(dict.fromkeys(deletes)))
+    return {"user_id": user_id, "deleted": True, "keys_deleted": sorted(key_ids)}
 
 
 def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd: float,
@@ -323,11 +371,18 @@ def create_user_with_key(store: AdminTarget, org_id: str, email: str, limit_usd:
 
 def update_user(
     store: AdminTarget, user_id: str, *, limit_usd: float | None = None, status: str | None = None,
-    rates: RateLimits | None = None,
+    rates: RateLimits | None = None, email: str | None = None,
 ) -> dict:
-    """Change a user's monthly limit, status and/or rate limits; returns the record."""
+    """Change a user's monthly limit, status, rate limits and/or email (still unique within
+    the org: Conflict otherwise); returns the record."""
     key = user_config_key(user_id)
     record = _load(store, key, f"user {user_id}")
+    _stored_valid(User.parse, user_id, record)
+    if email is not None:
+        changed = _new_user(record.get("org_id") or "", email, 0)["email"]
+        if _email_key(changed) != _email_key(record.get("email")):
+            _email_free(store, record.get("org_id"), changed)
+        record["email"] = changed
     if limit_usd is not None:
         record["monthly_limit_usd"] = check_usd(limit_usd, "monthly_limit_usd")
     if status is not None:
@@ -571,10 +626,14 @@ def find_key(store: AdminTarget, key_id: str) -> KeyRef:
         return later
     suffix = f":keys:{key_id}"
     listing_key = listing = None
-    for k, v in store.records.scan("user:"):
+    # Names first, then the one value: on KV a listing is a call per 1,000 names, where
+    # reading every user's values would be a call per 100.
+    for k in store.records.names("user:"):
         if k.endswith(suffix) and k.count(":") == 3:
-            listing_key, listing = k, _json_or_none(v) or {}
-            break
+            raw = store.records.get(k)
+            if raw is not None:
+                listing_key, listing = k, _json_or_none(raw) or {}
+                break
     key_hash = record = None
     grace: dict[str, dict] = {}
     pointers = [h if isinstance(h := (listing or {}).get(name), str) and h else None

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,7 @@ def check_usd(value: Any, name: str = "amount") -> float:
         raise AdminError(f"{name} must be a non-negative number, not {value!r}") from None
     if not math.isfinite(number) or number < 0:
         raise AdminError(f"{name} must be a non-negative finite number, not {value!r}")
-    return number
+    return number + 0.0  # -0.0 is 0
 
 
 def _current_month() -> str:
@@ -83,8 +84,12 @@ def _load(store: AdminTarget, key: str, what: str) -> dict:
 
 
 def _check_text(value: Any, name: str) -> str:
+    """A non-empty text without control characters (a NUL or newline in a name or an id
+    breaks logs, CSV and the KV key it may become), stripped."""
     if not isinstance(value, str) or not value.strip():
         raise AdminError(f"{name} must be a non-empty string")
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in value.strip()):
+        raise AdminError(f"{name} must not hold control or invisible format characters")
     return value.strip()
 
 
@@ -109,9 +114,12 @@ def shown_provider_key(ref: object) -> str:
 def _redacted(record: dict) -> dict:
     """The record as every admin answer shows it: literal provider keys redacted."""
     out = dict(record)
-    if isinstance(out.get("provider_keys"), dict):
-        out["provider_keys"] = {name: shown_provider_key(ref)
-                                for name, ref in out["provider_keys"].items()}
+    keys = out.get("provider_keys")
+    if isinstance(keys, dict):
+        out["provider_keys"] = {name: shown_provider_key(ref) if isinstance(ref, str) else REDACTED
+                                for name, ref in keys.items()}
+    elif keys is not None:  # not a map (a record the gateway refuses): nothing of it is shown
+        out["provider_keys"] = REDACTED
     return out
 
 

@@ -17,6 +17,13 @@ ADMIN_KEY_PREFIX_RAW = "aigw_admin_"
 ROLES = ("admin", "viewer")
 
 
+def looks_like_admin_key(raw: str) -> bool:
+    """Shaped like a key `new_admin_key` makes: the prefix and 40 hex characters."""
+    body = raw.removeprefix(ADMIN_KEY_PREFIX_RAW)
+    return len(raw) == len(ADMIN_KEY_PREFIX_RAW) + 40 and body != raw and all(
+        c in "0123456789abcdef" for c in body)
+
+
 def new_admin_key() -> str:
     """A fresh admin key: `aigw_admin_` and 40 random hex characters."""
     return ADMIN_KEY_PREFIX_RAW + secrets.token_hex(20)
@@ -85,7 +92,7 @@ class AdminKeys:
     def authenticate(self, raw: str) -> AdminKeyRecord | None:
         """The active admin key `raw` is, or None. The digest is compared with every key's in
         constant time, whichever matches."""
-        if not raw.startswith(ADMIN_KEY_PREFIX_RAW):
+        if not looks_like_admin_key(raw):
             return None
         digest = self._target.hash(raw).encode()
         found = None

@@ -2,6 +2,7 @@
 local store, whose ledger holds this node's metering, or on the Cloudflare KV namespace, which
 holds every node's pushed totals (a reset there holds on every node)."""
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from store import audit
@@ -17,7 +18,7 @@ from store.admin_base import (
     _write,
     now_iso,
 )
-from store.db import Store
+from store.db import Store, StoreError
 from store.money import from_usd, to_usd, utc_now
 from store.records import (
     MAX_COUNT,
@@ -266,12 +267,20 @@ def reset_quota(target: AdminTarget, level: str, level_id: str, reason: str) -> 
     if not isinstance(target, Store):
         return _fleet_reset(_cloudflare(target), level, level_id, reason, month, before, entry)
     store = target
-    store.ledger.reset((level, level_id), month)
+    # The record and the audit entry first, then the ledger (another environment: no one
+    # transaction holds both). Should the ledger refuse, the log says so: never a reset that
+    # happened without its entry.
     quota = _zeroed_quota(store, level, level_id, month)
     if quota:
         _write(store, quota, details=entry)
     else:
         audit.note(store, entry)
+    try:
+        store.ledger.reset((level, level_id), month)
+    except StoreError:
+        with contextlib.suppress(StoreError):
+            audit.note(store, {"quota_reset_failed": entry["quota_reset"]})
+        raise
     return _reset_answer(level, level_id, reason, month, before)
 
 

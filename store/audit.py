@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from store.records import ADMIN_KEY_PREFIX
 from store.target import AdminTarget
 
 AUDIT_PREFIX = "aigw:audit:"
@@ -76,6 +77,14 @@ def _redact(record: dict) -> dict:
     return _redacted(record)
 
 
+def _label(name: str) -> str:
+    """A record key as the log shows it: an admin key's hash shortened (the log is readable by
+    viewers; the full digest of an admin key is nobody's business)."""
+    if name.startswith(ADMIN_KEY_PREFIX):
+        return name[:len(ADMIN_KEY_PREFIX) + 12] + "..."
+    return name
+
+
 def entry_for(target: AdminTarget, puts: Mapping[str, bytes], deletes: Iterable[str] = (),
               details: Mapping[str, Any] | None = None) -> dict[str, bytes]:
     """The audit entry describing a write (as puts to add to it), or nothing outside
@@ -85,7 +94,7 @@ def entry_for(target: AdminTarget, puts: Mapping[str, bytes], deletes: Iterable[
         return {}
     names = [name for name in dict.fromkeys([*puts, *deletes]) if not name.startswith(AUDIT_PREFIX)]
     before = target.records.get_many(names[:MAX_CHANGES_SHOWN]) if names else {}
-    changes = [{"key": name, "before": _shown(before.get(name), _redact),
+    changes = [{"key": _label(name), "before": _shown(before.get(name), _redact),
                 "after": _shown(puts.get(name), _redact)}
                for name in names[:MAX_CHANGES_SHOWN]]
     at = _now()
@@ -115,15 +124,18 @@ def entries(target: AdminTarget, since: datetime | None = None,
     """The audit log, oldest first: entries at or after `since`, the newest `limit` of them."""
     floor = "" if since is None else AUDIT_PREFIX + since.astimezone(UTC).strftime(
         "%Y-%m-%dT%H:%M:%S.%fZ")
+    names = [name for name in target.records.names(AUDIT_PREFIX) if name >= floor]
+    if limit is not None:
+        names = names[-limit:] if limit else []
+    values = target.records.get_many(names)  # only the entries asked for are read
     found = []
-    for name, raw in target.records.scan(AUDIT_PREFIX):
-        if name < floor:
+    for name in names:
+        raw = values.get(name)
+        if raw is None:
             continue
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
             entry = {"key": name, "error": "not JSON"}
         found.append(entry if isinstance(entry, dict) else {"key": name, "error": "not an object"})
-    if limit is not None:
-        found = found[-limit:] if limit else []
     return {"entries": found, "count": len(found)}

@@ -29,7 +29,7 @@ def _config(tmp: Path, kv: FakeKV | None) -> Path:
         token = tmp / "cf-token"
         token.write_text(kv.token + "\n")
         config["store"] = {**(config.get("store") or {}), "hash": "sha256"}
-        config["sync"] = {"node_id": "admin-node", "cloudflare": {
+        config["sync"] = {"node_id": "admin-node", "request_budget": 100_000, "cloudflare": {
             "account_id": kv.account_id, "namespace_id": kv.namespace_id,
             "api_token_file": str(token)}}
     path = tmp / "mitm.yaml"
@@ -147,7 +147,7 @@ def test_organizations_create_show_update_and_list(server):
                    fallback_daily_limit=3, rpm_limit=60)
     assert org["org_id"].startswith("org_") and org["organization"]["org_id"] == org["org_id"]
     assert (org["monthly_budget_usd"], org["failure_mode"], org["fallback_daily_limit"],
-            org["rpm_limit"]) == (250, "fail_open", 3, 60)
+            org["rpm_limit"]) == (250, "fail-open", 3, 60)
     shown = api.get(f"/admin/organizations/{org['org_id']}").json()
     assert shown["organization"]["name"] == "Acme"
     patched = api.patch(f"/admin/organizations/{org['org_id']}",
@@ -155,7 +155,7 @@ def test_organizations_create_show_update_and_list(server):
     assert patched.status_code == 200, patched.text
     body = patched.json()
     assert body["monthly_budget_usd"] == 300 and "rpm_limit" not in body
-    assert body["tpm_limit"] == 1000 and body["failure_mode"] == "fail_open"
+    assert body["tpm_limit"] == 1000 and body["failure_mode"] == "fail-open"
     listed = api.get("/admin/organizations").json()["organizations"]
     assert org["org_id"] in [o["org_id"] for o in listed]
 
@@ -293,8 +293,9 @@ def test_a_key_is_reached_only_through_its_own_user(server):
     error_of(api.delete(f"/admin/users/{bob['user_id']}/api-keys/{alice['key_id']}"), 404,
              "not_found")
     error_of(api.delete(f"/admin/users/{alice['user_id']}/api-keys/key_none"), 404, "not_found")
-    keys = api.get(f"/admin/users/{alice['user_id']}/api-keys").json()["api_keys"]
-    assert [k["status"] for k in keys] == ["active"]
+    listed = api.get(f"/admin/users/{alice['user_id']}/api-keys")
+    assert listed.status_code == 200, listed.text
+    assert [k["status"] for k in listed.json()["api_keys"]] == ["active"]
 
 
 def test_key_rotation_keeps_the_key_id(server):

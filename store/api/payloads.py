@@ -56,6 +56,7 @@ class UserCreate(_Body):
 
 
 class UserUpdate(_Body):
+    email: str | Unset = UNSET
     monthly_limit_usd: Number | Unset = UNSET
     status: str | Unset = UNSET
 

@@ -4,6 +4,7 @@ operation the CLI calls. Answers keep the Workers gateway's shapes (`{"organizat
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +40,8 @@ from store.report import (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 routes = web.RouteTableDef()
 BACKEND = web.AppKey("backend", Backend)
-ACTOR = "aigw_actor"  # request key: the authenticated admin key's audit name
+LOG_PAGE_LINES = 2000  # usage log lines read per turn of the worker thread
+ACTOR = web.RequestKey("aigw_actor", str)  # the authenticated admin key's audit name
 
 
 def backend_of(request: web.Request) -> Backend:
@@ -69,6 +71,15 @@ def _json(value: Any, status: int = 200) -> web.Response:
 def _query(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
     return value.strip() or None if value is not None else None
+
+
+def _only(request: web.Request, *names: str) -> None:
+    """A 400 for a query parameter the endpoint does not take: a misspelt filter must not
+    answer with everything."""
+    unknown = sorted(set(request.query) - set(names))
+    if unknown:
+        takes = f"it takes {', '.join(names)}" if names else "it takes none"
+        raise PayloadError(f"{unknown[0]}: not a query parameter of this endpoint ({takes})")
 
 
 # Organizations
@@ -106,8 +117,8 @@ async def update_org(request: web.Request) -> web.Response:
     def update(target: Any) -> dict:
         provider_keys = None
         if body.provider_keys is not UNSET:  # the Workers gateway replaces the whole map
-            stored = target.records.get_json(f"org:{org_id}:config") or {}
-            provider_keys = {name: None for name in stored.get("provider_keys") or {}}
+            stored = admin.show_org(target, org_id).get("provider_keys")
+            provider_keys = {name: None for name in stored} if isinstance(stored, dict) else {}
             provider_keys.update(body.provider_keys)
         return admin.update_org(
             target, org_id, name=_given(body.name), budget_usd=_given(body.monthly_budget_usd),
@@ -133,7 +144,7 @@ async def org_usage(request: web.Request) -> web.Response:
     usage = await _usage(request, "org", org_id)
     return _json({**usage, "organization_id": org_id,
                   "month_usage_usd": usage["current_usage_usd"],
-                  "remaining_budget_usd": usage["remaining_usd"]})
+                  "remaining_budget_usd": usage["remaining_usd"], "last_update": _now_ms_iso()})
 
 
 @routes.post("/admin/organizations/{org_id}/reset-quota")
@@ -163,6 +174,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 @routes.get("/admin/users")
 async def list_users(request: web.Request) -> web.Response:
+    _only(request, "org_id", "email")
     org_id, email = _query(request, "org_id"), _query(request, "email")
     return _json(await _read(request, lambda t: admin.list_users(t, org_id=org_id, email=email)))
 
@@ -178,8 +190,15 @@ async def update_user(request: web.Request) -> web.Response:
     body = await _body(request, UserUpdate)
     user = await _write(request, lambda t: admin.update_user(
         t, request.match_info["user_id"], limit_usd=_given(body.monthly_limit_usd),
-        status=_given(body.status), rates=body.rates()))
+        status=_given(body.status), email=_given(body.email), rates=body.rates()))
     return _json({**user, "user": user, "message": "User updated successfully"})
+
+
+@routes.delete("/admin/users/{user_id}")
+async def delete_user(request: web.Request) -> web.Response:
+    """The user, its quota record and its keys go (as the Workers gateway's DELETE)."""
+    result = await _write(request, lambda t: admin.delete_user(t, request.match_info["user_id"]))
+    return _json({**result, "message": "User deleted successfully"})
 
 
 @routes.get("/admin/users/{user_id}/usage")
@@ -215,7 +234,9 @@ async def create_key(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     user_id = request.match_info["user_id"]
     found = await _read(request, lambda t: admin.list_keys(t, user_id=user_id))
-    return _json({"user_id": user_id, "api_keys": found["keys"]})
+    keys = [{k: v for k, v in key.items() if k not in ("key_hash", "previous_key_hash")}
+            for key in found["keys"]]
+    return _json({"user_id": user_id, "api_keys": keys})
 
 
 def _owned_key(target: Any, user_id: str, key_id: str) -> None:
@@ -291,6 +312,7 @@ routes.post(_KEY + "/rotate")(rotate_key)
 
 
 async def _usage(request: web.Request, level: str, level_id: str) -> dict:
+    _only(request, "month")
     month = _query(request, "month")
     if month is not None:
         month = _parsed(parse_month, month, "month")
@@ -301,8 +323,12 @@ def _seed_usage(usage: dict, limit_field: str) -> dict:
     """The Workers gateway's `usage` object of a usage answer."""
     return {"current_month": usage["current_month"], "usage_usd": usage["current_usage_usd"],
             "limit_usd": usage.get(limit_field), "remaining_usd": usage["remaining_usd"],
-            "request_count": usage["request_count"],
-            "last_update": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
+            "request_count": usage["request_count"], "last_update": _now_ms_iso()}
+
+
+def _now_ms_iso() -> str:
+    """Now as the Workers gateway writes `last_update` in its answers (ISO, milliseconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 async def _reset(request: web.Request, level: str, level_id: str) -> dict:
@@ -331,9 +357,9 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/admin/audit")
 async def audit_log(request: web.Request) -> web.Response:
+    _only(request, "since", "limit")
     since = _query(request, "since")
-    when = None if since is None else datetime.fromtimestamp(
-        _parsed(parse_time, since, "since"), UTC)
+    when = None if since is None else _parsed(_utc_time, since, "since")
     limit = _query(request, "limit")
     count = None if limit is None else _parsed(_count, limit, "limit")
     return _json(await _read(request, lambda t: audit.entries(t, when, count)))
@@ -353,16 +379,25 @@ class LocalStoreMissing(Exception):
 
 @routes.get("/admin/usage/log")
 async def usage_log(request: web.Request) -> web.StreamResponse:
+    _only(request, "since", "until", "org_id", "user_id", "key_id", "model", "format")
     fmt = _choice(request, "format", LOG_FORMATS, "jsonl")
     times = {name: _parsed(parse_time, value, name) for name in ("since", "until")
              if (value := _query(request, name)) is not None}
     where = LogFilter(times.get("since"), times.get("until"), _query(request, "org_id"),
                       _query(request, "user_id"), _query(request, "key_id"),
                       _query(request, "model"))
-    store = _local(request)
-    text = await backend_of(request).run(lambda: "".join(log_lines(store, where, fmt)))
-    kind = "text/csv" if fmt == "csv" else "application/x-ndjson"
-    return web.Response(text=text, content_type=kind, charset="utf-8")
+    store, backend = _local(request), backend_of(request)
+    lines = log_lines(store, where, fmt)
+    # Streamed a page at a time: a long log never sits in memory whole, and the worker thread
+    # is free between pages for other requests.
+    response = web.StreamResponse(headers={
+        "content-type": ("text/csv" if fmt == "csv" else "application/x-ndjson")
+        + "; charset=utf-8"})
+    await response.prepare(request)
+    while page := await backend.run(lambda: "".join(islice(lines, LOG_PAGE_LINES))):
+        await response.write(page.encode())
+    await response.write_eof()
+    return response
 
 
 def _month_of(request: web.Request) -> str:
@@ -374,6 +409,7 @@ def _month_of(request: web.Request) -> str:
 
 @routes.get("/admin/usage/report")
 async def usage_report(request: web.Request) -> web.StreamResponse:
+    _only(request, "month", "by", "format")
     month, by = _month_of(request), _choice(request, "by", GROUPS, "model")
     fmt = _choice(request, "format", REPORT_FORMATS, "json")
     store = _local(request)
@@ -384,6 +420,7 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/admin/dashboard")
 async def dashboard(request: web.Request) -> web.StreamResponse:
+    _only(request, "month", "by")
     month, by = _month_of(request), _choice(request, "by", GROUPS, "model")
     return await _text_report(request, _local(request), month, by, "html")
 
@@ -404,6 +441,13 @@ async def _text_report(request: web.Request, store: Any, month: str, by: str,
 
 def _given(value: Any) -> Any:
     return None if value is UNSET else value
+
+
+def _utc_time(text: str) -> datetime:
+    try:
+        return datetime.fromtimestamp(parse_time(text, "since"), UTC)
+    except (OverflowError, OSError):
+        raise ValueError("out of range") from None
 
 
 def _count(text: str) -> int:

@@ -3,12 +3,18 @@
 Every `/admin` request carries `Authorization: Bearer <admin key>`; a viewer key may only read
 (GET). Errors are `{"error": {"type", "message"}}`: 400 a bad payload (naming the field), 401,
 403, 404, 405, 409 a duplicate, 502 Cloudflare did not answer, 503 the store did not. The access
-log names the method, path, status and admin key id; never a key."""
+log names the method, path, status and admin key id; never a key, not even in a request too
+malformed to parse (aiohttp's own answer would quote the header line)."""
 
+import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
 
 from store.admin_base import AdminError, Conflict, NotFound
 from store.api.backend import Backend
@@ -87,8 +93,7 @@ def make_app(backend: Backend) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[BACKEND] = backend
     app.add_routes(routes)
-    app.add_routes(vkey_routes)  # the later Workers gateway's /admin/vkeys and /admin/metrics
-    app.router.add_get("/healthz", lambda request: web.json_response({"ok": True}))
+    app.add_routes(vkey_routes)
 
     async def close(_: web.Application) -> None:
         backend.close()
@@ -97,18 +102,73 @@ def make_app(backend: Backend) -> web.Application:
     return app
 
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # no headers: never the Authorization
+class AccessLogger(AbstractAccessLogger):
+    """One line a request: client, request line, status, size, time and the admin key id
+    (never a header, so never the Authorization)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        actor = request.get(ACTOR, "-")
+        self.logger.info('%s "%s %s" %s %s %.4fs %s', request.remote, request.method,
+                         request.rel_url, response.status, response.body_length, time, actor)
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse gets the API's error shape
+    and a log line without the exception's text: both would otherwise quote the bad line,
+    which may be the Authorization header."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        log.warning("%s: refused a request it could not read (%s, %d)", request.remote,
+                    type(exc).__name__ if exc else "error", status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer was already started")
+        kind = "server_error" if status >= 500 else "invalid_request"
+        response = error(status, kind, HTTPStatus(status).phrase)
+        response.force_close()
+        return response
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+
+        def protocol() -> RequestHandler:
+            return _QuietHandler(server, loop=server._loop, **server._kwargs)
+
+        return _Protocols(server, protocol)
+
+
+class _Protocols(web.Server):
+    """The server aiohttp made, with `_QuietHandler` for its connections."""
+
+    def __init__(self, server: web.Server, protocol: Callable[[], RequestHandler]) -> None:
+        self.__dict__.update(server.__dict__)
+        self._protocol = protocol
+
+    def __call__(self) -> RequestHandler:
+        return self._protocol()
 
 
 def run(backend: Backend, host: str, port: int, *,
         on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM, then finish the requests under way."""
 
-    async def ready(_: web.Application) -> None:
-        if on_ready is not None:
-            on_ready(f"http://{host}:{port}")
+    async def serve() -> None:
+        runner = _Runner(make_app(backend), access_log_class=AccessLogger, access_log=log,
+                         handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            if on_ready is not None:
+                on_ready(f"http://{host}:{port}")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
 
-    app = make_app(backend)
-    app.on_startup.append(ready)
-    web.run_app(app, host=host, port=port, print=None, access_log=log,
-                access_log_format=ACCESS_LOG_FORMAT, handle_signals=True)
+    asyncio.run(serve())

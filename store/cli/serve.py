@@ -36,7 +36,7 @@ def serve(ctx: click.Context, listen: str) -> int:
         host, port = _listen(listen)
     except click.BadParameter as exc:
         raise click.UsageError(f"--listen {exc.format_message()}", ctx) from None
-    from store.api.backend import Backend  # aiohttp, for this command only
+    from store.api.backend import Backend, admin_kv_policy  # aiohttp, for this command only
     from store.api.server import run
 
     options = globals_of(ctx)
@@ -55,7 +55,7 @@ def serve(ctx: click.Context, listen: str) -> int:
                 from store import cloudflare
 
                 cf, sync = cloudflare.load_sync_settings(config, source, options.api_base)
-                client = stack.enter_context(cloudflare.KVClient(cf, sync))
+                client = stack.enter_context(cloudflare.KVClient(cf, admin_kv_policy(sync)))
                 target = cloudflare.CloudflareTarget(client, settings.hash_algorithm,
                                                      settings.key_layout)
             elif local is None:

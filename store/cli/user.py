@@ -1,4 +1,4 @@
-"""`aigw user create|update|show|list`: users of an org."""
+"""`aigw user create|update|show|list|delete`: users of an org."""
 
 import click
 
@@ -28,17 +28,27 @@ def create(ctx: click.Context, org_id: str, email: str, limit: float, rpm: int |
 @click.argument("user_id", metavar="USER_ID")
 @click.option("--limit", type=USD, metavar="USD", help="monthly limit in USD")
 @click.option("--status", type=click.Choice(USER_STATUSES), help="a suspended user's keys get 401")
+@click.option("--email", help="a new e-mail address (unique within the org)")
 @rate_options
 @late_globals()
 @click.pass_context
 def update(ctx: click.Context, user_id: str, limit: float | None, status: str | None,
-           rpm: int | None, tpm: int | None, max_parallel: int | None) -> int:
-    """Change a user's limits or status."""
-    nothing_to_change(ctx, {"limit": limit, "status": status, "rpm": rpm, "tpm": tpm,
-                            "max_parallel": max_parallel})
+           email: str | None, rpm: int | None, tpm: int | None, max_parallel: int | None) -> int:
+    """Change a user's limits, status or email."""
+    nothing_to_change(ctx, {"limit": limit, "status": status, "email": email, "rpm": rpm,
+                            "tpm": tpm, "max_parallel": max_parallel})
     return on_target(ctx, lambda store: admin.update_user(
-        store, user_id, limit_usd=limit, status=status,
+        store, user_id, limit_usd=limit, status=status, email=email,
         rates=rate_limits(rpm, tpm, max_parallel)))
+
+
+@group.command("delete", help="Delete a user and the user's keys (metered usage stays).")
+@click.argument("user_id", metavar="USER_ID")
+@late_globals()
+@click.pass_context
+def delete(ctx: click.Context, user_id: str) -> int:
+    """Delete a user."""
+    return on_target(ctx, lambda store: admin.delete_user(store, user_id))
 
 
 @group.command("show", help="Show a user.")

@@ -4,6 +4,7 @@ malformed or truncated answers are retried with exponential backoff, never soone
 answer's `retry-after`; anything else fails at once. The token is sent, never logged."""
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,37 +48,45 @@ class RequestBudget:
     tripping Cloudflare's limit (which blocks every tool using the token for 5 minutes)."""
 
     def __init__(self, limit: int, window: float, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, wait: bool = True) -> None:
         self.limit, self.window = limit, window
         self._sleep, self._clock = sleep, clock
+        self._wait = wait  # False: a full window is an error at once (a server answering people)
+        self._lock = threading.Lock()
         self._sent: deque[float] = deque()
         self.used = 0
 
     def acquire(self) -> None:
         """Wait until one more request fits in the window, and count it."""
         while True:
-            now = self._clock()
-            while self._sent and now - self._sent[0] >= self.window:
-                self._sent.popleft()
-            if len(self._sent) < self.limit:
-                self._sent.append(now)
-                self.used += 1
-                return
-            self._sleep(self.window - (now - self._sent[0]) + 0.01)
+            with self._lock:
+                now = self._clock()
+                while self._sent and now - self._sent[0] >= self.window:
+                    self._sent.popleft()
+                if len(self._sent) < self.limit:
+                    self._sent.append(now)
+                    self.used += 1
+                    return
+                wait = self.window - (now - self._sent[0]) + 0.01
+            if not self._wait:
+                raise SyncError(f"the Cloudflare request budget ({self.limit} requests a "
+                                f"{self.window:.0f} s) is used up; try again in {wait:.0f} s")
+            self._sleep(wait)
 
 
 class _WaitHonouringRetryAfter(tenacity.wait.wait_base):
     """Exponential backoff, but never less than the failed answer's `retry-after`: retrying
     sooner only meets the limit again."""
 
-    def __init__(self, backoff: tenacity.wait.wait_base) -> None:
+    def __init__(self, backoff: tenacity.wait.wait_base, cap: float) -> None:
         self._backoff = backoff
+        self._cap = cap
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         delay = self._backoff(retry_state)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, KVError) and exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
+            delay = max(delay, min(exc.retry_after, self._cap))
         return delay
 
 
@@ -100,7 +109,8 @@ class KVClient:
         )
         self._settings = settings
         self._sleep = sleep
-        self.budget = budget or RequestBudget(settings.request_budget, settings.budget_window_s)
+        self.budget = budget or RequestBudget(settings.request_budget, settings.budget_window_s,
+                                              wait=settings.wait_for_budget)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -175,7 +185,8 @@ class KVClient:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(settings.max_attempts),
             wait=_WaitHonouringRetryAfter(tenacity.wait_exponential(
-                multiplier=BACKOFF_FIRST_S, max=settings.max_backoff_s)),
+                multiplier=BACKOFF_FIRST_S, max=settings.max_backoff_s),
+                settings.max_retry_after_s),
             retry=tenacity.retry_if_exception(_retryable),
             sleep=self._sleep,
             before_sleep=self._log_retry,

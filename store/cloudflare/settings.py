@@ -39,6 +39,10 @@ class SyncSettings:
     max_attempts: int = 6
     max_backoff_s: float = 60.0
     timeout_s: float = 30.0
+    # A sync pass waits as long as Cloudflare asks and for its own budget; `aigw serve` answers
+    # people, so it gives up sooner (store.api: ADMIN_KV_POLICY).
+    max_retry_after_s: float = 600.0
+    wait_for_budget: bool = True
 
 
 class NodeId(ConfigText):

@@ -2,31 +2,71 @@
 namespace, so `aigw --target cloudflare org|user|key ...` manages every node from one place. Every
 value is written with its version stamp, so each node's next pass fetches it."""
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
 
 from store.cloudflare.client import BULK_GET, BULK_PUT, KVClient, SyncError
 from store.cloudflare.sync import STAMP, stamp_of
 from store.hashing import hash_key
-from store.records import listing_metadata
+from store.records import listing_metadata, record_label
+
+SAME_KEY_WRITE_S = 1.1  # Cloudflare refuses a second write to a key within a second
 
 
-def write_records(client: KVClient, records: dict[str, bytes], deletes: Iterable[str] = ()
-                  ) -> None:
-    """Admin writes straight to KV, each value with its version stamp (so syncs fetch it)."""
-    items = [{"key": k, "value": v.decode(),
-              "metadata": {STAMP: stamp_of(v), **listing_metadata(k, v)}}
-             for k, v in records.items()]
+def _item(key: str, value: bytes) -> dict:
+    return {"key": key, "value": value.decode(),
+            "metadata": {STAMP: stamp_of(value), **listing_metadata(key, value)}}
+
+
+def _put(client: KVClient, items: list[dict]) -> list[str]:
+    """Bulk put; the keys Cloudflare reports unwritten get one more try. The keys still not
+    written."""
+    failed: list[str] = []
     for start in range(0, len(items), BULK_PUT):
-        failed = client.bulk_put(items[start:start + BULK_PUT])
-        if failed:
-            raise SyncError(f"Cloudflare did not write {len(failed)} keys: {failed[:5]}")
+        failed += client.bulk_put(items[start:start + BULK_PUT])
+    if failed:
+        again = set(failed)
+        failed = client.bulk_put([item for item in items if item["key"] in again])
+    return failed
+
+
+def _labels(names: Sequence[str]) -> str:
+    shown = ", ".join(record_label(name) for name in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def write_records(client: KVClient, records: dict[str, bytes], deletes: Iterable[str] = (),
+                  before: Mapping[str, bytes] | None = None) -> None:
+    """Admin writes straight to KV, each value with its version stamp (so syncs fetch it), then
+    the deletes. KV has no transaction: when some keys are not written and `before` holds the
+    values the written keys had (absent: they had none), those are put back (or deleted), so a
+    failed write leaves the namespace as it was; SyncError either way."""
+    items = [_item(k, v) for k, v in records.items()]
+    failed = _put(client, items) if items else []
+    if failed:
+        outcome = "nothing else was written"
+        if before is not None:
+            time.sleep(SAME_KEY_WRITE_S)  # KV takes one write a second per key
+            unwritten = set(failed)
+            written = [item["key"] for item in items if item["key"] not in unwritten]
+            restore = [_item(k, before[k]) for k in written if k in before]
+            remove = [k for k in written if k not in before]
+            left = (_put(client, restore) if restore else []) + \
+                (client.bulk_delete(remove) if remove else [])
+            outcome = ("the keys it did write were put back as they were" if not left else
+                       f"{len(left)} keys it did write could not be put back: {_labels(left)}")
+        elif len(failed) < len(items):
+            outcome = "the other keys were written"
+        raise SyncError(f"Cloudflare did not write {len(failed)} of {len(items)} keys "
+                        f"({_labels(failed)}); {outcome}")
     names = list(deletes)
     if names:
         failed = client.bulk_delete(names)
         if failed:
-            raise SyncError(f"Cloudflare did not delete {len(failed)} keys: {failed[:5]}")
+            raise SyncError(f"Cloudflare did not delete {len(failed)} keys ({_labels(failed)}); "
+                            f"the keys written stay")
 
 
 class KVRecords:
@@ -72,7 +112,10 @@ class KVRecords:
         return [(name, values[name]) for name in names if name in values]
 
     def write(self, puts: dict[str, bytes], deletes: Iterable[str] = ()) -> None:
-        write_records(self._client, puts, deletes)
+        """All or nothing as far as KV allows: with more than one key, the values they had are
+        read first, to put back should Cloudflare write only some (`write_records`)."""
+        before = self.get_many(puts) if len(puts) > 1 else None
+        write_records(self._client, puts, deletes, before)
 
     def listing(self, prefix: str) -> list[dict]:
         """Every key under `prefix` with its metadata ({name, metadata?}), as a pass lists it:
