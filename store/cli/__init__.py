@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from store.cli import bulk, demo, health, key, log, org, report, sync, usage, user
+from store.cli import bulk, demo, health, key, log, org, proxy, report, sync, usage, user
 from store.cli.output import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, fail, redact
 from store.cli.runner import TARGETS, Globals, Group
 from store.settings import DEFAULT_CONFIG
@@ -76,7 +76,8 @@ def cli(ctx: click.Context, config: str | None, store: str | None, target: str,
 
 
 for command in (org.group, user.group, key.group, usage.usage, usage.quota, log.log,
-                report.report, bulk.import_, bulk.export, health.health, sync.sync, demo.demo):
+                report.report, bulk.import_, bulk.export, health.health, sync.sync, demo.demo,
+                proxy.proxy, proxy.ca):
     cli.add_command(command)
 
 
