@@ -73,7 +73,7 @@ def say(message: str) -> None:
 
 
 def option_value(sets: list[str], name: str) -> str | None:
-    """The last value `--set NAME=...` gave, if any."""
+    """The value `--set NAME=...` gave, if any."""
     value = None
     for item in sets:
         key, _, rest = item.partition("=")
@@ -170,13 +170,6 @@ class Supervisor:
 
     def argv(self, worker: Worker, index: int) -> list[str]:
         spec = self.spec
-        sets = []
-        if spec.config is not None:
-            sets.append(f"aigw_config={spec.config}")
-        if spec.store is not None:
-            sets.append(f"aigw_store={spec.store}")
-        sets += spec.sets
-        sets += per_worker_options(spec.sets, worker.name, index)
         # -P: the working directory is not on sys.path (./store, the data, would shadow the
         # store package).
         argv = [sys.executable, "-P", "-m", "addon.worker", "--name", worker.name,
@@ -184,7 +177,7 @@ class Supervisor:
                 "--listen-port", str(self.port), "--drain-s", str(spec.drain_s)]
         for mode in spec.modes:
             argv += ["--mode", mode]
-        for item in sets:
+        for item in worker_sets(spec, worker.name, index):
             argv += ["--set", item]
         return argv
 
@@ -327,20 +320,30 @@ def restart_backoff(quick_deaths: int) -> float:
     return 0.0 if quick_deaths <= 1 else min(MAX_BACKOFF_S, 2.0 ** (quick_deaths - 2))
 
 
-def per_worker_options(sets: list[str], name: str, index: int) -> list[str]:
-    """What each worker needs of its own: the metrics listener (worker N on PORT+N-1; a port
-    is one process's) and the request log file (PATH.wN: appends of several processes to one
+def option_name(item: str) -> str:
+    return item.partition("=")[0].strip()
+
+
+def worker_sets(spec: ProxySpec, name: str, index: int) -> list[str]:
+    """The `--set`s of worker `name` (number `index` from 0): the global --config/--store
+    (unless --set gave aigw_config/aigw_store), the user's, and what each worker needs of its
+    own in place of the user's value: the metrics listener (worker N on PORT+N-1: a port is
+    one process's) and the request log file (PATH.wN: appends of several processes to one
     file could interleave within a line)."""
-    own = []
-    metrics = option_value(sets, "aigw_metrics")
-    if metrics:
-        host, sep, port = metrics.rpartition(":")
-        if sep and port.isdigit() and int(port) != 0:
-            own.append(f"aigw_metrics={host}:{int(port) + index}")
-    log_file = option_value(sets, "aigw_request_log_file")
-    if log_file:
-        own.append(f"aigw_request_log_file={log_file}.{name}")
-    return own
+    given = {option_name(item): item.partition("=")[2] for item in spec.sets}
+    sets = []
+    if spec.config is not None and "aigw_config" not in given:
+        sets.append(f"aigw_config={spec.config}")
+    if spec.store is not None and "aigw_store" not in given:
+        sets.append(f"aigw_store={spec.store}")
+    own = {}
+    host, sep, port = given.get("aigw_metrics", "").rpartition(":")
+    if sep and port.isdigit() and int(port) != 0:
+        own["aigw_metrics"] = f"{host}:{int(port) + index}"
+    if given.get("aigw_request_log_file"):
+        own["aigw_request_log_file"] = f"{given['aigw_request_log_file']}.{name}"
+    sets += [item for item in spec.sets if option_name(item) not in own]
+    return sets + [f"{key}={value}" for key, value in own.items()]
 
 
 def describe(proc: asyncio.subprocess.Process | None) -> str:

@@ -49,6 +49,22 @@ def logged_requests(proxy: AigwProxy, count: int) -> dict[str, list[dict]]:
     return found
 
 
+def free_port_pair() -> int:
+    """A loopback port P with P+1 free too (worker 2 serves its metrics on P+1)."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port < 65535 and second.connect_ex(("127.0.0.1", port + 1)) != 0:
+                try:
+                    second.close()
+                    with socket.socket() as probe:
+                        probe.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    continue
+
+
 @pytest.fixture
 def account_store(tmp_path):
     store_dir = tmp_path / "store"
@@ -273,3 +289,27 @@ def test_reverse_mode_needs_no_ca_on_the_client(tmp_path, fake_provider, account
         assert fake_provider.last.headers["authorization"] == f"Bearer {OPENAI_KEY}"
     finally:
         proxy.stop()
+
+
+def test_each_worker_has_its_own_request_log_file_and_metrics_port(tmp_path, fake_provider,
+                                                                   account_store):
+    store_dir, acct = account_store
+    log_file = tmp_path / "requests.jsonl"
+    metrics_port = free_port_pair()
+    proxy = start_aigw_proxy(tmp_path / "px", fake_provider.address, store_dir=store_dir,
+                             args=["--set", f"aigw_request_log_file={log_file}",
+                                   "--set", f"aigw_metrics=127.0.0.1:{metrics_port}"])
+    try:
+        client = fresh_client(proxy, acct.api_key)
+        for _ in range(24):
+            chat(client)
+        for port in (metrics_port, metrics_port + 1):  # w1, w2
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5,
+                             trust_env=False).status_code == 200
+    finally:
+        assert proxy.stop(timeout=30) == 0
+    lines = {name: (tmp_path / f"requests.jsonl.{name}").read_text().splitlines()
+             for name in ("w1", "w2")}
+    assert not log_file.exists()
+    assert all(lines.values()) and sum(map(len, lines.values())) == 24
+    assert proxy.requests_by_worker() == {}  # to the files, not to stderr

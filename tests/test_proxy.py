@@ -9,10 +9,9 @@ from addon.supervisor import (
     ProxySpec,
     SupervisorError,
     check,
-    option_value,
-    per_worker_options,
     reserve,
     restart_backoff,
+    worker_sets,
 )
 
 
@@ -38,13 +37,20 @@ def test_options_the_supervisor_owns_are_refused(sets, message):
 
 
 def test_each_worker_gets_its_own_metrics_port_and_request_log_file():
-    sets = ["aigw_metrics=127.0.0.1:9100", "aigw_request_log_file=/var/log/aigw/requests.jsonl",
-            "aigw_metrics=0.0.0.0:9200"]
-    assert option_value(sets, "aigw_metrics") == "0.0.0.0:9200"  # the last one, as mitmproxy
-    assert per_worker_options(sets, "w3", 2) == [
-        "aigw_metrics=0.0.0.0:9202", "aigw_request_log_file=/var/log/aigw/requests.jsonl.w3"]
-    assert per_worker_options(["aigw_metrics=127.0.0.1:0"], "w2", 1) == []  # each its own
-    assert per_worker_options([], "w1", 0) == []
+    spec = ProxySpec(workers=3, config="/etc/aigw/mitm.yaml", store="/var/lib/aigw/store",
+                     sets=["aigw_metrics=0.0.0.0:9200", "confdir=/etc/aigw/ca",
+                           "aigw_request_log_file=/var/log/aigw/requests.jsonl"])
+    assert worker_sets(spec, "w3", 2) == [
+        "aigw_config=/etc/aigw/mitm.yaml", "aigw_store=/var/lib/aigw/store",
+        "confdir=/etc/aigw/ca", "aigw_metrics=0.0.0.0:9202",
+        "aigw_request_log_file=/var/log/aigw/requests.jsonl.w3"]
+    ephemeral = ProxySpec(workers=2, sets=["aigw_metrics=127.0.0.1:0"])
+    assert worker_sets(ephemeral, "w2", 1) == ["aigw_metrics=127.0.0.1:0"]  # each its own
+
+
+def test_set_aigw_config_wins_over_the_global_config():
+    spec = ProxySpec(workers=1, config="a.yaml", store="s", sets=["aigw_config=b.yaml"])
+    assert worker_sets(spec, "w1", 0) == ["aigw_store=s", "aigw_config=b.yaml"]
 
 
 def test_restarts_back_off_only_while_a_worker_keeps_dying_young():
