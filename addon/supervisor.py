@@ -194,7 +194,13 @@ class Supervisor:
     async def forward(self, worker: Worker, proc: asyncio.subprocess.Process) -> None:
         """The worker's stdout: the ready line, and whatever an extra addon prints (named)."""
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over 64 KiB (asyncio drops it): keep the pipe drained
+                raw = await proc.stdout.read(65536)
+            if not raw:
+                return
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(READY):
                 worker.ready.set()
