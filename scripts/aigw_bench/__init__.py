@@ -20,6 +20,11 @@ One module per section, all sharing `runner` (processes, interleaved rounds, rat
    addon. `throughput_tls` (`--only throughput-tls`): the same over HTTPS: CONNECT, TLS
    intercepted with each mitmdump's CA, TLS to an upstream with a self-signed certificate made
    at start (`ssl_insecure`); handshakes during the warm-up.
+2b. `proxy` (`--only proxy`): `aigw proxy` beside mitmdump, as ratios of interleaved rounds
+   (see its module): mitmdump with the gateway over the floor addon (CPU per request <= 1.05x);
+   `aigw proxy --workers 1` over bare mitmdump (req/s >= 1.3x, CPU <= 0.77x); `--workers 2`
+   with a new connection per request (each worker >= 35% of the requests, CPU <= 1.15x of one
+   worker's) and a burst of 30 against a budget with room for 5 (<= 6 admitted).
 3. `stream`: a long OpenAI chat-completions SSE stream (N content events with `"usage": null`,
    then the usage event the client asked for with include_usage) from the same upstream through
    bare mitmdump (`--set stream_large_bodies=1`: bare mitmdump otherwise buffers the whole body)
@@ -42,9 +47,10 @@ temporary directories. Exit status: 0 when every target is met, 1 when one is mi
 was invalid (non-200 answers, the ledger did not meter the addon's requests, a process failed).
 
 Internal modes (`python -m aigw_bench MODE`, used by the benchmark itself): `_upstream` (the fake
-provider), `_loadgen`, `_streamclient` and `_fakekv`. Only the standard library is imported at
-module level, so those processes start fast. The package changes no `sys.path`: `scripts/bench`
-puts scripts/ and the project on PYTHONPATH, so that `hookdriver` can run on another tree's code.
+provider), `_loadgen`, `_streamclient`, `_fakekv` and `_burst`. Only the standard library is
+imported at module level, so those processes start fast. The package changes no `sys.path`:
+`scripts/bench` puts scripts/ and the project on PYTHONPATH, so that `hookdriver` can run on
+another tree's code.
 """
 
 from pathlib import Path

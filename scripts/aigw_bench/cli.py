@@ -14,6 +14,7 @@ from aigw_bench import (
     before,
     hotpath,
     ledger,
+    proxy,
     stream,
     sync,
     telemetry,
@@ -36,11 +37,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         help="a smoke run: 10k keys, 2k requests, 2 s rounds, 2 rounds of 2 "
                         "processes each, 2k-event streams, a 20 MB stream, a 10k-key sync")
     parser.add_argument("--only",
-                        choices=("hotpath", "telemetry", "throughput", "throughput-tls", "stream",
-                                 "sync", "ledger"),
+                        choices=("hotpath", "telemetry", "throughput", "throughput-tls", "proxy",
+                                 "stream", "sync", "ledger"),
                         help="run one of the benchmarks (throughput-tls: the throughput one "
                         "over HTTPS; ledger: the cost of the ledger's durable settings; "
-                        "telemetry: the request path with the request log and metrics on / off)")
+                        "telemetry: the request path with the request log and metrics on / off; "
+                        "proxy: aigw proxy beside mitmdump, as ratios)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -105,6 +107,7 @@ INTERNAL_MODES = {
     "_loadgen": throughput.loadgen_main,
     "_streamclient": stream.stream_client_main,
     "_fakekv": sync.fakekv_main,
+    "_burst": proxy.burst_main,
 }
 
 
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> int:
         ("throughput", "throughput run", lambda: throughput.run(s, report), failures),
         ("throughput-tls", "HTTPS throughput run", lambda: throughput_tls.run(s, report),
          failures),
+        ("proxy", "proxy run", lambda: proxy.run(s, report), failures),
         ("stream", "stream run", lambda: stream.run(s, report), failures),
         # a failed pass (SyncError), the fake's process, ...
         ("sync", "sync run", lambda: sync.run(s, report), (Exception,)),

@@ -48,13 +48,16 @@ def ledger_count(path: Path, key_id: str) -> tuple[str, int, int, int]:
 
 
 def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
-                ca: Path | None = None) -> dict:
-    """`ca`: HTTPS through the proxy (CONNECT, then TLS trusting that mitmproxy CA)."""
+                ca: Path | None = None, fresh: bool = False) -> dict:
+    """`ca`: HTTPS through the proxy (CONNECT, then TLS trusting that mitmproxy CA); `fresh`:
+    a new connection per request."""
     argv = bench_command("_loadgen", "--proxy-port", str(proxy_port), "--upstream-port",
                          str(upstream_port), "--key", key, "--concurrency", str(s.concurrency),
                          "--duration", str(s.duration), "--warmup", str(s.round_warmup))
     if ca is not None:
         argv += ["--ca", str(ca)]
+    if fresh:
+        argv.append("--fresh")
     return run_json(argv, s.duration + s.round_warmup + 60, "load generator")
 
 
@@ -212,9 +215,10 @@ async def loadgen(args: argparse.Namespace) -> dict:
         ctx = ssl.create_default_context(cafile=args.ca)
         ctx.set_alpn_protocols(["http/1.1"])
     url = "/v1/chat/completions" if ctx else f"http://{target}/v1/chat/completions"
+    close = "Connection: close\r\n" if args.fresh else ""
     request = (f"POST {url} HTTP/1.1\r\nHost: {target}\r\n"
                f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+               f"{close}Content-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()
     start = loop.time()
     window_start = start + args.warmup
@@ -264,7 +268,7 @@ async def loadgen(args: argparse.Namespace) -> dict:
                         counts["window_ok"] += 1
                     if b"\r\nx-gateway-request-count:" in head:
                         counts["gateway_headers"] += 1
-                if b"\r\nconnection: close" in head:
+                if args.fresh or b"\r\nconnection: close" in head:
                     writer.close()
                     writer = None
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
@@ -295,5 +299,7 @@ def loadgen_main(argv: list[str]) -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--ca", help="HTTPS: CONNECT, then TLS trusting this CA certificate")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new connection for every request (Connection: close)")
     print(json.dumps(asyncio.run(loadgen(parser.parse_args(argv)))), flush=True)
 

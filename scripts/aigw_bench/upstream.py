@@ -132,7 +132,8 @@ def main(argv: list[str]) -> None:
     class Upstream(asyncio.Protocol):
         """HTTP/1.1 keep-alive; requests carry a content-length (mitmproxy sends one here).
         A request with `x-bench-stream: EVENTS CUT` is answered with an SSE stream
-        (`http_chunks`), written as fast as the connection takes it (flow control honoured)."""
+        (`http_chunks`), written as fast as the connection takes it (flow control honoured);
+        one with `x-bench-delay-ms: N` N ms late."""
 
         def connection_made(self, transport) -> None:
             self.transport = transport
@@ -202,8 +203,18 @@ def main(argv: list[str]) -> None:
                     self.streaming = asyncio.get_running_loop().create_task(
                         self.stream(events, cut))
                     return
-                self.transport.write(ok if head.startswith(b"post /v1/chat/completions ")
-                                     else missing)
+                answer = ok if head.startswith(b"post /v1/chat/completions ") else missing
+                at = head.find(b"\r\nx-bench-delay-ms:")
+                if at >= 0:  # the burst: every request in flight at once
+                    stop = head.find(b"\r\n", at + 2)
+                    delay = int(head[at + 19: stop if stop >= 0 else None]) / 1000
+                    asyncio.get_running_loop().call_later(delay, self.write, answer)
+                    continue
+                self.transport.write(answer)
+
+        def write(self, data: bytes) -> None:
+            if not self.closed:
+                self.transport.write(data)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from store.cli import (
     key,
     log,
     org,
+    proxy,
     report,
     serve,
     sync,
@@ -90,7 +91,7 @@ def cli(ctx: click.Context, config: str | None, store: str | None, target: str,
 
 for command in (org.group, user.group, key.group, usage.usage, usage.quota, log.log,
                 report.report, bulk.import_, bulk.export, health.health, sync.sync, demo.demo,
-                admin_key.group, admin_key.audit_log, serve.serve):
+                admin_key.group, admin_key.audit_log, serve.serve, proxy.proxy, proxy.ca):
     cli.add_command(command)
 
 
