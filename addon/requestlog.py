@@ -7,7 +7,9 @@ event loop. A line names keys, users and orgs by id and carries figures only: ne
 credential, never prompt or completion text.
 
 Where the line goes: by default to the `aigw.requests` logger, which propagates to mitmdump's
-own log handler (printed at INFO as `[HH:MM:SS.mmm] {...}`); with a file (the addon option
+own log handler (printed at INFO as `[HH:MM:SS.mmm] {...}`; never formatted when no handler
+would show it, as under `mitmdump -q`, and not sent as mitmproxy's deprecated `add_log` event);
+with a file (the addon option
 `aigw_request_log_file`) only to that file, one bare line each, reopened when logrotate moves
 it. The writer wakes at most every BATCH_WAIT_S and writes what was queued in one go."""
 
@@ -22,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
+from mitmproxy.log import LegacyLogEvents
 
 from store.settings import ConfigText, show
 
@@ -194,11 +197,30 @@ class RequestLog:
         if not records:
             return
         make = text_line if self.format == "text" else json_line
-        lines = [make(r) for r in records]
         with self._lock:
             if self._out is not None:
-                self._out.write(lines)
+                self._out.write([make(r) for r in records])
                 return
-        if log.isEnabledFor(logging.INFO):
-            for line in lines:  # handled as logged, without looking up the caller's frame
-                log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, line, None, None))
+        handlers = receivers(log, logging.INFO) if log.isEnabledFor(logging.INFO) else []
+        if not handlers:
+            return  # nothing would show a line (mitmdump -q): not worth formatting
+        for r in records:  # handled as logged, without looking up the caller's frame
+            record = log.makeRecord(LOGGER, logging.INFO, __file__, 0, make(r), None, None)
+            if log.filter(record):
+                for handler in handlers:
+                    handler.handle(record)
+
+
+def receivers(logger: logging.Logger, level: int) -> list[logging.Handler]:
+    """The handlers a `level` record of `logger` reaches, walked as `Logger.callHandlers` does,
+    less mitmproxy's `LegacyLogEvents`: it hands every record to the event loop, to be sent to
+    every addon as the deprecated `add_log` event, which cost more than the rest of the line's
+    way together (docs/performance.md). For INFO records, logging's `lastResort` (WARNING) would
+    print nothing either."""
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        found += [h for h in current.handlers
+                  if level >= h.level and not isinstance(h, LegacyLogEvents)]
+        current = current.parent if current.propagate else None
+    return found
