@@ -72,6 +72,7 @@ def dig(data: Any, *path: str) -> Any:
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key")
 CREDENTIAL_QUERY = ("key", "api-key", "api_key")
 REDACTED = "<redacted>"
+_REDACTED_BYTES = REDACTED.encode()
 
 
 def _query_holds_credential(request: http.Request) -> bool:
@@ -81,15 +82,17 @@ def _query_holds_credential(request: http.Request) -> bool:
 def redact_credentials(request: http.Request) -> None:
     """Replace every credential the request holds with `<redacted>`, in place: for a flow that
     was refused, or one already sent upstream (so no log, saved flow or UI shows one)."""
+    # The response hooks redact twice (a flow may skip `responseheaders`): the second finds
+    # only `<redacted>` and leaves the fields alone (mitmproxy rebuilds them on every set).
     fields = request.headers.fields
-    if any(k.lower() in CREDENTIAL_HEADERS for k, _ in fields):
+    if any(v != _REDACTED_BYTES and k.lower() in CREDENTIAL_HEADERS for k, v in fields):
         request.headers.fields = tuple(
-            (k, REDACTED.encode()) if k.lower() in CREDENTIAL_HEADERS else (k, v)
+            (k, _REDACTED_BYTES) if k.lower() in CREDENTIAL_HEADERS else (k, v)
             for k, v in fields
         )
     if _query_holds_credential(request):
         query = request.query
-        if any(_is_credential_name(name) for name in query):
+        if any(v != REDACTED and _is_credential_name(k) for k, v in query.items(True)):
             query.fields = tuple(  # names as decoded: `%6Bey` is `key` too
                 (k, REDACTED) if _is_credential_name(k) else (k, v) for k, v in query.items(True))
 
