@@ -133,6 +133,16 @@ class Drain:
                 io.handler.cancel("aigw proxy is shutting down")
 
 
+def drop_legacy_log_events(proxy: master.Master) -> None:
+    """Uninstall the master's `LegacyLogEvents` handler. It hands every log record (mitmproxy's
+    debug lines too: half a dozen for each connection) to the event loop, to be dispatched to
+    every addon as the `add_log` event, deprecated since mitmproxy 9 and implemented by none of
+    the worker's addons (docs/performance.md). Addons use Python's logging instead."""
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, mitmlog.LegacyLogEvents) and handler.master is proxy:
+            handler.uninstall()
+
+
 def chain(drain: Drain) -> list:
     """The worker's addons in order (see the module's docstring)."""
     import addon.gateway  # its module-level instance is the gateway
@@ -159,6 +169,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Run the worker until it is drained; the exit status."""
     opts = mitmoptions.Options()
     proxy = master.Master(opts)
+    drop_legacy_log_events(proxy)
     terminal = termlog.TermLog(sys.stderr)
     terminal.logger.formatter = NamedFormatter(args.name, terminal.logger.has_vt_codes)
     drain = Drain(args.drain_s)

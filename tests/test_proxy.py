@@ -1,8 +1,13 @@
 """`aigw proxy`'s supervisor without processes: flags, per-worker options, backoff, the port."""
 
+import asyncio
+import logging
 import socket
 
 import pytest
+from mitmproxy import master
+from mitmproxy.log import LegacyLogEvents
+from mitmproxy.options import Options
 
 from addon.supervisor import (
     BadFlag,
@@ -13,6 +18,7 @@ from addon.supervisor import (
     restart_backoff,
     worker_sets,
 )
+from addon.worker import drop_legacy_log_events
 
 
 def test_modes_are_parsed_and_udp_modes_refused():
@@ -71,3 +77,13 @@ def test_the_reserved_port_takes_no_connections_and_is_refused_when_taken():
                 reserve("127.0.0.1", port).close()  # an aigw proxy already serves it
     finally:
         placeholder.close()
+
+
+def test_the_worker_master_hands_no_log_record_to_add_log():
+    async def left_installed() -> list:
+        proxy = master.Master(Options())
+        drop_legacy_log_events(proxy)
+        return [h for h in logging.getLogger().handlers
+                if isinstance(h, LegacyLogEvents) and h.master is proxy]
+
+    assert asyncio.run(left_installed()) == []

@@ -4,19 +4,23 @@ errors, and the health check's answers."""
 
 import asyncio
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy.log import LegacyLogEvents
 from mitmproxy.test import taddons, tflow, tutils
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon import metrics as metrics_module
+from addon import requestlog
 from addon.gateway import Gateway
 from addon.metrics import Metrics
-from addon.requestlog import FIELDS, json_line, text_line
+from addon.requestlog import FIELDS, json_line, receivers, text_line
 from addon.telemetry import SERVER, parse_listen
 from store import Store, StoreUnavailable
 from store.money import to_usd
@@ -237,6 +241,51 @@ def test_line_formats():
         "cached_input_tokens=0 cache_write_tokens=0 cache_write_1h_tokens=0 output_tokens=0 "
         "reasoning_tokens=0 estimated=false stream=false total_ms=1.5")
     assert 'model="a b"' in text_line((0.0, "f", "p", "a b") + record[4:])
+
+
+class Lines(logging.Handler):
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class LoopOfRecords:
+    """A master for a `LegacyLogEvents`: what it would hand the event loop, kept."""
+
+    def __init__(self) -> None:
+        self.handed: list = []
+        self.event_loop = SimpleNamespace(call_soon_threadsafe=self.handed.append)
+
+
+def test_lines_go_to_the_handlers_that_show_them_never_to_add_log():
+    parent, child = logging.Logger("top"), logging.Logger("top.requests")
+    child.parent = parent
+    shown, quiet, above = Lines(logging.INFO), Lines(logging.ERROR), Lines()
+    parent.handlers = [shown, quiet, LegacyLogEvents(LoopOfRecords())]
+    child.handlers = [above]
+    assert receivers(child, logging.INFO) == [above, shown]
+    child.propagate = False
+    assert receivers(child, logging.INFO) == [above]
+
+
+def test_lines_nobody_would_show_are_not_formatted(monkeypatch):
+    formatted: list[tuple] = []
+    monkeypatch.setattr(requestlog, "json_line", lambda r: formatted.append(r) or "line")
+    log = requestlog.RequestLog()
+    log.configure("json")
+    try:
+        handler = Lines()
+        monkeypatch.setattr(requestlog, "receivers", lambda logger, level: [])
+        log._emit([("a",)])
+        assert formatted == [] and handler.lines == []
+        monkeypatch.setattr(requestlog, "receivers", lambda logger, level: [handler])
+        log._emit([("a",), ("b",)])
+        assert formatted == [("a",), ("b",)] and handler.lines == ["line", "line"]
+    finally:
+        log.stop()
 
 
 # --- the metrics ----------------------------------------------------------------------------
