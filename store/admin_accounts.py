@@ -1026,9 +1026,11 @@ def list_vkeys(store: AdminTarget, org_id: str | None = None, user_id: str | Non
 
 def count_entities(store: AdminTarget) -> dict:
     """Gateway keys of either layout (each once: by its `vkey:id:` index or its
-    `user:{id}:keys:` listing) and organizations, counted from key names only."""
-    listings = sum(1 for name in store.records.names("user:")
-                   if len(name.split(":")) == 4 and name.split(":")[2] == "keys")
+    `user:{id}:keys:` listing), organizations and users, counted from key names only. The later
+    Workers gateway names the keys `virtual_keys`, the first `api_keys`: both are given."""
+    user_names = [name.split(":") for name in store.records.names("user:")]
+    listings = sum(1 for parts in user_names if len(parts) == 4 and parts[2] == "keys")
+    users = sum(1 for parts in user_names if len(parts) == 3 and parts[2] == "config")
     orgs = sum(1 for name in store.records.names("org:") if name.endswith(":config"))
-    return {"virtual_keys": len(store.records.names(VKEY_INDEX_PREFIX)) + listings,
-            "organizations": orgs}
+    keys = len(store.records.names(VKEY_INDEX_PREFIX)) + listings
+    return {"virtual_keys": keys, "organizations": orgs, "users": users, "api_keys": keys}
