@@ -26,6 +26,7 @@ from store.admin_base import (
     _load,
     _redacted,
     _write,
+    check_number,
     check_usd,
     new_id,
     now_iso,
@@ -749,16 +750,8 @@ def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = Non
 
 def check_grace_s(value: Any) -> float:
     """A rotation's grace period in seconds: a finite number from 0 to 30 days."""
-    if isinstance(value, bool):
-        raise AdminError(f"grace_s must be a number of seconds, not {value!r}")
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise AdminError(f"grace_s must be a number of seconds, not {value!r}") from None
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_GRACE_S:
-        raise AdminError(f"grace_s must be from 0 to {MAX_GRACE_S} seconds (30 days), "
-                         f"not {value!r}")
-    return seconds
+    return check_number(value, "grace_s", MAX_GRACE_S,
+                        f"a number of seconds from 0 to {MAX_GRACE_S} (30 days)")
 
 
 def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
