@@ -70,8 +70,10 @@ def key_layout_of(store: AdminTarget) -> str:
     """The layout new keys are written in: `store.key_layout` when set, else `vkey` when the
     records hold any `vkey:` record (a namespace of the later Workers gateway), else `apikey`."""
     layout = getattr(store, "key_layout", None)
-    if layout is None:
-        return "vkey" if store.records.names(VKEY_PREFIX) else "apikey"
+    if layout is None:  # a key config of the later layout, not any stray `vkey:` name
+        later = any(name.endswith(":config") and not name.startswith(VKEY_INDEX_PREFIX)
+                    for name in store.records.names(VKEY_PREFIX))
+        return "vkey" if later else "apikey"
     if layout not in KEY_LAYOUTS:
         raise AdminError(f"store.key_layout must be one of {', '.join(KEY_LAYOUTS)}, "
                          f"not {layout!r}")

@@ -230,6 +230,11 @@ def test_query_parameters_are_checked(server):  # noqa: F811
     for params in ({"since": "0001-01-01T00:00:00+14:00"}, {"since": "9999-12-31T23:59:59-14:00"},
                    {"limit": "-1"}, {"sinse": "2026-01-01"}):
         error_of(api.get("/admin/audit", params=params), 400, "invalid_request")
+    # Every endpoint: a list, the vkeys (a "list then delete each" script must never get all).
+    for path, params in (("/admin/vkeys", {"org": "A"}), ("/admin/organizations", {"x": "1"}),
+                         ("/admin/metrics", {"mode": "exact", "extra": "1"})):
+        error_of(api.get(path, params=params), 400, "invalid_request")
+    assert api.get("/admin/metrics", params={"mode": "exact"}).status_code == 200
 
 
 def test_look_alike_emails_are_the_same_email_or_refused(store):
