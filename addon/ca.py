@@ -34,13 +34,23 @@ def ensure_ca(confdir: str | None) -> Path:
     return path / f"{CONF_BASENAME}-ca-cert.pem"
 
 
-def system_roots() -> Path:
-    """The system's root certificates: OpenSSL's default file, a common system path, or
-    certifi's bundle (what httpx and requests trust by default) where the system has none."""
-    default = ssl.get_default_verify_paths().cafile
-    for candidate in (default, *SYSTEM_BUNDLES):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
+BUNDLE_MARK = "# aigw gateway CA"
+
+
+def system_roots(exclude: Path | None = None) -> Path:
+    """The system's root certificates: OpenSSL's compiled-in default file, a common system path,
+    or certifi's bundle (what httpx and requests trust by default) where the system has none.
+    Never `$SSL_CERT_FILE` (the guide points it at the bundle itself), `exclude`, or any file
+    holding an aigw bundle: the roots must not grow a copy of an old CA each time."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.openssl_cafile, *SYSTEM_BUNDLES):
+        if not candidate or not Path(candidate).is_file():
+            continue
+        if exclude is not None and Path(candidate).resolve() == exclude.resolve():
+            continue
+        if BUNDLE_MARK in Path(candidate).read_text(encoding="ascii", errors="replace"):
+            continue
+        return Path(candidate)
     import certifi  # a mitmproxy dependency
 
     return Path(certifi.where())
@@ -48,13 +58,20 @@ def system_roots() -> Path:
 
 def write_bundle(confdir: str | None, output: str | None = None) -> dict[str, str]:
     """Write the system's roots plus the gateway's CA to `output` (default
-    CONFDIR/aigw-ca-bundle.pem), replacing it whole; what was written where."""
-    ca = ensure_ca(confdir)
-    roots = system_roots()
-    target = Path(output) if output else ca.parent / BUNDLE_NAME
+    CONFDIR/aigw-ca-bundle.pem), replacing it whole; what was written where. The CA is the one
+    mitmproxy signs with (read from `mitmproxy-ca.pem`, as mitmproxy reads it), not a copy of
+    its certificate that may be stale."""
+    ensure_ca(confdir)
+    path = confdir_path(confdir)
+    store = certs.CertStore.from_store(path, CONF_BASENAME, KEY_SIZE)
+    ca_pem = store.default_ca.to_pem().decode("ascii").strip()
+    target = Path(output) if output else path / BUNDLE_NAME
+    roots = system_roots(exclude=target)
     text = roots.read_text(encoding="ascii", errors="replace").rstrip("\n")
-    bundle = f"{text}\n# aigw gateway CA ({ca})\n{ca.read_text(encoding='ascii').strip()}\n"
+    signing = path / f"{CONF_BASENAME}-ca.pem"
+    bundle = f"{text}\n{BUNDLE_MARK} ({signing})\n{ca_pem}\n"
     partial = target.with_name(f".{target.name}.tmp")
     partial.write_text(bundle, encoding="ascii")
     partial.replace(target)  # a client never reads half a bundle
-    return {"bundle": str(target), "ca": str(ca), "system_roots": str(roots)}
+    return {"bundle": str(target), "ca": str(path / f"{CONF_BASENAME}-ca-cert.pem"),
+            "system_roots": str(roots)}

@@ -36,7 +36,13 @@ from addon.failure import FailureMode
 from addon.injector import CredentialInjector
 from addon.maintenance import Maintenance
 from addon.providers.base import redact_credentials, remove_credentials
-from addon.runtime import STREAMING_REFUSED, Runtime, log_fault, shape_provider
+from addon.runtime import (
+    STREAMING_REFUSED,
+    Runtime,
+    log_fault,
+    shape_provider,
+    unsafe_options,
+)
 from addon.settlement import Settler, usage_headers
 from addon.telemetry import TELEMETRY_OPTIONS, Telemetry
 from store.money import month_of, utc_now
@@ -51,10 +57,11 @@ class Gateway:
         self.failure = FailureMode(self.runtime)
         self.settler = Settler(self.runtime, self.failure)
         self.maintenance = Maintenance(self.runtime, self.settler, self._reload)
-        self.injector = CredentialInjector()
+        self.injector = CredentialInjector(self.requestheaders)
         self.telemetry = Telemetry(self.runtime, self.settler)
         self.settler.observer = self.telemetry.settled
         self.flights: dict[str, Flight] = FLIGHTS  # shared with the instances after a reload
+        self._unsafe: str | None = None  # why mitmproxy's options were refused, if they were
 
     @property
     def store(self):
@@ -77,10 +84,16 @@ class Gateway:
         if getattr(ctx.options, "stream_large_bodies", None):
             self.runtime.not_ready = STREAMING_REFUSED
             raise exceptions.OptionsError(STREAMING_REFUSED)
-        if {"aigw_config", "aigw_store"} & updated or self.runtime.not_ready == STREAMING_REFUSED:
+        refused = self.runtime.not_ready is not None and \
+            self.runtime.not_ready in (STREAMING_REFUSED, self._unsafe)
+        if {"aigw_config", "aigw_store"} & updated or refused:
             error = self._reload()
             if error is not None:
                 raise exceptions.OptionsError(error)
+        self._unsafe = unsafe_options(ctx.options, self.runtime.config)
+        if self._unsafe is not None:
+            self.runtime.not_ready = self._unsafe
+            raise exceptions.OptionsError(self._unsafe)
         if TELEMETRY_OPTIONS & updated:
             try:
                 self.telemetry.configure(ctx.options)

@@ -4,6 +4,7 @@ why it is not ready when it cannot decide. No hooks here (addon/gateway.py has t
 import functools
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -136,6 +137,38 @@ class Runtime:
         derived = self.config.allow_hosts()
         _DERIVED_ALLOW_HOSTS[:] = [derived]
         return derived if allow_hosts != derived else None
+
+
+def unsafe_options(options: object, config: GatewayConfig | None) -> str | None:
+    """Why mitmproxy's options would let a provider request through undecided or a credential
+    out, or None. Checked on every configure, as `stream_large_bodies` is."""
+    if getattr(options, "ssl_insecure", False):
+        return ("aigw: ssl_insecure turns off the check of the provider's certificate while "
+                "provider keys are sent to it; unset it")
+    if getattr(options, "proxy_debug", False):
+        return ("aigw: proxy_debug logs requests' raw bytes, credentials included; unset it")
+    if config is None:
+        return None
+    ours = _DERIVED_ALLOW_HOSTS[0] if _DERIVED_ALLOW_HOSTS else None
+    allow = list(getattr(options, "allow_hosts", []) or [])
+    for provider in config.providers:
+        for host in provider.hosts:
+            name = f"{host.replace('*', 'x', 1)}:443"  # mitmproxy matches `host:port`
+            for option in ("ignore_hosts", "tcp_hosts"):
+                if any(_matches(pattern, name) for pattern in getattr(options, option, []) or []):
+                    return (f"aigw: {option} matches provider host {host}: its requests would "
+                            f"pass undecided; leave the providers out of {option}")
+            if allow and allow != ours and not any(_matches(p, name) for p in allow):
+                return (f"aigw: allow_hosts leaves out provider host {host}: its requests "
+                        f"would pass undecided; add it, or leave allow_hosts to the gateway")
+    return None
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name, re.IGNORECASE) is not None
+    except re.error:  # mitmproxy refuses a bad pattern itself
+        return False
 
 
 def shape_provider(host: str) -> Provider:

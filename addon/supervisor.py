@@ -69,7 +69,11 @@ def default_workers() -> int:
 
 
 def say(message: str) -> None:
-    print(f"[supervisor] aigw proxy: {message}", file=sys.stderr, flush=True)
+    """A line on stderr; a closed stderr never stops the supervisor (restarts, the drain)."""
+    try:
+        print(f"[supervisor] aigw proxy: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def option_value(sets: list[str], name: str) -> str | None:
@@ -108,7 +112,12 @@ def check(spec: ProxySpec) -> list[mode_specs.ProxyMode]:
                                   f"reverse:URL, transparent, upstream:URL, socks5)")
         if mode.custom_listen_port == 0:
             raise BadFlag(f"--mode {text!r}: give the mode a port, or none")
+        if mode.custom_listen_host is not None:
+            raise BadFlag(f"--mode {text!r}: the address is --listen-host's, for every mode "
+                          f"(give the mode a port only: @PORT)")
         modes.append(mode)
+    if not spec.listen_host.strip():
+        raise BadFlag("--listen-host: give an address (127.0.0.1, 0.0.0.0 or ::)")
     return modes
 
 
@@ -122,7 +131,9 @@ def reserve(host: str, port: int) -> socket.socket:
         raise BadFlag(f"--listen-host {host!r}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # SO_REUSEPORT only: the workers (this user) may bind beside it, and nobody else. With
+        # SO_REUSEADDR too, any user's socket could bind the port while no worker listens (a
+        # worker restarting) and take the proxy's connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -370,7 +381,11 @@ def run(spec: ProxySpec) -> int:
     modes = check(spec)
     placeholder = reserve(spec.listen_host, spec.listen_port)
     port = placeholder.getsockname()[1]
+    extra: list[socket.socket] = []
     try:
+        # A mode's own port is held the same way, so no worker restart leaves it free either.
+        extra += [reserve(spec.listen_host, mode.custom_listen_port) for mode in modes
+                  if mode.custom_listen_port is not None and mode.custom_listen_port != port]
         confdir = option_value(spec.sets, "confdir")
         try:
             ca.ensure_ca(confdir)
@@ -380,4 +395,6 @@ def run(spec: ProxySpec) -> int:
         return asyncio.run(Supervisor(spec, modes, port).run())
     finally:
         placeholder.close()
+        for sock in extra:
+            sock.close()
 

@@ -26,6 +26,7 @@ from store.admin_base import (
     _load,
     _redacted,
     _write,
+    check_number,
     check_usd,
     new_id,
     now_iso,
@@ -69,8 +70,10 @@ def key_layout_of(store: AdminTarget) -> str:
     """The layout new keys are written in: `store.key_layout` when set, else `vkey` when the
     records hold any `vkey:` record (a namespace of the later Workers gateway), else `apikey`."""
     layout = getattr(store, "key_layout", None)
-    if layout is None:
-        return "vkey" if store.records.names(VKEY_PREFIX) else "apikey"
+    if layout is None:  # a key config of the later layout, not any stray `vkey:` name
+        later = any(name.endswith(":config") and not name.startswith(VKEY_INDEX_PREFIX)
+                    for name in store.records.names(VKEY_PREFIX))
+        return "vkey" if later else "apikey"
     if layout not in KEY_LAYOUTS:
         raise AdminError(f"store.key_layout must be one of {', '.join(KEY_LAYOUTS)}, "
                          f"not {layout!r}")
@@ -749,16 +752,8 @@ def update_key(store: AdminTarget, key_id: str, *, limit_usd: float | None = Non
 
 def check_grace_s(value: Any) -> float:
     """A rotation's grace period in seconds: a finite number from 0 to 30 days."""
-    if isinstance(value, bool):
-        raise AdminError(f"grace_s must be a number of seconds, not {value!r}")
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise AdminError(f"grace_s must be a number of seconds, not {value!r}") from None
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_GRACE_S:
-        raise AdminError(f"grace_s must be from 0 to {MAX_GRACE_S} seconds (30 days), "
-                         f"not {value!r}")
-    return seconds
+    return check_number(value, "grace_s", MAX_GRACE_S,
+                        f"a number of seconds from 0 to {MAX_GRACE_S} (30 days)")
 
 
 def rotate_key(store: AdminTarget, key_id: str, grace_s: float = 0) -> dict:
@@ -1026,9 +1021,11 @@ def list_vkeys(store: AdminTarget, org_id: str | None = None, user_id: str | Non
 
 def count_entities(store: AdminTarget) -> dict:
     """Gateway keys of either layout (each once: by its `vkey:id:` index or its
-    `user:{id}:keys:` listing) and organizations, counted from key names only."""
-    listings = sum(1 for name in store.records.names("user:")
-                   if len(name.split(":")) == 4 and name.split(":")[2] == "keys")
+    `user:{id}:keys:` listing), organizations and users, counted from key names only. The later
+    Workers gateway names the keys `virtual_keys`, the first `api_keys`: both are given."""
+    user_names = [name.split(":") for name in store.records.names("user:")]
+    listings = sum(1 for parts in user_names if len(parts) == 4 and parts[2] == "keys")
+    users = sum(1 for parts in user_names if len(parts) == 3 and parts[2] == "config")
     orgs = sum(1 for name in store.records.names("org:") if name.endswith(":config"))
-    return {"virtual_keys": len(store.records.names(VKEY_INDEX_PREFIX)) + listings,
-            "organizations": orgs}
+    keys = len(store.records.names(VKEY_INDEX_PREFIX)) + listings
+    return {"virtual_keys": keys, "organizations": orgs, "users": users, "api_keys": keys}

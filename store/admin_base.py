@@ -50,17 +50,24 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(6)}"
 
 
-def check_usd(value: Any, name: str = "amount") -> float:
-    """A non-negative finite USD amount as float; AdminError otherwise."""
+def check_number(value: Any, name: str, most: float = math.inf, what: str = "") -> float:
+    """A finite number from 0 to `most` as float (-0.0 is 0); AdminError naming `name` and
+    `what` it must be otherwise."""
+    what = what or "a non-negative number"
     if isinstance(value, bool):
-        raise AdminError(f"{name} must be a non-negative number, not {value!r}")
+        raise AdminError(f"{name} must be {what}, not {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise AdminError(f"{name} must be a non-negative number, not {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise AdminError(f"{name} must be a non-negative finite number, not {value!r}")
-    return number + 0.0  # -0.0 is 0
+        raise AdminError(f"{name} must be {what}, not {value!r}") from None
+    if not math.isfinite(number) or not 0 <= number <= most:
+        raise AdminError(f"{name} must be {what}, finite, not {value!r}")
+    return number + 0.0
+
+
+def check_usd(value: Any, name: str = "amount") -> float:
+    """A non-negative finite USD amount as float; AdminError otherwise."""
+    return check_number(value, name)
 
 
 def _current_month() -> str:

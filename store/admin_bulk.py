@@ -177,6 +177,12 @@ def invalid_records(store: Store) -> list[dict]:
             validate_record(key, raw)
         except RecordError as exc:
             out.append({"key": key, "reason": str(exc).removeprefix(f"{record_label(key)}: ")})
+    later = {name.split(":")[1] for name in store.records.names("vkey:")
+             if name.endswith(":config")}
+    for name in store.records.names("apikey:"):
+        if name.removeprefix("apikey:") in later:
+            out.append({"key": record_label(name), "reason": "the same key is also a vkey:"
+                        "{hash}:config record: the gateway refuses it (401) until one goes"})
     return out
 
 

@@ -119,7 +119,11 @@ class Records(_Part):
             get, db = txn.get, self._db
             layout, key_quota = "apikey", None
             raw_key = get(apikey_key(key_hash).encode(), db=db)
-            if raw_key is not None:
+            if raw_key is not None and get(vkey_config_key(key_hash).encode(), db=db) is not None:
+                # Both layouts hold this key: revoking one would leave the other working, so
+                # neither is believed (`aigw health` names it among the invalid records).
+                raw_key = None
+            elif raw_key is not None:
                 key = ApiKey.parse(key_hash, raw_key)
             elif (raw_key := get(vkey_config_key(key_hash).encode(), db=db)) is not None:
                 # The later layout, looked up only when the first misses (its hot path stays).

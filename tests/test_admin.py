@@ -43,7 +43,7 @@ def month() -> str:
 def test_org_create_update_show(store):
     org = admin.create_org(store, "Acme", 100, "fail-open", 3)
     assert org["org_id"].startswith("org_") and len(org["org_id"]) == 16
-    assert org["failure_mode"] == "fail_open"
+    assert org["failure_mode"] == "fail-open"  # as spelt: each Workers version reads its own
     assert org["monthly_budget_usd"] == 100.0 and org["fallback_daily_limit"] == 3.0
     assert org["created_at"].endswith("Z")
     assert store.records.get_json(org_config_key(org["org_id"])) == org

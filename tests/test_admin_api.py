@@ -436,3 +436,52 @@ def test_a_key_created_through_the_api_works_through_mitmdump(server, tmp_path,
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
     finally:
         gateway.stop()
+
+
+# --- a script written against the Workers gateway -----------------------------------------
+
+
+def test_the_workers_admin_script_runs_unchanged(server):
+    """The calls of the Workers gateway's own scripts/admin.js, in its order, with its bodies and
+    headers, reading the fields it reads (a failed `response.ok` is what would stop it)."""
+    api = server.client()
+    api.headers["content-type"] = "application/json"  # it sends one on every request
+
+    def call(method: str, path: str, body: dict | None = None) -> dict:
+        response = api.request(method, path, content=None if body is None else json.dumps(body))
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    metrics = call("GET", "/admin/metrics")["entities"]
+    assert {"users", "organizations", "api_keys"} <= set(metrics)
+    org = call("POST", "/admin/organizations", {"name": "Script Co", "monthly_budget_usd": 1000.0,
+                                                "failure_mode": "fail-open"})["organization"]
+    assert (org["name"], org["monthly_budget_usd"], org["failure_mode"]) == \
+        ("Script Co", 1000, "fail-open")
+    shown = call("GET", f"/admin/organizations/{org['org_id']}")["organization"]
+    assert shown["created_at"]
+    usage = call("GET", f"/admin/organizations/{org['org_id']}/usage")
+    assert usage["organization_id"] == org["org_id"] and usage["last_update"]
+    assert f"{usage['month_usage_usd']:.2f}" == "0.00"
+    assert f"{usage['remaining_budget_usd']:.2f}" == "1000.00" and usage["request_count"] == 0
+    created = call("POST", "/admin/users", {"email": email(), "org_id": org["org_id"],
+                                            "monthly_limit_usd": 200.0})
+    user = created["user"]
+    assert user["status"] == "active" and created["api_key"].startswith("gw_live_")
+    assert [u["user_id"] for u in call(
+        "GET", f"/admin/organizations/{org['org_id']}/users")["users"]] == [user["user_id"]]
+    assert call("GET", f"/admin/users/{user['user_id']}")["user"]["monthly_limit_usd"] == 200
+    seed_usage = call("GET", f"/admin/users/{user['user_id']}/usage")
+    assert seed_usage["user_id"] == user["user_id"] and seed_usage["usage"]["limit_usd"] == 200
+    assert f"{seed_usage['usage']['remaining_usd']:.2f}" == "200.00"
+    reset = call("POST", f"/admin/users/{user['user_id']}/reset-quota",
+                 {"reset_reason": "Manual reset via admin script"})
+    assert reset["user_id"] == user["user_id"] and reset["quota"]["month_usage_usd"] == 0
+    key = call("POST", f"/admin/users/{user['user_id']}/api-keys", {})
+    assert key["key_id"] and key["api_key"].startswith("gw_live_")
+    keys = call("GET", f"/admin/users/{user['user_id']}/api-keys")["api_keys"]
+    assert {k["key_id"] for k in keys} == {key["key_id"], created["key_id"]}
+    revoked = call("DELETE", f"/admin/users/{user['user_id']}/api-keys/{key['key_id']}")
+    assert (revoked["key_id"], revoked["user_id"]) == (key["key_id"], user["user_id"])
+    call("DELETE", f"/admin/users/{user['user_id']}")
+    assert api.get(f"/admin/users/{user['user_id']}").status_code == 404

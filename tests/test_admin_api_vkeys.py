@@ -105,10 +105,12 @@ def test_metrics_counts_keys_and_organizations(server):
     api = server.client()
     before = api.get("/admin/metrics").json()
     assert set(before) == {"timestamp", "system", "entities"}
-    assert set(before["entities"]) == {"virtual_keys", "organizations"}
+    # The later gateway's names, and the first's (`users`, `api_keys`) beside them.
+    assert set(before["entities"]) == {"virtual_keys", "organizations", "users", "api_keys"}
     org_id, user_id = account(api)  # the user comes with a first key
     create(api, org_id=org_id, user=user_id)
     after = api.get("/admin/metrics", params={"mode": "exact"}).json()["entities"]
-    assert after == {"virtual_keys": before["entities"]["virtual_keys"] + 2,
-                     "organizations": before["entities"]["organizations"] + 1}
+    keys = before["entities"]["virtual_keys"] + 2
+    assert after == {"virtual_keys": keys, "organizations": before["entities"]["organizations"] + 1,
+                     "users": before["entities"]["users"] + 1, "api_keys": keys}
     assert server.client(server.viewer).get("/admin/metrics").status_code == 200

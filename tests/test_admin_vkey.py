@@ -186,3 +186,13 @@ def test_the_cloudflare_target_writes_the_layout_the_namespace_uses(kv, make_nod
     admin.revoke_key(target, key_id)
     node.replicator.sync_once()
     assert not node.store.records.resolve(node.store.hash(raw), this_month()).key.active
+
+
+def test_a_stray_vkey_name_does_not_change_the_layout_of_new_keys(tmp_path):
+    """Only a key config of the later layout says the namespace is one; an index or a quota
+    record alone (a stray write) does not."""
+    from store import Store, admin
+
+    with Store(tmp_path / "s") as store:
+        store.records.write({"vkey:id:junk": b"0" * 64})
+        assert admin.key_layout_of(store) == "apikey"

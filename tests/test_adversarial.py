@@ -276,6 +276,19 @@ def test_1_an_invalid_mitm_yaml_at_start_ends_mitmdump_naming_file_key_and_reaso
     assert "block" in log or "maybe" in log, log  # the reason: the allowed or the bad value
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("ssl_insecure", "true"), ("proxy_debug", "true"), ("ignore_hosts", r"api\.openai\.com"),
+    ("tcp_hosts", "openai"), ("allow_hosts", r"example\.com")])
+def test_mitmproxy_options_that_undo_the_gateway_stop_mitmdump(tmp_path, fake_provider, option,
+                                                               value):
+    """An option under which a provider request would pass undecided (or a credential be
+    logged, or sent without checking the provider's certificate) is refused at start."""
+    code, log = expect_refusal(tmp_path, fake_provider.address, config_text=BASE_CONFIG,
+                               sets={option: value})
+    assert code not in (0, None), f"mitmdump did not exit with an error ({code}):\n{log}"
+    assert f"aigw: {option}" in log, log
+
+
 # --------------------------------------------------------------------------- 2. plain HTTP
 
 

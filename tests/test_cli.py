@@ -54,7 +54,7 @@ def test_console_script_is_installed():
 def test_org_user_key_usage_flow(aigw):
     org = ok(aigw("org", "create", "--name", "Acme", "--budget", "100",
                   "--failure-mode", "fail-open"))
-    assert org["org_id"].startswith("org_") and org["failure_mode"] == "fail_open"
+    assert org["org_id"].startswith("org_") and org["failure_mode"] == "fail-open"
     user = ok(aigw("user", "create", "--org", org["org_id"], "--email", "dev@example.com",
                    "--limit", "20"))
     assert user["status"] == "active"
@@ -469,7 +469,7 @@ def test_a_missing_id_or_required_option_is_exit_2_naming_it(run, args, missing)
 @pytest.mark.parametrize(("args", "flags"), [
     (("org", "update", "o"), "--name, --budget, --failure-mode, --fallback-daily-limit, "
                              "--allowed-models, --provider-key, --rpm, --tpm, --max-parallel"),
-    (("user", "update", "u"), "--limit, --status, --rpm, --tpm, --max-parallel"),
+    (("user", "update", "u"), "--limit, --status, --email, --rpm, --tpm, --max-parallel"),
     (("key", "update", "k"), "--limit, --rpm, --tpm, --max-parallel"),
 ])
 def test_an_update_with_nothing_to_change_is_exit_2(run, args, flags):
@@ -505,8 +505,8 @@ def test_good_provider_key_forms(run):
 
 
 @pytest.mark.parametrize(("typed", "stored"), [("fail_open", "fail_open"),
-                                               ("FAIL-OPEN", "fail_open"),
-                                               (" fail-closed ", "fail_closed")])
+                                               ("FAIL-OPEN", "fail-open"),
+                                               (" fail-closed ", "fail-closed")])
 def test_failure_mode_spellings(run, typed, stored):
     assert answer(run("org", "create", "--name", "A", "--budget", "1", "--failure-mode",
                       typed))["failure_mode"] == stored

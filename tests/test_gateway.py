@@ -675,6 +675,59 @@ def test_stream_large_bodies_is_refused(gateway):
     assert flow.response.status_code == 503
 
 
+def test_an_addon_loaded_after_the_gateway_cannot_stream_a_provider_body(gateway):
+    """`scripts=` addons run after the gateway's requestheaders; the injector, last of all,
+    takes a provider body's stream back before mitmproxy acts on it."""
+    gw = gateway()
+    s = seed(gw.store)
+    flow = chat_flow(s.api_key)
+    gw.requestheaders(flow)
+    flow.request.stream = True  # what a later addon did in its own requestheaders
+    gw.injector.requestheaders(flow)
+    assert not flow.request.stream
+    other = chat_flow(s.api_key, host="example.com")
+    other.request.stream = True
+    gw.injector.requestheaders(other)
+    assert other.request.stream
+
+
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("ssl_insecure", True, "ssl_insecure"),
+    ("proxy_debug", True, "proxy_debug"),
+    ("ignore_hosts", [r"api\.openai\.com"], "ignore_hosts matches provider host api.openai.com"),
+    ("tcp_hosts", [r"openai"], "tcp_hosts matches provider host api.openai.com"),
+    ("ignore_hosts", [r".*"], "ignore_hosts matches"),
+    ("allow_hosts", [r"example\.com"], "allow_hosts leaves out provider host"),
+])
+def test_options_that_would_let_a_provider_request_through_undecided_are_refused(
+        gateway, tmp_path, option, value, says):
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    gw = gateway()
+    with taddons.context(Proxyserver(), gw) as tctx:
+        tctx.configure(gw, aigw_config=str(tmp_path / "mitm.yaml"))
+        with pytest.raises(exceptions.OptionsError, match=says.replace(".", r"\.")):
+            tctx.options.update(**{option: value})
+        # mitmproxy rolls a refused option back (mitmdump exits on one given at start): the
+        # gateway goes on with the option it had, deciding every request.
+        assert getattr(tctx.options, option) != value
+        s = seed(gw.store)
+        flow = chat_flow(s.api_key)
+        decide(gw, flow)
+        assert gw.runtime.not_ready is None and flow.response is None
+
+
+def test_ignore_hosts_of_other_hosts_are_fine(gateway, tmp_path):
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    gw = gateway()
+    with taddons.context(Proxyserver(), gw) as tctx:
+        tctx.configure(gw, aigw_config=str(tmp_path / "mitm.yaml"))
+        tctx.options.update(ignore_hosts=[r"^intranet\.example\.com:"])
+        gw.configure({"ignore_hosts"})
+        assert gw.runtime.not_ready is None
+
+
 def test_an_upgrade_to_a_websocket_is_refused_not_forwarded_unmetered(gateway):
     gw = gateway()
     s = seed(gw.store)

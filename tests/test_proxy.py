@@ -79,6 +79,59 @@ def test_the_reserved_port_takes_no_connections_and_is_refused_when_taken():
         placeholder.close()
 
 
+def test_no_socket_without_so_reuseport_can_take_the_reserved_port():
+    """While no worker listens (a restart), the placeholder alone holds the port: a socket of
+    any user that only sets SO_REUSEADDR must not bind it (with SO_REUSEADDR on the
+    placeholder too, Linux would let it, and it would get the proxy's connections)."""
+    placeholder = reserve("127.0.0.1", 0)
+    try:
+        port = placeholder.getsockname()[1]
+        with socket.socket() as thief:
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError):
+                thief.bind(("127.0.0.1", port))
+    finally:
+        placeholder.close()
+
+
+def test_a_mode_names_a_port_only_and_the_address_is_given():
+    with pytest.raises(BadFlag, match="the address is --listen-host's"):
+        check(ProxySpec(workers=1, modes=["regular@0.0.0.0:9000"]))
+    with pytest.raises(BadFlag, match="--listen-host: give an address"):
+        check(ProxySpec(workers=1, listen_host=""))
+    assert check(ProxySpec(workers=1, modes=["regular@9000"]))[0].custom_listen_port == 9000
+
+
+def test_a_closed_stderr_never_stops_the_supervisor(monkeypatch):
+    import io
+
+    from addon import supervisor
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(supervisor.sys, "stderr", closed)
+    supervisor.say("worker w1 died")  # no exception: restarts and the drain go on
+
+
+def test_the_ca_bundle_never_reads_its_own_output_as_the_system_roots(tmp_path, monkeypatch):
+    from addon import ca
+
+    confdir = tmp_path / "conf"
+    first = ca.write_bundle(str(confdir))
+    monkeypatch.setenv("SSL_CERT_FILE", first["bundle"])  # as the laptop guide says
+    for _ in range(2):
+        again = ca.write_bundle(str(confdir))
+    text = (confdir / ca.BUNDLE_NAME).read_text()
+    assert text.count(ca.BUNDLE_MARK) == 1 and again["system_roots"] != first["bundle"]
+    # A rotated CA (the old one deleted) replaces the old one in the bundle: never both.
+    old = text.split(ca.BUNDLE_MARK)[1]
+    for path in confdir.glob("mitmproxy-ca*"):
+        path.unlink()
+    ca.write_bundle(str(confdir))
+    rotated = (confdir / ca.BUNDLE_NAME).read_text()
+    assert rotated.count(ca.BUNDLE_MARK) == 1 and old not in rotated
+
+
 def test_the_worker_master_hands_no_log_record_to_add_log():
     async def left_installed() -> list:
         proxy = master.Master(Options())

@@ -77,11 +77,15 @@ def test_resolve_finds_the_key_in_either_layout_apikey_first(tmp_path):
             "vkey", key_id, "user_2", "org_2")
         assert later.org.failure_mode == "fail_closed"
         assert later.key_quota.usage_in(this_month()) == (2_500_000_000, 4)
-        # A key under both: the first layout's record is the one read.
+        # A key under both: neither is believed (revoking one would leave the other working),
+        # and health names it.
         store.records.write({f"vkey:{store.hash(old.api_key)}:config": json.dumps(
             {**CONFIG, "key_id": "other", "key_hash": store.hash(old.api_key)}).encode()})
-        assert store.records.resolve(store.hash(old.api_key), this_month()).key.key_id \
-            == old.key_id
+        assert store.records.resolve(store.hash(old.api_key), this_month()).key is None
+        from store import admin
+
+        reasons = [r["reason"] for r in admin.invalid_records(store)]
+        assert any("also a vkey" in reason for reason in reasons)
 
 
 def test_an_unreadable_key_record_is_a_store_fault_not_a_stranger(tmp_path):

@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestHandler
 from store.admin_base import AdminError, Conflict, NotFound
 from store.api.backend import Backend
 from store.api.payloads import PayloadError
-from store.api.routes import ACTOR, BACKEND, LocalStoreMissing, routes
+from store.api.routes import ACTOR, BACKEND, LocalStoreMissing, check_query, routes
 from store.api.vkeys import routes as vkey_routes
 from store.db import StoreError
 
@@ -56,6 +56,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if key is None:
             return error(401, "auth_error", "invalid admin key")
         request[ACTOR] = f"admin_key:{key.admin_key_id}"
+        check_query(request)
         if request.method not in READ_METHODS and key.role != "admin":
             return error(403, "permission_denied",
                          f"admin key {key.admin_key_id} is a viewer: it may only read (GET)")

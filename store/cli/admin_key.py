@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import click
 
 from store import admin_keys, audit
+from store.cli.log import ISO_TIME
 from store.cli.runner import Group, late_globals, on_target
 
 group = Group("admin-key", help="Keys of the admin API (aigw serve).")
@@ -40,34 +41,18 @@ def revoke(ctx: click.Context, admin_key_id: str) -> int:
     return on_target(ctx, lambda target: admin_keys.revoke_admin_key(target, admin_key_id))
 
 
-class Since(click.ParamType):
-    """An ISO date or time; a time without a zone is UTC."""
-
-    name = "ISO"
-
-    def convert(self, value: object, param: click.Parameter | None,
-                ctx: click.Context | None) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        try:
-            when = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            self.fail(f"must be an ISO date or time (2026-12-01, 2026-12-01T09:30:00Z), not "
-                      f"{value!r}", param, ctx)
-        return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-SINCE = Since()
 
 
 @click.command("audit", short_help="The audit log of admin writes.",
                help="The audit log: every write through the CLI or the admin API, oldest first, "
                "with who (cli:USER or admin_key:ID), what, when, and each record before and "
                "after (secrets redacted). Quota resets appear with their reason.")
-@click.option("--since", type=SINCE, metavar="ISO", help="entries at or after this time (UTC)")
+@click.option("--since", type=ISO_TIME, metavar="ISO",
+              help="entries at or after this time (no zone: UTC)")
 @click.option("--limit", type=click.IntRange(min=0), metavar="N", help="the newest N entries")
 @late_globals()
 @click.pass_context
-def audit_log(ctx: click.Context, since: datetime | None, limit: int | None) -> int:
+def audit_log(ctx: click.Context, since: float | None, limit: int | None) -> int:
     """List the audit log."""
-    return on_target(ctx, lambda target: audit.entries(target, since, limit))
+    when = None if since is None else datetime.fromtimestamp(since, UTC)
+    return on_target(ctx, lambda target: audit.entries(target, when, limit))
