@@ -348,12 +348,12 @@ def delete_user(store: AdminTarget, user_id: str) -> dict:
         except NotFound:
             continue
         deletes += [ref.record_key(h) for h in (ref.key_hash, *ref.grace) if h]
-    for entry, _raw in _vkeys(store):  # the later layout's keys name their user
-        if entry["user_id"] == user_id:
-            key_ids.add(entry["key_id"])
-            hashes = [entry["key_hash"]]
-            deletes += [vkey_config_key(h) for h in hashes] + [vkey_quota_key(h) for h in hashes]
-            deletes.append(vkey_index_key(entry["key_id"]))
+    for key_hash, record in _vkey_configs(store):  # the later layout's keys name their user
+        if record.get("user") == user_id:  # rotated-out raw keys in their grace too
+            deletes += [vkey_config_key(key_hash), vkey_quota_key(key_hash)]
+            if isinstance(record.get("key_id"), str):
+                key_ids.add(record["key_id"])
+                deletes.append(vkey_index_key(record["key_id"]))
     _write(store, {}, list(dict.fromkeys(deletes)))
     return {"user_id": user_id, "deleted": True, "keys_deleted": sorted(key_ids)}
 
@@ -669,8 +669,40 @@ def find_key(store: AdminTarget, key_id: str) -> KeyRef:
             if found_listing is not None:
                 listing_key, listing = candidate_key, _json_or_none(found_listing) or {}
     if record is None and listing_key is None and not grace:
-        raise NotFound(f"unknown key {key_id}")
+        unindexed = _scan_vkeys(store, key_id)
+        if unindexed is None:
+            raise NotFound(f"unknown key {key_id}")
+        return unindexed
     return KeyRef(key_id, key_hash, record, listing_key, listing, grace)
+
+
+def _vkey_configs(store: AdminTarget) -> list[tuple[str, dict]]:
+    """Every `vkey:{hash}:config` record as (hash, record), rotated-out ones included."""
+    out = []
+    for name, raw in store.records.scan(VKEY_PREFIX):
+        parts = name.split(":")
+        record = _json_or_none(raw) if len(parts) == 3 and parts[2] == "config" \
+            and parts[1] != "id" else None
+        if record is not None:
+            out.append((parts[1], record))
+    return out
+
+
+def _scan_vkeys(store: AdminTarget, key_id: str) -> KeyRef | None:
+    """A key of the later layout whose `vkey:id:` index is missing (a namespace written by
+    another tool): found by its configs, so it can still be revoked or deleted."""
+    key_hash = record = None
+    grace: dict[str, dict] = {}
+    for found_hash, found in _vkey_configs(store):
+        if found.get("key_id") != key_id:
+            continue
+        if found.get("expires_at") is None and record is None:
+            key_hash, record = found_hash, found
+        else:
+            grace[found_hash] = found
+    if record is None and not grace:
+        return None
+    return KeyRef(key_id, key_hash, record, None, None, grace, "vkey")
 
 
 def revoke_key(store: AdminTarget, key_id: str) -> dict:

@@ -196,3 +196,29 @@ def test_a_stray_vkey_name_does_not_change_the_layout_of_new_keys(tmp_path):
     with Store(tmp_path / "s") as store:
         store.records.write({"vkey:id:junk": b"0" * 64})
         assert admin.key_layout_of(store) == "apikey"
+
+
+def test_a_virtual_key_without_its_index_can_still_be_revoked_and_deleted(store):
+    raw, key_id = seed_later_gateway(store)
+    store.records.write({}, [vkey_index_key(key_id)])  # a namespace another tool wrote
+    key_hash = store.hash(raw)
+    assert admin.revoke_key(store, key_id)["status"] == "revoked"
+    assert json.loads(store.records.get(vkey_config_key(key_hash)))["status"] == "revoked"
+    assert store.records.resolve(key_hash, this_month()).key.status == "revoked"
+    admin.delete_key(store, key_id)
+    assert store.records.get(vkey_config_key(key_hash)) is None
+
+
+def test_deleting_a_user_deletes_its_virtual_keys_rotated_out_ones_included(tmp_path):
+    with Store(tmp_path / "s", hash_algorithm="sha256", key_layout="vkey") as store:
+        _, user_id = account(store)
+        key = admin.create_key(store, user_id, "laptop", 5)
+        old_hash = store.hash(key["api_key"])
+        rotated = admin.rotate_key(store, key["key_id"], 3600)
+        assert store.records.get(vkey_config_key(old_hash)) is not None  # in its grace
+        deleted = admin.delete_user(store, user_id)
+        assert key["key_id"] in deleted["keys_deleted"]
+        for raw in (key["api_key"], rotated["api_key"]):
+            assert store.records.get(vkey_config_key(store.hash(raw))) is None
+        assert store.records.get(vkey_index_key(key["key_id"])) is None
+        assert store.records.names("vkey:") == []
