@@ -70,8 +70,15 @@ def default_workers() -> int:
 
 def say(message: str) -> None:
     """A line on stderr; a closed stderr never stops the supervisor (restarts, the drain)."""
+    line(f"[supervisor] aigw proxy: {message}")
+
+
+def line(text: str) -> None:
+    """One line on stderr in one write (the workers append to the same file: a line handed
+    over in two writes could get another's in between); a closed stderr is ignored."""
     try:
-        print(f"[supervisor] aigw proxy: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"{text}\n")
+        sys.stderr.flush()
     except (OSError, ValueError):
         pass
 
@@ -212,13 +219,13 @@ class Supervisor:
                 raw = await proc.stdout.read(65536)
             if not raw:
                 return
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith(READY):
+            text = raw.decode(errors="replace").rstrip("\n")
+            if text.startswith(READY):
                 worker.ready.set()
                 if self.started:
                     say(f"worker {worker.name} (pid {proc.pid}) listening")
             else:
-                print(f"[{worker.name}] {line}", file=sys.stderr, flush=True)
+                line(f"[{worker.name}] {text}")
 
     async def start_first(self, worker: Worker, index: int) -> None:
         """Start a worker and wait until it listens; SupervisorError if it ends first."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import io
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http, master, optmanager
@@ -217,7 +219,40 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class WholeLines(io.TextIOBase):
+    """A worker's stderr: every worker appends to the one file (or journal) the supervisor
+    logs to, so each line must reach it in one write. Python's own stderr may hand a line's
+    text and its newline over in two writes, and another worker's line then lands between
+    them (two lines mangled into one)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._pending = ""
+        self._lock = threading.Lock()  # the request log's thread writes too
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            if "\n" in self._pending:
+                whole, _, self._pending = self._pending.rpartition("\n")
+                data = (whole + "\n").encode("utf-8", errors="replace")
+                while data:  # a file or a pipe takes it in one call; loop should one not
+                    data = data[os.write(self._fd, data):]
+        return len(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    sys.stderr = WholeLines(2)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     die_with_parent(args.parent)
     mode_servers.AsyncioServerInstance.listen = _listen_shared

@@ -140,3 +140,19 @@ def test_the_worker_master_hands_no_log_record_to_add_log():
                 if isinstance(h, LegacyLogEvents) and h.master is proxy]
 
     assert asyncio.run(left_installed()) == []
+
+
+def test_a_workers_log_line_reaches_the_shared_file_in_one_write(monkeypatch):
+    """Workers append to one file: a line handed over in two writes (text, then its newline,
+    as print does) let another worker's line land in between, two lines mangled into one."""
+    from addon import worker
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(worker.os, "write", lambda fd, data: writes.append(bytes(data))
+                        or len(data))
+    out = worker.WholeLines(2)
+    print("[w1] client disconnect", file=out)
+    out.write("half ")
+    assert writes == [b"[w1] client disconnect\n"]
+    out.write("and the rest\nnext")
+    assert writes[-1] == b"half and the rest\n"
