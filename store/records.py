@@ -17,7 +17,7 @@ does not know are ignored, so an existing namespace loads unchanged.
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import msgspec
 import orjson
@@ -509,6 +509,7 @@ _AT = re.compile(r"^(?P<text>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`, got `(?P<got>\w+)`$")
 _BOUND = re.compile(r"^Expected `(?P<type>\w+)` (?P<op>>=|<=) (?P<bound>[-0-9.e+]+)$")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
 _TYPE_WORDS = {"bool": "a boolean", "float": "a number", "int": "an integer", "str": "a string",
                "object": "an object", "array": "an array", "null": "null",
                "datetime": "an ISO time with its zone"}
@@ -521,7 +522,7 @@ def _decode[T](cls: type[T], raw: bytes | str | dict, label: str) -> T:
             return msgspec.convert(raw, cls, strict=True)
         return msgspec.json.decode(raw, type=cls, strict=True)
     except msgspec.ValidationError as exc:
-        raise RecordError(f"{label}: {_reason(cls, str(exc), raw)}") from None
+        raise RecordError(f"{label}: {explain(cls, str(exc), raw)}") from None
     except msgspec.DecodeError:
         raise RecordError(f"{label}: not valid JSON (UTF-8)") from None
     except RecursionError:  # msgspec decodes nested values recursively
@@ -537,15 +538,19 @@ def _same_id(key: str, field: str, stored: str, expected: str) -> str:
     return expected
 
 
-def _reason(cls: type, message: str, raw: bytes | str | dict) -> str:
-    """`field: reason` from a msgspec message, showing the offending value only when it is
-    short and cannot be a credential."""
+def explain(cls: type, message: str, raw: bytes | str | dict) -> str:
+    """`field: reason` from a msgspec validation message about decoding `raw` as `cls` (a
+    record, or an admin API body), showing the offending value only when it is short and
+    cannot be a credential."""
     at = _AT.match(message)
     text, path = (at["text"], at["path"] or "") if at else (message, "")
     field = path.lstrip(".").replace("[...]", " (a value)")
     missing = _MISSING.match(text)
     if missing:
         return f"{missing['field']}: missing"
+    unknown = _UNKNOWN.match(text)
+    if unknown:  # only where a struct forbids unknown fields (the admin API's bodies)
+        return f"{unknown['field']}: not a field of this endpoint"
     if not field:
         expected = _EXPECTED.match(text)
         if expected:
@@ -586,8 +591,15 @@ def _plain(text: str) -> str:
 
 
 def _literal_values(cls: type, name: str) -> tuple[str, ...]:
-    hint = getattr(cls, "__annotations__", {}).get(name)
-    return tuple(getattr(hint, "__args__", ())) or ("the documented values",)
+    """The spellings a Literal field takes, also inside a union (`Literal[...] | UnsetType`)."""
+    pending, found = [getattr(cls, "__annotations__", {}).get(name)], []
+    while pending:
+        hint = pending.pop(0)
+        if get_origin(hint) is Literal:
+            found += [str(value) for value in get_args(hint)]
+        else:
+            pending += list(get_args(hint))
+    return tuple(found) or ("the documented values",)
 
 
 _MISSING_VALUE = object()

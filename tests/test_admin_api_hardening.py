@@ -8,6 +8,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from store import Store, admin, admin_accounts
 from store.admin_keys import create_admin_key
@@ -275,3 +277,20 @@ def test_the_audit_log_never_shows_an_admin_keys_digest(server):  # noqa: F811
         assert name.endswith("...") and len(name) == 15
     listing = server.client().get(f"/admin/users/{make_user(server.client(), make_org(server.client())['org_id'], email())['user_id']}/api-keys").json()
     assert all("key_hash" not in key for key in listing["api_keys"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "monthly_budget_usd", "failure_mode", "provider_keys",
+                         "rpm_limit", "x"]), inner, max_size=4), max_leaves=12).map(
+    lambda value: json.dumps(value).encode())))
+def test_any_body_is_a_struct_or_a_400_naming_why(body):
+    from store.api.payloads import OrgCreate, PayloadError, UserUpdate, decode
+
+    for kind in (OrgCreate, UserUpdate):
+        try:
+            decode(kind, body)
+        except PayloadError as exc:
+            assert str(exc) and LITERAL not in str(exc)

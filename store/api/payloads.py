@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from store.records import RATE_FIELDS
+from store.records import RATE_FIELDS, explain
 
 UNSET: Any = msgspec.UNSET
 Unset = msgspec.UnsetType
@@ -85,23 +85,6 @@ def decode[T](kind: type[T], body: bytes) -> T:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        raise PayloadError(_message(str(exc))) from None
+        raise PayloadError(explain(kind, str(exc), body)) from None
     except msgspec.DecodeError:
         raise PayloadError("the body is not valid JSON") from None
-
-
-def _message(text: str) -> str:
-    """msgspec's message with the field first: `monthly_limit_usd: expected a number, got a
-    string`."""
-    head, _, path = text.partition(" - at `$")
-    field = path.rstrip("`").lstrip(".")
-    head = head.replace("Expected `", "expected ").replace("`, got `", ", got ").rstrip("`")
-    if head.startswith("Object contains unknown field"):
-        name = head.split("`")[1] if "`" in head else "?"
-        return f"{name}: not a field of this endpoint"
-    if head.startswith("Object missing required field"):
-        name = head.split("`")[1] if "`" in head else "?"
-        return f"{name}: missing"
-    if head.startswith("expected object"):
-        return "the body must be a JSON object"
-    return f"{field}: {head}" if field else head
