@@ -259,7 +259,7 @@ def _listed(key: str, raw: bytes, id_field: str, record_id: str) -> dict:
 
 
 def _new_user(org_id: str, email: str, limit_usd: float) -> dict:
-    email = _check_text(email, "email")
+    email = _check_text(email, "email", visible=True)
     local, at, domain = email.partition("@")
     if not (local and at and domain) or any(c.isspace() for c in email):
         raise AdminError(f"email must look like name@domain, not {email!r}")
@@ -411,7 +411,7 @@ def list_users(store: AdminTarget, org_id: str | None = None, email: str | None 
     if org_id is not None:
         org_id = _check_text(org_id, "org_id")
         _load(store, org_config_key(org_id), f"org {org_id}")
-    wanted = None if email is None else _email_key(_check_text(email, "email"))
+    wanted = None if email is None else _email_key(_check_text(email, "email", visible=True))
     users = []
     for key, raw, user_id in _users(store):
         entry = _listed(key, raw, "user_id", user_id)

@@ -90,13 +90,17 @@ def _load(store: AdminTarget, key: str, what: str) -> dict:
     return value
 
 
-def _check_text(value: Any, name: str) -> str:
+def _check_text(value: Any, name: str, *, visible: bool = False) -> str:
     """A non-empty text without control characters (a NUL or newline in a name or an id
-    breaks logs, CSV and the KV key it may become), stripped."""
+    breaks logs, CSV and the KV key it may become), stripped. `visible`: no invisible format
+    character either (a zero-width space makes an email look like another); a name may need
+    one (Persian writes the zero-width non-joiner)."""
     if not isinstance(value, str) or not value.strip():
         raise AdminError(f"{name} must be a non-empty string")
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in value.strip()):
-        raise AdminError(f"{name} must not hold control or invisible format characters")
+    refused = ("Cc", "Cf") if visible else ("Cc",)
+    if any(unicodedata.category(c) in refused for c in value.strip()):
+        what = "control or invisible format characters" if visible else "control characters"
+        raise AdminError(f"{name} must not hold {what}")
     return value.strip()
 
 
