@@ -105,9 +105,12 @@ def test_two_gateways_on_one_store_hold_rpm_tpm_and_parallel_limits_together(
         assert outcomes(tpm_plus.api_key, 5) == ["ok", "ok", "ok", "ok", "denied"]
         assert outcomes(rpm.api_key, 8) == ["ok"] * 5 + ["denied"] * 3
 
-        fake_provider.set(usage=USAGE, response_delay=1.5)  # all of the burst in flight
+        # The provider holds its answers until the whole burst is decided: every admitted
+        # request is still in flight when the others arrive, however slow the machine is.
+        fake_provider.set(usage=USAGE, hold_response=True)
         clients = 6
         start = threading.Barrier(clients)
+        finished = threading.Semaphore(0)
 
         def one(i: int) -> str:
             client = gateways[i % 2].openai_client(par.api_key)
@@ -118,11 +121,24 @@ def test_two_gateways_on_one_store_hold_rpm_tpm_and_parallel_limits_together(
             except openai.RateLimitError as exc:
                 assert exc.response.headers["retry-after"] == "1"
                 return "denied"
+            finally:
+                finished.release()
 
         with ThreadPoolExecutor(clients) as pool:
-            burst = list(pool.map(one, range(clients)))
+            futures = [pool.submit(one, i) for i in range(clients)]
+            try:
+                # The admitted wait at the provider, so the first to finish are the refused:
+                # 4 of them (a third admitted request would wait there too; 20 s is within
+                # the SDK's timeout of 30).
+                refused_first = sum(finished.acquire(timeout=20) for _ in range(clients - 2))
+                fake_provider.wait_for_held(2)
+                in_flight = fake_provider.held
+            finally:
+                fake_provider.release()
+            burst = [f.result() for f in futures]
+        assert refused_first == clients - 2 and in_flight == 2
         assert burst.count("ok") == 2 and burst.count("denied") == 4
-        fake_provider.set(usage=USAGE, response_delay=0)
+        fake_provider.set(usage=USAGE, hold_response=False)
         assert outcomes(par.api_key, 2) == ["ok", "ok"]  # in flight again 0 once settled
     finally:
         for gw in gateways:

@@ -23,6 +23,9 @@ Control, from the least to the most specific (later wins field by field):
   1. `fake.usage[api]`   the usage object, in the API's own wire shape, for all requests of that
                          api (defaults in DEFAULT_USAGE); `fake.scenario` (a `Scenario`) for the
                          rest: text, status, error body, encoding, breaks, delays, extra headers.
+  `hold_response` / `hold_after` keep answers waiting until `fake.release()` (`fake.held`
+  counts the answers waiting, `fake.wait_for_held(n)` waits for them), so a test synchronizes
+  on the state it needs instead of guessing a delay; `reset()` releases whatever still waits.
   2. `fake.enqueue(**scenario_fields)`: one-shot overrides, consumed by the next requests (FIFO).
   3. request headers: `x-fake-usage: <json usage>`, `x-fake-status: 429`,
      `x-fake-encoding: gzip`, `x-fake-break-after: 3`, `x-fake-delay: 0.1`,
@@ -152,6 +155,12 @@ class Scenario:
     stream_error_after: int | None = None
     delay: float = 0.0  # seconds between stream events
     response_delay: float = 0.0  # seconds before the response headers are sent
+    # Wait for `fake.release()` before the response headers (a request the test keeps in flight
+    # for as long as it needs, where a delay would only guess how long that is).
+    hold_response: bool = False
+    # Streams: send this many events, then wait for `fake.release()` before the rest (the test
+    # sees what arrived while the provider still holds the end of the stream).
+    hold_after: int | None = None
     # Anthropic: put input/cache counts into message_delta.usage too (some compatible backends)
     anthropic_delta_full_usage: bool = False
     # Anthropic: extra message_delta events (with lower cumulative output_tokens) before the last
@@ -164,6 +173,8 @@ class Scenario:
     def text(self) -> str:
         return "".join(self.text_chunks)
 
+
+HOLD_TIMEOUT_S = 60.0  # a held answer goes on by itself after this (a test that failed first)
 
 SCENARIO_FIELDS = {f.name for f in dataclasses.fields(Scenario)}
 
@@ -369,6 +380,8 @@ class FakeProvider(ThreadedServer):
         self._requests: list[RecordedRequest] = []
         self._queue: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
+        self._released = threading.Event()
+        self.held = 0  # answers waiting for release()
         # Same ids and timestamps in every answer, so two answers can be compared byte for byte.
         self.fixed_ids = False
         self.usage: dict[str, dict[str, Any]] = {}
@@ -391,6 +404,8 @@ class FakeProvider(ThreadedServer):
     def reset(self) -> None:
         """Forget recorded requests and queued overrides; restore default usage and scenario."""
         with self._lock:
+            self._released.set()  # nothing a previous test held waits any longer
+            self._released = threading.Event()
             self._requests.clear()
             self._queue.clear()
             self.usage = copy.deepcopy(DEFAULT_USAGE)
@@ -410,6 +425,34 @@ class FakeProvider(ThreadedServer):
         _check_fields(fields)
         with self._lock:
             self._queue.append(fields)
+
+    def release(self) -> None:
+        """Let the answers held now (hold_response, hold_after) go on; answers held later wait
+        for the next release() (wait_for_held first: an answer not yet held is not released)."""
+        with self._lock:
+            self._released.set()
+            self._released = threading.Event()
+
+    def wait_for_held(self, n: int, timeout: float = 30.0) -> None:
+        """Block until at least n answers are held; AssertionError on timeout."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.held >= n, timeout):
+                raise AssertionError(f"fake provider: expected {n} held answers, got {self.held}")
+
+    async def _hold(self) -> None:
+        """Wait for release() (bounded: a test that never releases still ends)."""
+        with self._changed:
+            released = self._released
+            self.held += 1
+            self._changed.notify_all()
+        try:
+            deadline = time.monotonic() + HOLD_TIMEOUT_S
+            while not released.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            with self._changed:
+                self.held -= 1
+                self._changed.notify_all()
 
     def expected_usage(self, api: str) -> dict[str, Any]:
         """The usage object the fake will send for `api` (what a test should expect)."""
@@ -532,6 +575,8 @@ class FakeProvider(ThreadedServer):
         scenario = self._resolve(request)
         if scenario.response_delay:
             await asyncio.sleep(scenario.response_delay)
+        if scenario.hold_response:
+            await self._hold()
         if route.handler is None:
             status = 404
             err = (ERROR_BODIES.get(api or "openai", openai_error_body))(
@@ -612,6 +657,8 @@ class FakeProvider(ThreadedServer):
                 break
             if i and scenario.delay:
                 await asyncio.sleep(scenario.delay)
+            if scenario.hold_after is not None and i == scenario.hold_after:
+                await self._hold()
             await resp.write(enc.chunk(event))
         tail = enc.chunk(trailer) if trailer else b""
         await resp.write_eof(tail + enc.finish())
