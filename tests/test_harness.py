@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,54 +328,63 @@ def test_gemini_error_and_json_array_stream(proxy: Proxy, fake_provider: FakePro
 # --------------------------------------------------------------------------- streaming, encodings
 
 
-def _first_and_last(t0: float, lines: Iterator[str]) -> tuple[float, float, list[str]]:
-    """Times (since t0) of the first and the last SSE data line, and the data lines."""
-    first = last = None
-    seen = []
-    for line in lines:
-        if not line.startswith("data:"):
-            continue
-        now = time.monotonic() - t0
-        first = now if first is None else first
-        last = now
-        seen.append(line)
-    assert first is not None and last is not None
-    return first, last, seen
+def _data_lines(lines: Iterator[str]) -> Iterator[str]:
+    return (line for line in lines if line.startswith("data:"))
 
 
 def test_stream_arrives_incrementally(
     proxy: Proxy, streaming_proxy: Proxy, fake_provider: FakeProvider
 ) -> None:
-    fake_provider.set(delay=0.2)  # 8 events -> ~1.4 s from the first to the last
+    """The first events reach the client while the provider still holds the rest of the stream
+    (a synchronization point, not a stopwatch); default mitmdump delivers nothing before the
+    provider ends the stream."""
+    fake_provider.set(hold_after=2)  # 8 events: 2 sent, then the rest once released
     body = {"model": "gpt-4o", "stream": True, "messages": []}
 
     # the fake itself flushes event by event
-    t0 = time.monotonic()
-    with httpx.Client(timeout=10) as direct, direct.stream(
+    with httpx.Client(timeout=30) as direct, direct.stream(
         "POST", fake_provider.url + "/v1/chat/completions", json=body
     ) as r:
-        first, last, seen = _first_and_last(t0, r.iter_lines())
-    assert len(seen) == 8 and first < 0.5 and last - first > 0.9
+        lines = _data_lines(r.iter_lines())
+        seen = [next(lines), next(lines)]
+        fake_provider.wait_for_held(1)
+        fake_provider.release()
+        seen += lines
+    assert len(seen) == 8
 
-    # through mitmdump that streams bodies, the SDK sees the first chunk long before the last
+    # through mitmdump that streams bodies, the SDK sees the first chunks before the rest exists
     client = streaming_proxy.openai_client(OPENAI_KEY)
-    t0 = time.monotonic()
-    times = []
-    for _chunk in client.chat.completions.create(
+    chunks = iter(client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
-    ):
-        times.append(time.monotonic() - t0)
-    assert len(times) == 7  # role, 5 content deltas, finish ([DONE] is not yielded)
-    assert times[-1] - times[0] > 0.9
+    ))
+    early = [next(chunks), next(chunks)]  # the role, the first delta
+    fake_provider.wait_for_held(1)
+    fake_provider.release()
+    assert len(early + list(chunks)) == 7  # role, 5 content deltas, finish ([DONE] is not yielded)
 
-    # default mitmdump (no addon setting flow.response.stream) buffers the whole stream
-    t0 = time.monotonic()
+    # default mitmdump (no addon setting flow.response.stream) buffers the whole stream: its
+    # first line comes only after the provider was released (the pause gives a proxy that
+    # streamed the time to show it; it cannot make a buffering one fail)
+    released = threading.Event()
+
+    def release_later() -> None:
+        fake_provider.wait_for_held(1)
+        time.sleep(0.5)
+        released.set()
+        fake_provider.release()
+
+    releaser = threading.Thread(target=release_later, daemon=True)
+    releaser.start()
     with proxy.httpx_client().stream(
         "POST", "https://api.openai.com/v1/chat/completions", json=body,
         headers={"authorization": "Bearer " + OPENAI_KEY},
     ) as r:
-        first, last, seen = _first_and_last(t0, r.iter_lines())
-    assert len(seen) == 8 and first > 0.9 and last - first < 0.3
+        lines = _data_lines(r.iter_lines())
+        first = next(lines)
+        assert released.is_set(), "a line arrived while the provider held the stream"
+        seen = [first, *lines]
+    releaser.join(30)
+    assert len(seen) == 8
 
 
 def test_fake_gzip_direct(fake_provider: FakeProvider) -> None:
