@@ -5,7 +5,6 @@ records; /healthz answers 200, then 503 once the replica is older than max_stale
 
 import json
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -26,10 +25,12 @@ pytestmark = pytest.mark.e2e
 LINE = re.compile(r"^\[[0-9:.]+\] (\{.*\"flow_id\".*\})$", re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def metrics_port(proxy) -> int:
+    """The port the gateway's metrics listener got (`aigw_metrics` 127.0.0.1:0: the kernel
+    picks a free one as it binds; a port picked here first could be taken before the gateway
+    binds it)."""
+    return int(proxy.wait_for_log(r"aigw: metrics on http://127\.0\.0\.1:(\d+)/metrics",
+                                  timeout=10).group(1))
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -62,14 +63,13 @@ def log_lines(proxy, count: int, timeout: float = 10.0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory, fake_provider_server):
-    port = free_port()
     tmp = tmp_path_factory.mktemp("gwtel")
     proxy = start_gateway(tmp, fake_provider_server.address,
-                          sets={"aigw_metrics": f"127.0.0.1:{port}",
+                          sets={"aigw_metrics": "127.0.0.1:0",
                                 "aigw_request_log_file": str(tmp / "requests.log")})
     proxy.request_log = tmp / "requests.log"
     proxy.store = Store(proxy.store_dir)
-    proxy.metrics_port = port
+    proxy.metrics_port = metrics_port(proxy)
     try:
         yield proxy
     finally:
@@ -178,35 +178,35 @@ def test_request_log_in_a_file_and_as_text(tmp_path, fake_provider):
 
 
 def test_healthz_is_200_then_503_when_the_replica_is_stale(tmp_path, fake_provider):
-    port = free_port()
     text = (REPO_ROOT / "mitm.yaml").read_text().replace(
-        "policy:\n", "policy:\n  max_staleness_s: 2\n", 1)
+        "policy:\n", "policy:\n  max_staleness_s: 60\n", 1)
     store_dir = tmp_path / "store"
-    with Store(store_dir) as store:
-        store.records.set_meta("last_sync", {"finished_at": time.time()})
     proxy = start_gateway(tmp_path, fake_provider.address, config_text=text,
-                          store_dir=store_dir, sets={"aigw_metrics": f"127.0.0.1:{port}"})
-    try:
-        status, body = get(port, "/healthz")
-        assert status == 200, body
-        answer = json.loads(body)
-        assert answer["ok"] is True and answer["max_staleness_s"] == 2
-        deadline = time.monotonic() + 10
-        while status == 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+                          store_dir=store_dir, sets={"aigw_metrics": "127.0.0.1:0"})
+    port = metrics_port(proxy)
+    # The replica's age is set, not waited for: a pass that finished just now, then one that
+    # finished 61 s ago (a start slower than max_staleness_s cannot make the first 503).
+    with Store(store_dir) as store:
+        try:
+            store.records.set_meta("last_sync", {"finished_at": time.time()})
             status, body = get(port, "/healthz")
-        assert status == 503
-        assert "max_staleness_s 2" in json.loads(body)["reason"]
-    finally:
-        proxy.stop()
+            assert status == 200, body
+            answer = json.loads(body)
+            assert answer["ok"] is True and answer["max_staleness_s"] == 60
+            store.records.set_meta("last_sync", {"finished_at": time.time() - 61})
+            status, body = get(port, "/healthz")
+            assert status == 503
+            assert "max_staleness_s 60" in json.loads(body)["reason"]
+        finally:
+            proxy.stop()
 
 
 def test_a_second_gateway_on_the_same_port_does_not_start(tmp_path, fake_provider):
     """Several gateways on one host each serve their own port: a clash is a start error."""
-    port = free_port()
     first = start_gateway(tmp_path / "a", fake_provider.address,
-                          sets={"aigw_metrics": f"127.0.0.1:{port}"})
+                          sets={"aigw_metrics": "127.0.0.1:0"})
     try:
+        port = metrics_port(first)
         try:  # mitmdump may be listening already when it logs the error, then exits
             clash = start_gateway(tmp_path / "b", fake_provider.address,
                                   store_dir=first.store_dir,
@@ -218,7 +218,7 @@ def test_a_second_gateway_on_the_same_port_does_not_start(tmp_path, fake_provide
             log = exc.log
         assert f"aigw_metrics: cannot listen on 127.0.0.1:{port}" in log
         second = start_gateway(tmp_path / "c", fake_provider.address, store_dir=first.store_dir,
-                               sets={"aigw_metrics": f"127.0.0.1:{free_port()}"})
+                               sets={"aigw_metrics": "127.0.0.1:0"})
         second.stop()
         assert get(port, "/healthz")[0] == 200
     finally:
