@@ -81,6 +81,7 @@ class Flight:
     key_id: str | None = None  # a grace flight has no account: who it was for, for the records
     user_id: str | None = None
     grace_who: str | None = None
+    grace_day: str | None = None  # the UTC day whose fallback limit admitted a grace flight
     injected_usage: bool = False  # the gateway asked for stream usage the client did not
     rate_headers: tuple[tuple[bytes, bytes], ...] = ()  # x-ratelimit-*, as of admission
     tap: StreamTap | None = None

@@ -53,8 +53,9 @@ class FailureMode:
         limit = from_usd(
             org.fallback_daily_limit_usd if org is not None else policy.fallback_daily_limit_usd)
         now = utc_now()
+        day = day_of(now)
         who = f"user:{why.user_id}" if why.user_id else UNVERIFIED
-        if self._used(day_of(now), who) >= limit:
+        if self._used(day, who) >= limit:
             return Denied(why.provider, denials.fallback_used_up(limit, now))
         secret = (provider_secret(why.provider, org) if looks_like_gateway_key(why.credential)
                   else why.credential)
@@ -70,7 +71,7 @@ class FailureMode:
                 model=why.provider.adapter.model(flow.request, body), month=month_of(now),
                 estimate_nusd=0, input_tokens_estimate=estimate_tokens(len(decoded)),
                 org_id=org.org_id if org else None, key_id=why.key_id, user_id=why.user_id,
-                grace_who=who)
+                grace_who=who, grace_day=day)
             return Allowed(flight, secret, {"decision": "grace", "reason": why.reason})
 
         if needs_thread(flow.request):
@@ -86,8 +87,9 @@ class FailureMode:
         return max(used, self._memory.get((day, who), 0))
 
     def charge(self, flight: Flight, cost: int, entry: UsageRecord) -> None:
-        """Add a grace request to the day's total; never raises."""
-        day = day_of(utc_now())
+        """Add a grace request to the total of the day it was admitted on (the day whose limit
+        let it through, also when it ends after midnight); never raises."""
+        day = flight.grace_day or day_of(utc_now())
         who = flight.grace_who or UNVERIFIED
         self._memory[(day, who)] = self._memory.get((day, who), 0) + cost
         try:

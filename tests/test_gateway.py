@@ -3,7 +3,7 @@
 import asyncio
 import gzip
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -382,6 +382,26 @@ def test_fail_open_caps_the_day_at_the_fallback_limit(gateway, monkeypatch):
     decide(gw, flow)
     assert flow.response.status_code == 429
     assert json.loads(flow.response.content)["error"]["type"] == "fallback_daily_limit_exceeded"
+
+
+def test_a_grace_request_admitted_before_midnight_is_charged_to_that_day(gateway, monkeypatch):
+    """The day's fallback limit admitted it, so its cost is that day's, however late it ends
+    (charged to the next day, it would escape the limit that let it through)."""
+    gw = gateway()
+    s = seed(gw.store, failure_mode="fail_open", fallback_daily_limit=1.0)
+    monkeypatch.setattr(gw.store.ledger, "reserve", lambda *a, **k: (_ for _ in ()).throw(
+        StoreUnavailable("down")))
+    clock = [datetime(2026, 3, 31, 23, 59, 59, 900_000, tzinfo=UTC)]
+    monkeypatch.setattr("addon.failure.utc_now", lambda: clock[0])
+    flow = chat_flow(s.api_key)
+    decide(gw, flow)
+    assert flow.metadata["aigw"]["decision"] == "grace"
+    clock[0] = datetime(2026, 4, 1, 0, 0, 0, 100_000, tzinfo=UTC)  # the response ends after
+    forward(gw, flow, openai_response(prompt=1000, completion=200))
+    who = f"user:{s.user_id}"
+    (entry,) = gw.store.ledger.grace_log()
+    assert gw.store.ledger.grace_used("2026-03-31", who)[0] == entry.cost_nusd > 0
+    assert gw.store.ledger.grace_used("2026-04-01", who)[0] == 0
 
 
 def test_unexpected_exception_never_forwards_silently(gateway, monkeypatch):
