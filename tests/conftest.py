@@ -7,6 +7,8 @@ Fixtures:
   proxy_factory         start_mitmdump(...) bound to the test's tmp_path; stops every proxy it
                         started at teardown and prints their logs if the test failed
 
+Autouse: a test never starts within MIDNIGHT_MARGIN_S of midnight UTC (see `_not_across_midnight`).
+
 Marker: `e2e` for tests that start mitmdump / a fake provider (deselect with -m "not e2e").
 
 Import the helpers as `tests.support.*` (this file puts the repository root on sys.path, since
@@ -16,6 +18,7 @@ tests/ has no __init__.py and the `pytest` script does not add the working direc
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +50,23 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     rep = getattr(request.node, "rep_call", None)
     setup = getattr(request.node, "rep_setup", None)
     return bool((rep is not None and rep.failed) or (setup is not None and setup.failed))
+
+
+MIDNIGHT_MARGIN_S = 90  # longer than any one test runs
+DAY_S = 86_400  # POSIX time has no leap seconds: UTC midnights are its multiples of a day
+
+
+@pytest.fixture(autouse=True)
+def _not_across_midnight() -> None:
+    """Tests read "this month" and "today" (usage counters, x-gateway-current-month, the daily
+    fallback limit) with their own clock, beside a gateway that decided with its own a moment
+    earlier: across midnight UTC (every month's end is one) the two are different days. A test
+    about to start within MIDNIGHT_MARGIN_S of midnight waits until just past it instead (only
+    a run at midnight waits, at most once). Tests of the boundaries themselves use a clock they
+    control."""
+    to_midnight = DAY_S - time.time() % DAY_S
+    if to_midnight < MIDNIGHT_MARGIN_S:
+        time.sleep(to_midnight + 1)
 
 
 @pytest.fixture(scope="session")
