@@ -113,7 +113,8 @@ def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _pip_error(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (done.stdout + done.stderr).splitlines()
+    lines = [line if len(line) <= 300 else line[:300] + " ..."
+             for line in (done.stdout + done.stderr).splitlines()
              if line.strip() and not line.startswith("WARNING: Location")]
     return "\n".join(lines[-6:])
 
