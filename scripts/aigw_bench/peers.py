@@ -107,9 +107,13 @@ class PeerUnavailable(RuntimeError):
 
 
 def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), "-m", "pip", "install", "--quiet",
-                           "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, timeout=INSTALL_TIMEOUT, cwd=ROOT)
+    try:
+        return subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                               "--disable-pip-version-check", *args],
+                              capture_output=True, text=True, timeout=INSTALL_TIMEOUT, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        raise PeerUnavailable(f"pip install {' '.join(args)} took over {INSTALL_TIMEOUT} s") \
+            from None
 
 
 def _pip_error(done: subprocess.CompletedProcess) -> str:
@@ -121,9 +125,12 @@ def _pip_error(done: subprocess.CompletedProcess) -> str:
 
 def _venv_json(python: Path, code: str) -> object:
     done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise PeerUnavailable(f"the LiteLLM venv's python failed: {done.stderr[-1000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        pass
+    raise PeerUnavailable(f"the LiteLLM venv's python failed: {done.stderr[-1000:]}")
 
 
 def ensure_litellm(venv: Path = LITELLM_VENV) -> tuple[Path, dict]:
@@ -136,8 +143,8 @@ def ensure_litellm(venv: Path = LITELLM_VENV) -> tuple[Path, dict]:
         made = json.loads(stamp.read_text())
     except (OSError, ValueError):
         made = None
-    if (isinstance(made, dict) and made.get("versions", {}).get("litellm") == LITELLM_VERSION
-            and litellm.exists()):
+    if (isinstance(made, dict) and isinstance(made.get("versions"), dict)
+            and made["versions"].get("litellm") == LITELLM_VERSION and litellm.exists()):
         return litellm, {**made, "reused": True}
     say(f"installing LiteLLM {LITELLM_VERSION} with its proxy into {venv} (once; a few minutes)")
     shutil.rmtree(venv, ignore_errors=True)
@@ -156,7 +163,8 @@ def ensure_litellm(venv: Path = LITELLM_VENV) -> tuple[Path, dict]:
             raise PeerUnavailable(f"pip could not install litellm=={LITELLM_VERSION}:\n"
                                   f"{_pip_error(done)}")
         requirements = _venv_json(python, PROXY_EXTRA_REQUIREMENTS)
-        assert isinstance(requirements, list)
+        if not isinstance(requirements, list) or not requirements:
+            raise PeerUnavailable(f"litellm=={LITELLM_VERSION} names no proxy extra: {first}")
         wanted = [name if name in COMPANIONS_UNPINNED else spec for name, spec in requirements
                   if name not in COMPANIONS_ABSENT]
         done = _pip(python, f"litellm=={LITELLM_VERSION}", *wanted)
@@ -169,9 +177,9 @@ def ensure_litellm(venv: Path = LITELLM_VENV) -> tuple[Path, dict]:
                f"and its proxy extra's requirements without {', '.join(sorted(COMPANIONS_ABSENT))}"
                f", {' and '.join(sorted(COMPANIONS_UNPINNED))} unpinned")
     versions = _venv_json(python, VERSIONS)
-    assert isinstance(versions, dict)
-    if versions.get("litellm") != LITELLM_VERSION or not litellm.exists():
-        raise PeerUnavailable(f"the venv {venv} holds litellm {versions.get('litellm')}, not "
+    if (not isinstance(versions, dict) or versions.get("litellm") != LITELLM_VERSION
+            or not litellm.exists()):
+        raise PeerUnavailable(f"the venv {venv} holds {versions}, not litellm "
                               f"{LITELLM_VERSION}, or no `litellm` command")
     made = {"versions": versions, "how": how}
     stamp.write_text(json.dumps(made))
