@@ -41,6 +41,10 @@ One module per section, all sharing `runner` (processes, interleaved rounds, rat
    its log entry) as one pair, on the store's own ledger settings and on the settings before
    them, plus data synced per commit, in interleaved rounds: per-pair p50/p99 and the ratios to
    the old settings (no target: the figures to report).
+6. `peers` (`--peers` or `--only peers`; never by default, not in CI): `aigw proxy --workers 1`,
+   as a forward proxy and in reverse mode, beside LiteLLM's proxy with one worker, installed once
+   into a venv of its own (var/bench/litellm-venv), on the same load and fake upstream, in
+   interleaved rounds: the ratios of req/s and CPU per request (no target).
 
 Everything stays on loopback, is bounded in time and count, and cleans up its processes and
 temporary directories. Exit status: 0 when every target is met, 1 when one is missed, 2 when a run

@@ -14,6 +14,7 @@ from aigw_bench import (
     before,
     hotpath,
     ledger,
+    peers,
     proxy,
     stream,
     sync,
@@ -38,11 +39,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
                         "processes each, 2k-event streams, a 20 MB stream, a 10k-key sync")
     parser.add_argument("--only",
                         choices=("hotpath", "telemetry", "throughput", "throughput-tls", "proxy",
-                                 "stream", "sync", "ledger"),
+                                 "stream", "sync", "ledger", "peers"),
                         help="run one of the benchmarks (throughput-tls: the throughput one "
                         "over HTTPS; ledger: the cost of the ledger's durable settings; "
                         "telemetry: the request path with the request log and metrics on / off; "
-                        "proxy: aigw proxy beside mitmdump, as ratios)")
+                        "proxy: aigw proxy beside mitmdump, as ratios; peers: as --peers)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run aigw proxy beside LiteLLM's proxy (installed once into "
+                        "a venv of its own under var/bench/), one worker each, on the same load "
+                        "and fake upstream: the ratios of req/s and CPU per request")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed pass, cProfile both hooks on up to 5k more "
                         "requests and print the top functions")
@@ -138,9 +143,11 @@ def main(argv: list[str]) -> int:
         # a failed pass (SyncError), the fake's process, ...
         ("sync", "sync run", lambda: sync.run(s, report), (Exception,)),
         ("ledger", "ledger run", lambda: ledger.run(s, report), (Exception,)),
+        ("peers", "peers run", lambda: peers.run(s, report), failures),
     ]
     for name, what, run, caught in sections:
-        if args.only not in (None, name) or (what == "before/after run" and not args.before):
+        if (args.only not in (None, name) or (what == "before/after run" and not args.before)
+                or (name == "peers" and not (args.peers or args.only == "peers"))):
             continue
         say()
         say(load_note())

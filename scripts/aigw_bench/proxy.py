@@ -121,16 +121,18 @@ def seed(path: Path) -> None:
 
 
 def start_aigw_proxy(procs: Processes, name: str, workers: int, tmp: Path, config: Path,
-                     store: Path) -> Target:
-    """`aigw proxy --workers N` on a free loopback port, pinned to the proxies' CPU (its
-    workers inherit the pinning), the request log of each worker in its own file."""
+                     store: Path, mode: str | None = None) -> Target:
+    """`aigw proxy --workers N` (in mitmproxy mode `mode`, regular by default) on a free
+    loopback port, pinned to the proxies' CPU (its workers inherit the pinning), the request
+    log of each worker in its own file."""
     port, log = free_port(), tmp / f"{name}.log"
     confdir = tmp / f"confdir-{name}"
     argv = [str(Path(sys.executable).parent / "aigw"), "--config", str(config), "--store",
             str(store), "proxy", "--workers", str(workers), "--listen-port", str(port),
             "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy",
             "--set", "termlog_verbosity=error",  # as mitmdump -q
-            "--set", f"aigw_request_log_file={tmp / f'{name}-requests.log'}"]
+            "--set", f"aigw_request_log_file={tmp / f'{name}-requests.log'}",
+            *(["--mode", mode] if mode else [])]
     with log.open("wb") as out:
         proc = procs.start(name, argv, stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT,
                            env=bench_env({PROVIDER_ENV: PROVIDER_SECRET}),

@@ -48,9 +48,10 @@ def ledger_count(path: Path, key_id: str) -> tuple[str, int, int, int]:
 
 
 def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
-                ca: Path | None = None, fresh: bool = False) -> dict:
+                ca: Path | None = None, fresh: bool = False, direct: bool = False) -> dict:
     """`ca`: HTTPS through the proxy (CONNECT, then TLS trusting that mitmproxy CA); `fresh`:
-    a new connection per request."""
+    a new connection per request; `direct`: `proxy_port` is a base URL (a reverse proxy: the
+    requests name its path and its host, not the upstream's)."""
     argv = bench_command("_loadgen", "--proxy-port", str(proxy_port), "--upstream-port",
                          str(upstream_port), "--key", key, "--concurrency", str(s.concurrency),
                          "--duration", str(s.duration), "--warmup", str(s.round_warmup))
@@ -58,6 +59,8 @@ def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
         argv += ["--ca", str(ca)]
     if fresh:
         argv.append("--fresh")
+    if direct:
+        argv.append("--direct")
     return run_json(argv, s.duration + s.round_warmup + 60, "load generator")
 
 
@@ -214,9 +217,10 @@ async def loadgen(args: argparse.Namespace) -> dict:
     if args.ca:  # HTTPS: CONNECT, then TLS with the proxy's CA, then origin-form requests
         ctx = ssl.create_default_context(cafile=args.ca)
         ctx.set_alpn_protocols(["http/1.1"])
-    url = "/v1/chat/completions" if ctx else f"http://{target}/v1/chat/completions"
+    url = "/v1/chat/completions" if ctx or args.direct else f"http://{target}/v1/chat/completions"
+    host = f"{args.host}:{args.proxy_port}" if args.direct else target
     close = "Connection: close\r\n" if args.fresh else ""
-    request = (f"POST {url} HTTP/1.1\r\nHost: {target}\r\n"
+    request = (f"POST {url} HTTP/1.1\r\nHost: {host}\r\n"
                f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
                f"{close}Content-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()
@@ -301,5 +305,8 @@ def loadgen_main(argv: list[str]) -> None:
     parser.add_argument("--ca", help="HTTPS: CONNECT, then TLS trusting this CA certificate")
     parser.add_argument("--fresh", action="store_true",
                         help="a new connection for every request (Connection: close)")
+    parser.add_argument("--direct", action="store_true",
+                        help="the port is a base URL (a reverse proxy), not a forward proxy: "
+                        "origin-form requests with its own Host")
     print(json.dumps(asyncio.run(loadgen(parser.parse_args(argv)))), flush=True)
 
