@@ -174,7 +174,8 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, spec: ProxySpec, modes: list[mode_specs.ProxyMode], port: int) -> None:
+    def __init__(self, spec: ProxySpec, modes: list[mode_specs.ProxyMode],
+                 port: int | None) -> None:
         self.spec = spec
         self.modes = modes
         self.port = port
@@ -192,7 +193,8 @@ class Supervisor:
         # store package).
         argv = [sys.executable, "-P", "-m", "addon.worker", "--name", worker.name,
                 "--parent", str(os.getpid()), "--listen-host", spec.listen_host,
-                "--listen-port", str(self.port), "--drain-s", str(spec.drain_s)]
+                "--listen-port", str(spec.listen_port if self.port is None else self.port),
+                "--drain-s", str(spec.drain_s)]
         for mode in spec.modes:
             argv += ["--mode", mode]
         for item in worker_sets(spec, worker.name, index):
@@ -306,8 +308,9 @@ class Supervisor:
             if not self.stopping.is_set():
                 self.started = True
                 pids = ", ".join(f"{w.name} pid {w.proc.pid}" for w in self.workers if w.proc)
+                where = self.spec.listen_host or "*"
                 say(f"{len(self.workers)} workers listening on "
-                    f"{self.spec.listen_host or '*'}:{self.port} "
+                    f"{where if self.port is None else f'{where}:{self.port}'} "
                     f"({', '.join(self.spec.modes or ['regular'])}): {pids}")
                 keepers = [loop.create_task(self.keep(w, i)) for i, w in enumerate(self.workers)]
                 await self.stopping.wait()
@@ -386,8 +389,11 @@ def run(spec: ProxySpec) -> int:
     """Run `aigw proxy` until SIGTERM or SIGINT; the exit status (0 after a drain, 1 when it
     could not start). SupervisorError before anything started."""
     modes = check(spec)
-    placeholder = reserve(spec.listen_host, spec.listen_port)
-    port = placeholder.getsockname()[1]
+    # The main port is held only when a mode listens on it: with every mode on a port of its
+    # own (@PORT) no worker uses it, and a program there (scripts/run on 8080) is no conflict.
+    placeholder = (reserve(spec.listen_host, spec.listen_port)
+                   if any(mode.custom_listen_port is None for mode in modes) else None)
+    port = placeholder.getsockname()[1] if placeholder is not None else None
     extra: list[socket.socket] = []
     try:
         # A mode's own port is held the same way, so no worker restart leaves it free either.
@@ -401,7 +407,8 @@ def run(spec: ProxySpec) -> int:
                                   f"{exc.strerror or exc}") from None
         return asyncio.run(Supervisor(spec, modes, port).run())
     finally:
-        placeholder.close()
+        if placeholder is not None:
+            placeholder.close()
         for sock in extra:
             sock.close()
 

@@ -180,8 +180,14 @@ async def serve(args: argparse.Namespace) -> int:
         opts.set(*args.set, defer=True)
         optmanager.load_paths(opts, os.path.join(opts.confdir, "config.yaml"),
                               os.path.join(opts.confdir, "config.yml"))
+        # The gateway reads mitm.yaml when aigw_config or aigw_store is updated (mitmdump's
+        # script loader updates every option once a script loads). Loaded as a module, it is
+        # told only of the options set here: without --config, --store or a --set of either it
+        # would wait, not ready, forever. Update aigw_config to its default (./mitm.yaml) then.
+        unset = not (opts.has_changed("aigw_config") or opts.has_changed("aigw_store"))
         opts.update(listen_host=args.listen_host, listen_port=args.listen_port,
-                    mode=args.mode or ["regular"])
+                    mode=args.mode or ["regular"],
+                    **({"aigw_config": opts.aigw_config} if unset else {}))
         if opts.deferred:
             raise exceptions.OptionsError(
                 f"unknown option: {', '.join(sorted(opts.deferred))} (`mitmdump --options` "

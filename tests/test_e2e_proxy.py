@@ -303,6 +303,49 @@ def test_reverse_mode_needs_no_ca_on_the_client(tmp_path, fake_provider, account
         proxy.stop()
 
 
+def test_without_config_or_store_the_workers_read_the_working_directorys_mitm_yaml(
+        tmp_path, fake_provider):
+    # The README's `aigw proxy --mode reverse:...` gives neither flag: the workers once waited,
+    # not ready, answering 503 to every request (the gateway loaded as a module was never told
+    # of aigw_config).
+    fake_provider.set(usage=USAGE)
+    store_dir = tmp_path / "px" / "var" / "store"  # the shipped mitm.yaml's ./var/store
+    with Store(store_dir) as store:
+        acct = seed(store, suffix="px", org_budget=100.0, user_limit=None)
+    proxy = start_aigw_proxy(tmp_path / "px", fake_provider.address, workers=1,
+                             global_flags=False)
+    try:
+        assert chat(fresh_client(proxy, acct.api_key)).choices[0].message.content
+        with Store(store_dir) as store:
+            assert settled(store, acct.key_id, 1).used_nusd == COST
+    finally:
+        proxy.stop()
+
+
+def test_with_every_mode_on_its_own_port_the_listen_port_is_not_held(tmp_path, fake_provider,
+                                                                       account_store):
+    store_dir, acct = account_store
+    fake_provider.set(usage=USAGE)
+    mode_port = free_port_pair()
+    with socket.socket() as other:  # e.g. scripts/run on 8080, the default --listen-port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        proxy = start_aigw_proxy(
+            tmp_path / "px", fake_provider.address, workers=1, store_dir=store_dir,
+            args=["--listen-port", str(other.getsockname()[1]),
+                  "--mode", f"reverse:https://api.openai.com@{mode_port}"])
+    try:
+        assert (f"listening on 127.0.0.1 (reverse:https://api.openai.com@{mode_port})"
+                in proxy.log_text())
+        http_client = httpx.Client(trust_env=False)
+        client = openai.OpenAI(api_key=acct.api_key, base_url=f"http://127.0.0.1:{mode_port}/v1",
+                               max_retries=0, http_client=http_client)
+        assert chat(client).choices[0].message.content
+        http_client.close()
+    finally:
+        proxy.stop()
+
+
 def test_each_worker_has_its_own_request_log_file_and_metrics_port(tmp_path, fake_provider,
                                                                    account_store):
     store_dir, acct = account_store

@@ -20,8 +20,9 @@ from store import Store
 from tests.support.gateway import AIGW, PROVIDER_ENV
 from tests.support.proxy import REDIRECT_SCRIPT, REPO_ROOT, Proxy, ProxyStartError, _port_open
 
-_LISTENING = re.compile(r"\[supervisor\] aigw proxy: \d+ workers listening on [^ ]+:(\d+) "
-                        r"\([^)]*\): (.*)")
+# No main port when every mode listens on a port of its own (@PORT): then the first mode's.
+_LISTENING = re.compile(r"\[supervisor\] aigw proxy: \d+ workers listening on "
+                        r"(?:[^ ]+:(?P<port>\d+)|[^ ]+) \((?P<modes>[^)]*)\): (?P<pids>.*)")
 _WORKER_PID = re.compile(r"(w\d+) pid (\d+)")
 _REQUEST_LINE = re.compile(r"^\[(w\d+)\] \[[\d:.]+\] (\{.*\})$", re.M)
 
@@ -35,7 +36,7 @@ class AigwProxy(Proxy):
         """The workers' pids as the supervisor last reported them (restarts included)."""
         text = self.log_text()
         pids = {name: int(pid) for name, pid in
-                _WORKER_PID.findall(_LISTENING.search(text).group(2))}
+                _WORKER_PID.findall(_LISTENING.search(text)["pids"])}
         for name, pid in re.findall(r"worker (w\d+) \(pid (\d+)\) listening", text):
             pids[name] = int(pid)
         return pids
@@ -56,19 +57,25 @@ class AigwProxy(Proxy):
 def start_aigw_proxy(tmp: Path, upstream: str, *, workers: int = 2,
                      store_dir: Path | None = None, args: Sequence[str] = (),
                      env: Mapping[str, str] | None = None, timeout: float = 60.0,
-                     create_store: bool = True, wait: bool = True) -> AigwProxy:
+                     create_store: bool = True, wait: bool = True,
+                     global_flags: bool = True) -> AigwProxy:
     """`aigw --config ... --store ... proxy --workers N --listen-port 0` with the repository's
     mitm.yaml, waiting (bounded) until the supervisor says every worker listens; `wait=False`
-    returns once the process started (to test a start that fails)."""
+    returns once the process started (to test a start that fails). `global_flags=False` gives
+    neither --config nor --store: it runs in `tmp`, on ./mitm.yaml and its ./var/store."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "mitm.yaml"
     shutil.copy(REPO_ROOT / "mitm.yaml", config)
+    if not global_flags:
+        assert store_dir is None, "without --store the store is mitm.yaml's ./var/store"
+        store_dir = tmp / "var" / "store"
     store_dir = store_dir or tmp / "store"
     if create_store and not Store.exists(store_dir):
         Store(store_dir).close()
     confdir = tmp / "confdir"
     log_path = tmp / "aigw-proxy.log"
-    cmd = [AIGW, "--config", str(config), "--store", str(store_dir), "proxy",
+    flags = ["--config", str(config), "--store", str(store_dir)] if global_flags else []
+    cmd = [AIGW, *flags, "proxy",
            "--workers", str(workers), "--listen-port", "0",
            "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy",
            "--set", f"scripts={REDIRECT_SCRIPT}", *args]
@@ -77,7 +84,8 @@ def start_aigw_proxy(tmp: Path, upstream: str, *, workers: int = 2,
                       **(env or {})})
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=log_file, cwd=str(REPO_ROOT), env=child_env)
+                                   stderr=log_file, cwd=str(REPO_ROOT if global_flags else tmp),
+                                   env=child_env)
     proxy = AigwProxy(process=process, port=0, confdir=confdir, log_path=log_path,
                       store_dir=store_dir, config=config)
     if not wait:
@@ -90,8 +98,9 @@ def start_aigw_proxy(tmp: Path, upstream: str, *, workers: int = 2,
                                       f"{proxy.log_text()}", process.returncode,
                                       proxy.log_text())
             m = _LISTENING.search(proxy.log_text())
-            if m and _port_open(int(m.group(1))):
-                proxy.port = int(m.group(1))
+            port = m and int(m["port"] or re.search(r"@(\d+)", m["modes"]).group(1))
+            if port and _port_open(port):
+                proxy.port = port
                 return proxy
             if time.monotonic() > deadline:
                 raise ProxyStartError(f"aigw proxy did not come up within {timeout}s:\n"
