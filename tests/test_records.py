@@ -84,7 +84,16 @@ def an_id(v: Any) -> bool:
 
 
 def timestamp(v: Any) -> bool:
-    return v is None or isinstance(v, str) or (finite(v) and 0 <= v <= 1e18)
+    # A numeric timestamp is read as a float: an integer is compared once rounded to one
+    # (10**18 + 1 reads as 1e18, within the bound).
+    return v is None or isinstance(v, str) or (finite(v) and 0 <= as_float(v) <= 1e18)
+
+
+def as_float(v: int | float) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def instant(v: Any) -> bool:
