@@ -17,12 +17,14 @@ tests/ has no __init__.py and the `pytest` script does not add the working direc
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
@@ -30,6 +32,15 @@ if _ROOT not in sys.path:
 
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.proxy import Proxy, start_mitmdump  # noqa: E402
+
+
+# Hypothesis: by default the same examples every run (derived from each test), so a run's
+# verdict is the code's, not the draw's; AIGW_HYPOTHESIS=explore draws new ones (1,000 a test
+# where it sets no count of its own) to find what the fixed draw misses, and replays its
+# failures from .hypothesis/ in later explore runs.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("AIGW_HYPOTHESIS", "repeatable"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
