@@ -33,7 +33,6 @@ if _ROOT not in sys.path:
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.proxy import Proxy, start_mitmdump  # noqa: E402
 
-
 # Hypothesis: by default the same examples every run (derived from each test), so a run's
 # verdict is the code's, not the draw's; AIGW_HYPOTHESIS=explore draws new ones (1,000 a test
 # where it sets no count of its own) to find what the fixed draw misses, and replays its
