@@ -87,7 +87,7 @@ class Gateway:
         refused = self.runtime.not_ready is not None and \
             self.runtime.not_ready in (STREAMING_REFUSED, self._unsafe)
         if {"aigw_config", "aigw_store"} & updated or refused:
-            error = self._reload()
+            error = self._load()
             if error is not None:
                 raise exceptions.OptionsError(error)
         self._unsafe = unsafe_options(ctx.options, self.runtime.config)
@@ -101,12 +101,27 @@ class Gateway:
                 raise exceptions.OptionsError(str(exc)) from None
         self._derive_allow_hosts()
 
-    def _reload(self) -> str | None:
+    def _load(self) -> str | None:
+        """Read mitm.yaml and open the store; why not, if not. Changes no option: `configure`
+        checks the options first (an update from inside a refused one would be refused and
+        rolled back again, recursively)."""
         self.admitter.forget()
         error = self.runtime.load(ctx.options.aigw_config, ctx.options.aigw_store or None)
         if error is None:
-            self._derive_allow_hosts()
             self.telemetry.use_config()
+        return error
+
+    def _reload(self) -> str | None:
+        """mitm.yaml changed on disk (the maintenance tick): load it, check mitmproxy's options
+        against it (a new provider may be one they would let pass), then derive them."""
+        error = self._load()
+        if error is None:
+            self._unsafe = error = unsafe_options(ctx.options, self.runtime.config)
+            if error is not None:
+                self.runtime.not_ready = error
+                log.error("aigw: not ready: %s", error)
+                return error
+            self._derive_allow_hosts()
         return error
 
     def _derive_allow_hosts(self) -> None:

@@ -748,6 +748,29 @@ def test_ignore_hosts_of_other_hosts_are_fine(gateway, tmp_path):
         assert gw.runtime.not_ready is None
 
 
+def test_a_mitm_yaml_whose_new_provider_an_option_would_let_through_makes_it_not_ready(
+        gateway, tmp_path):
+    """mitm.yaml re-read on a change: a provider added on a host the operator's ignore_hosts
+    covers would pass undecided; the gateway stops deciding (503) rather than let it."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    gw = gateway()
+    config = tmp_path / "mitm.yaml"
+    with taddons.context(Proxyserver(), gw) as tctx:
+        tctx.configure(gw, aigw_config=str(config))
+        tctx.options.update(ignore_hosts=[r"^llm\.example\.com:"])
+        assert gw.runtime.not_ready is None
+        config.write_text(config.read_text().replace("providers:\n", (
+            "providers:\n  local: {kind: openai, hosts: [llm.example.com], "
+            "api_key_env: AIGW_TEST_OPENAI_KEY}\n"), 1))
+        assert gw._reload() is not None
+        assert "ignore_hosts matches provider host llm.example.com" in gw.runtime.not_ready
+        s = seed(gw.store)
+        flow = chat_flow(s.api_key)
+        decide(gw, flow)
+        assert flow.response is not None and flow.response.status_code == 503
+
+
 def test_an_upgrade_to_a_websocket_is_refused_not_forwarded_unmetered(gateway):
     gw = gateway()
     s = seed(gw.store)
