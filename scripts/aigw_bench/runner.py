@@ -321,10 +321,13 @@ class RssSampler:
 # --- the proxies under test ---------------------------------------------------------------
 
 
-def start_upstream(procs: Processes, tls: bool = False) -> int:
+def start_upstream(procs: Processes, tls: bool = False, cert_dir: Path | None = None) -> int:
     """The fake provider (`_upstream`) on an ephemeral loopback port; `tls`: HTTPS with a
-    self-signed certificate for 127.0.0.1."""
-    upstream = procs.start("upstream", bench_command("_upstream", *(["--tls"] if tls else [])),
+    self-signed certificate for 127.0.0.1, kept as `cert_dir`/upstream-cert.pem if given."""
+    extra = ["--tls"] if tls else []
+    if tls and cert_dir is not None:
+        extra += ["--cert-dir", str(cert_dir)]
+    upstream = procs.start("upstream", bench_command("_upstream", *extra),
                            preexec_fn=pinned(LOAD_CPU),
                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT, text=True,
                            env=bench_env())

@@ -67,7 +67,7 @@ def run_loadgen(proxy_port: int, upstream_port: int, key: str, s: Settings,
 def run(s: Settings, report: Report, tls: bool = False) -> None:
     """The section (and `throughput_tls`'s); `tls`: the HTTPS variant: CONNECT through the
     proxy, TLS intercepted with mitmproxy's CA, TLS from mitmproxy to an upstream with a
-    self-signed certificate (`ssl_insecure`)."""
+    self-signed certificate (trusted with `ssl_verify_upstream_trusted_ca`)."""
     what = " over HTTPS (CONNECT, TLS on both sides)" if tls else ""
     say(f"== throughput{what}: mitmdump with the addon vs bare mitmdump, {s.concurrency} "
         f"keep-alive connections, {s.duration:g} s rounds (+{s.round_warmup:g} s warm-up), "
@@ -83,9 +83,10 @@ def run(s: Settings, report: Report, tls: bool = False) -> None:
 
 def _throughput(s: Settings, report: Report, procs: Processes, tmp: Path,
                 tls: bool = False) -> None:
-    up_port = start_upstream(procs, tls)
-    # start_mitmdump already sets connection_strategy=lazy (mitmdump refuses it twice).
-    both = ["--set", "ssl_insecure=true"] if tls else []
+    up_port = start_upstream(procs, tls, cert_dir=tmp)
+    # start_mitmdump already sets connection_strategy=lazy (mitmdump refuses it twice). The
+    # gateway refuses ssl_insecure: both proxies trust the upstream's certificate instead.
+    both = ["--set", f"ssl_verify_upstream_trusted_ca={tmp / 'upstream-cert.pem'}"] if tls else []
     pairs = start_proxies(procs, tmp, [], both, pairs=s.pairs, floor=s.floor)
     proxies = [proxy for pair in pairs for proxy in pair]
     for proxy in proxies:

@@ -121,6 +121,8 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
 def main(argv: list[str]) -> None:
     """Serve until SIGINT or SIGTERM; print the port first, on a line of its own."""
     tls = "--tls" in argv
+    # --cert-dir DIR: where the self-signed certificate is kept, for the proxies to trust it
+    cert_dir = argv[argv.index("--cert-dir") + 1] if "--cert-dir" in argv else None
     body = json.dumps(CHAT_RESPONSE, separators=(",", ":")).encode()
     ok = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -220,8 +222,11 @@ def main(argv: list[str]) -> None:
         loop = asyncio.get_running_loop()
         ctx = None
         if tls:
-            with tempfile.TemporaryDirectory(prefix="aigw-bench-upstream-") as tmpdir:
-                ctx = self_signed_context(Path(tmpdir))
+            if cert_dir is not None:
+                ctx = self_signed_context(Path(cert_dir))
+            else:
+                with tempfile.TemporaryDirectory(prefix="aigw-bench-upstream-") as tmpdir:
+                    ctx = self_signed_context(Path(tmpdir))
         server = await loop.create_server(Upstream, "127.0.0.1", 0, backlog=256, ssl=ctx)
         print(server.sockets[0].getsockname()[1], flush=True)
         stop = asyncio.Event()
