@@ -553,6 +553,9 @@ def test_the_global_options_go_before_the_command_or_after_it(run, tmp_path):
 def test_target_is_local_or_cloudflare_and_cloudflare_only_for_admin_commands(run, args):
     line = error(run(*args), 2)
     assert "--target" in line
+    if "cloudflare" in args:  # names every command that takes it (serve too, admin-key, audit)
+        for command in ("org", "user", "key", "usage", "quota", "admin-key", "audit", "serve"):
+            assert command in line
 
 
 def test_sync_once_and_interval_exclude_each_other(run):

@@ -122,8 +122,8 @@ def known_providers(ctx: click.Context) -> frozenset[str]:
 def local_only(ctx: click.Context) -> None:
     """Refuse --target cloudflare for a command that works on the local store only."""
     if globals_of(ctx).target == "cloudflare":
-        raise click.UsageError("--target cloudflare is for the org, user, key, usage and quota "
-                               "commands", ctx)
+        raise click.UsageError("--target cloudflare is for the org, user, key, usage, quota, "
+                               "admin-key, audit and serve commands", ctx)
 
 
 def on_target(ctx: click.Context, operation: Operation, *, creates_store: bool = False) -> int:
