@@ -12,6 +12,9 @@ A worker that ends before it listens at startup ends the run (exit 1); one that 
 restarted at once, or after a backoff growing to 30 s while it keeps dying within 30 s of
 its start. SIGTERM or SIGINT: every worker drains (see addon/worker.py) within `drain_s`; one still
 running `drain_s` + DONE_GRACE_S later is killed. A second signal shuts the workers down at once.
+SIGHUP: the workers are replaced one at a time, each drained before its replacement starts and
+reads mitm.yaml anew, while the others serve; a replacement that cannot start (the file made
+invalid) stops the round, and the workers not yet replaced keep serving as they were.
 """
 
 from __future__ import annotations
@@ -171,6 +174,7 @@ class Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     quick_deaths: int = 0  # deaths in a row within STABLE_AFTER_S of the start
     restarts: int = 0
+    replacing: bool = False  # drained on purpose (SIGHUP): its exit is no death
 
 
 class Supervisor:
@@ -184,6 +188,7 @@ class Supervisor:
         self.forced = False
         self.started = False  # every worker listened once
         self._tasks: list[asyncio.Task] = []
+        self._replacing: asyncio.Task | None = None
 
     # --- processes ------------------------------------------------------------------------
 
@@ -259,6 +264,10 @@ class Supervisor:
             if not exited.done():
                 exited.cancel()
                 return
+            if worker.replacing:
+                worker.replacing = False
+                await self.spawn(worker, index)
+                continue
             ran = time.monotonic() - worker.started_at
             worker.quick_deaths = worker.quick_deaths + 1 if ran < STABLE_AFTER_S else 0
             backoff_s = restart_backoff(worker.quick_deaths)
@@ -288,6 +297,49 @@ class Supervisor:
             f"(up to {self.spec.drain_s:g} s)")
         self.stopping.set()
 
+    def on_reload(self) -> None:
+        """SIGHUP: replace the workers one at a time (see the module's docstring)."""
+        if self.stopping.is_set() or not self.started:
+            say("SIGHUP: ignored (the workers are starting or stopping)")
+        elif self._replacing is not None and not self._replacing.done():
+            say("SIGHUP: ignored (a replacement round is under way)")
+        else:
+            self._replacing = asyncio.get_running_loop().create_task(self.replace_all())
+
+    async def replace_all(self) -> None:
+        say(f"SIGHUP: replacing {len(self.workers)} workers one at a time, each drained "
+            f"(up to {self.spec.drain_s:g} s), to read mitm.yaml again")
+        for worker in self.workers:
+            if self.stopping.is_set():
+                return
+            old = worker.proc
+            if old is None or old.returncode is not None:
+                continue  # dead: keep() starts it again, reading the file anew anyway
+            worker.replacing = True
+            try:
+                old.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            error = await self.replaced(worker, old)
+            if error is not None:
+                say(f"SIGHUP: worker {worker.name} {error}; the round stops here, the workers "
+                    f"not replaced yet serve on as they were")
+                return
+        say("SIGHUP: every worker replaced")
+
+    async def replaced(self, worker: Worker, old: asyncio.subprocess.Process) -> str | None:
+        """Wait for `worker`'s replacement of `old` to listen; why it did not, or None."""
+        deadline = time.monotonic() + self.spec.drain_s + DONE_GRACE_S + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            new = worker.proc
+            if new is not old and new is not None:
+                if worker.ready.is_set():
+                    return None
+                if new.returncode is not None:
+                    return f"did not start ({describe(new)}: its lines above say why)"
+            await asyncio.sleep(0.05)
+        return None if self.stopping.is_set() else "was not replaced in time"
+
     def signal_workers(self, signum: int) -> None:
         for worker in self.workers:
             if worker.proc is not None and worker.proc.returncode is None:
@@ -300,6 +352,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.on_reload)
         code = 0
         try:
             await self.start_first(self.workers[0], 0)

@@ -368,3 +368,58 @@ def test_each_worker_has_its_own_request_log_file_and_metrics_port(tmp_path, fak
     assert not log_file.exists()
     assert all(lines.values()) and sum(map(len, lines.values())) == 24
     assert proxy.requests_by_worker() == {}  # to the files, not to stderr
+
+
+GPT_4O_MINI = "gpt-4o-mini:       {input_per_1m: 0.15, cached_input_per_1m: 0.075, output_per_1m: 0.60}"
+
+
+def test_sighup_replaces_the_workers_one_at_a_time_and_they_read_mitm_yaml_again(
+        tmp_path, fake_provider, account_store):
+    store_dir, acct = account_store
+    fake_provider.set(usage=USAGE)
+    proxy = start_aigw_proxy(tmp_path / "px", fake_provider.address, store_dir=store_dir)
+    try:
+        client = fresh_client(proxy, acct.api_key)
+        chat(client)
+        before = proxy.worker_pids()
+        text = proxy.config.read_text()
+        assert GPT_4O_MINI in text
+        proxy.config.write_text(text.replace(GPT_4O_MINI, GPT_4O_MINI.replace("0.60", "1.20")))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log(r"SIGHUP: every worker replaced", timeout=60)
+        after = proxy.worker_pids()
+        assert set(after) == {"w1", "w2"} and not set(after.values()) & set(before.values())
+        for _ in range(10):
+            chat(client)
+        log = proxy.log_text()
+        assert "died" not in log  # a worker drained on purpose is replaced, not a death
+    finally:
+        assert proxy.stop(timeout=30) == 0
+    with Store(store_dir) as store:
+        key = spent(store, "key", acct.key_id)
+        assert key.requests == 11
+        assert key.used_nusd == COST + 10 * (10 * 150 + 100 * 1200)  # the new output price
+
+
+def test_a_sighup_onto_an_invalid_mitm_yaml_keeps_the_others_serving_as_they_were(
+        tmp_path, fake_provider, account_store):
+    store_dir, acct = account_store
+    fake_provider.set(usage=USAGE)
+    proxy = start_aigw_proxy(tmp_path / "px", fake_provider.address, store_dir=store_dir)
+    try:
+        before = proxy.worker_pids()
+        good = proxy.config.read_text()
+        proxy.config.write_text(good.replace("policy:\n", "policy:\n  no_such_setting: 1\n", 1))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log(r"SIGHUP: worker w1 did not start \(exit status 2", timeout=60)
+        assert "no_such_setting" in proxy.log_text()
+        assert proxy.worker_pids()["w2"] == before["w2"]  # never drained
+        client = fresh_client(proxy, acct.api_key)
+        for _ in range(5):
+            assert chat(client).choices[0].message.content  # w2 serves, as it was
+        proxy.config.write_text(good)  # fixed: the w1 slot's restarts read it
+        proxy.wait_for_log(r"worker w1 \(pid \d+\) listening", timeout=60)
+    finally:
+        assert proxy.stop(timeout=30) == 0
+    with Store(store_dir) as store:
+        assert settled(store, acct.key_id, 5).used_nusd == 5 * COST

@@ -13,7 +13,8 @@ from store.cli.runner import Group, globals_of, late_globals, local_only
                "with the gateway, all accepting on one port (the kernel spreads the "
                "connections), sharing the store and the CA directory. A worker that dies is "
                "restarted; SIGTERM lets the requests in flight finish (up to --drain-s), then "
-               "exits. Logs go to stderr, each worker's lines prefixed with its name; nothing "
+               "exits; SIGHUP replaces the workers one at a time, each reading mitm.yaml "
+               "again. Logs go to stderr, each worker's lines prefixed with its name; nothing "
                "is printed on stdout.")
 @click.option("--workers", type=int, metavar="N",
               help="worker processes (default: one per CPU this process may run on)")
