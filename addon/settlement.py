@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from addon.admission import Flight
+from addon.admission import READ_ONLY_METHODS, Flight
 from addon.failure import FailureMode
 from addon.metering import StreamTap, estimate_tokens, usage_from_body
 from addon.policy import LevelUsage, binding_level
@@ -160,13 +160,16 @@ def _kind(exc: BaseException) -> str:
 
 
 def _estimate_usage(flow: http.HTTPFlow, flight: Flight) -> Usage:
-    """No usage reported: nothing if the provider never answered or refused the request, else
-    input from the request and output from what was delivered."""
+    """No usage reported: nothing if the provider never answered, refused the request or was
+    only read from (a bodiless GET, HEAD, OPTIONS or DELETE), else input from the request and
+    output from what was delivered."""
     response = flow.response
     if response is None and not flow.server_conn.timestamp_tcp_setup:
         return Usage(model=flight.model)  # never reached the provider
     if response is not None and response.status_code >= 400:
         return Usage(model=flight.model)  # providers do not bill refused requests
+    if flow.request.method in READ_ONLY_METHODS and not flow.request.raw_content:
+        return Usage(model=flight.model)  # nor reading or deleting (a model list, a file)
     if flight.tap is not None:
         output = estimate_tokens(flight.tap.text_chars)
     elif response is not None and response.raw_content:

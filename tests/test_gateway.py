@@ -866,6 +866,27 @@ def test_jobs_billed_after_the_request_are_refused(gateway, host, path):
     assert files.response is None
 
 
+def test_a_read_only_request_is_counted_and_costs_nothing_a_bodied_one_an_estimate(gateway):
+    """Providers bill no GET /v1/models; a POST the provider answers without usage (a file
+    upload) is charged the estimate, never $0."""
+    gw = gateway()
+    s = seed(gw.store)
+    models = chat_flow(s.api_key, path="/v1/models")
+    models.request.method, models.request.content = "GET", b""
+    decide(gw, models)
+    assert models.response is None  # forwarded
+    listing = json.dumps({"object": "list", "data": [{"id": "gpt-4o"}] * 50}).encode()
+    forward(gw, models, http.Response.make(200, listing, {"content-type": "application/json"}))
+    key = usage(gw, "key", s.key_id)
+    assert key.requests == 1 and key.used_nusd == 0 and key.reserved_nusd == 0
+    upload = chat_flow(s.api_key, b'{"purpose": "batch"}', path="/v1/files")
+    decide(gw, upload)
+    forward(gw, upload, http.Response.make(200, b'{"id": "file-1"}',
+                                           {"content-type": "application/json"}))
+    key = usage(gw, "key", s.key_id)
+    assert key.requests == 2 and key.used_nusd > 0 and key.reserved_nusd == 0
+
+
 def test_an_absurd_max_tokens_is_decided_on_the_budget_not_the_failure_mode(gateway):
     """max_tokens 2**63-1 priced as is overflows the ledger's 64-bit counters: the reservation is
     capped, so the request is decided like any other (here no level has a limit: allowed)."""
