@@ -62,6 +62,9 @@ class Gateway:
         self.settler.observer = self.telemetry.settled
         self.flights: dict[str, Flight] = FLIGHTS  # shared with the instances after a reload
         self._unsafe: str | None = None  # why mitmproxy's options were refused, if they were
+        # The (aigw_config, aigw_store) last loaded, and the last refused: see `configure`.
+        self._loaded: tuple[str, str] | None = None
+        self._refused: tuple[str, str] | None = None
 
     @property
     def store(self):
@@ -87,6 +90,12 @@ class Gateway:
         refused = self.runtime.not_ready is not None and \
             self.runtime.not_ready in (STREAMING_REFUSED, self._unsafe)
         if {"aigw_config", "aigw_store"} & updated or refused:
+            if self._loaded is None and self._refused not in (None, self._given()):
+                # mitmproxy rolls a refused first configuration back to the options' defaults
+                # (aigw proxy's workers set theirs as one update): nobody asked for those, and
+                # loading them would hide the refusal behind their own error (or open
+                # ./mitm.yaml's store). The refusal stands; the gateway stays not ready.
+                return
             error = self._load()
             if error is not None:
                 raise exceptions.OptionsError(error)
@@ -109,7 +118,14 @@ class Gateway:
         error = self.runtime.load(ctx.options.aigw_config, ctx.options.aigw_store or None)
         if error is None:
             self.telemetry.use_config()
+            self._loaded, self._refused = self._given(), None
+        else:
+            self._refused = self._given()
         return error
+
+    @staticmethod
+    def _given() -> tuple[str, str]:
+        return ctx.options.aigw_config, ctx.options.aigw_store
 
     def _reload(self) -> str | None:
         """mitm.yaml changed on disk (the maintenance tick): load it, check mitmproxy's options

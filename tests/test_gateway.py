@@ -748,6 +748,23 @@ def test_ignore_hosts_of_other_hosts_are_fine(gateway, tmp_path):
         assert gw.runtime.not_ready is None
 
 
+def test_a_refused_first_mitm_yaml_is_the_error_not_the_defaults_it_rolls_back_to(
+        tmp_path, monkeypatch):
+    """aigw proxy's worker sets aigw_config and aigw_store in one options update; refused,
+    mitmproxy rolls them back to their defaults (./mitm.yaml) and configures again. Loading
+    those would hide the refusal behind their own error, or open ./mitm.yaml's store."""
+    monkeypatch.chdir(tmp_path)  # no ./mitm.yaml here
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG % {"store": tmp_path / "store", "unknown": "maybe"})
+    gw = Gateway()
+    with taddons.context(gw) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="unknown_credentials") as refused:
+            tctx.options.update(aigw_config=str(bad), aigw_store=str(tmp_path / "store"))
+        assert "mitm.yaml" not in str(refused.value)
+        assert gw.runtime.config is None and gw.store is None
+    gw.done()
+
+
 def test_a_mitm_yaml_whose_new_provider_an_option_would_let_through_makes_it_not_ready(
         gateway, tmp_path):
     """mitm.yaml re-read on a change: a provider added on a host the operator's ignore_hosts
