@@ -44,10 +44,10 @@ LARGE_BODY = 256 * 1024  # bodies above this are read off the event loop
 INLINE_DECODE = 16 * 1024  # compressed bodies above this are decoded off the event loop
 CACHE_SIZE = 200_000
 READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
-# What one request may reserve at most: $1,000,000. A client's `max_tokens: 2**62` must be
-# decided on its budget, not overflow the ledger's 64-bit counters into the failure mode.
-MAX_ESTIMATE_NUSD = 10**15
-MAX_OUTPUT_TOKENS = 10**9  # likewise for a token limit's window
+# A client's `max_tokens: 2**62` must be decided on its budget, not overflow the ledger's 64-bit
+# counters into the failure mode: its cost is capped (pricing.MAX_COST_NUSD), and its tokens
+# for a token limit's window here.
+MAX_OUTPUT_TOKENS = 10**9
 
 
 @dataclass(slots=True)  # built per request: a frozen one costs a call per field
@@ -274,9 +274,9 @@ class Admitter:
 
         input_tokens = estimate_tokens(len(decoded))
         max_output = min(adapter.max_output_tokens(request, body) or 0, MAX_OUTPUT_TOKENS)
-        estimate = min(MAX_ESTIMATE_NUSD, config.pricing.price(model).cost_nusd(Usage(
+        estimate = config.pricing.price(model).cost_nusd(Usage(
             input_tokens=input_tokens,
-            output_tokens=max_output or config.policy.default_max_output_tokens)))
+            output_tokens=max_output or config.policy.default_max_output_tokens))
         tokens = input_tokens + (max_output or config.policy.default_max_output_tokens)
         try:
             denial, counters, limits = self._reserve(flow.id, account, estimate, tokens, now)

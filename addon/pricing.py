@@ -8,6 +8,10 @@ from addon.providers.base import Usage
 
 log = logging.getLogger("aigw.pricing")
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+# What one request may cost (and so reserve) at most: $1,000,000. A client's `max_tokens: 2**62`
+# or a provider's `prompt_tokens: 2**63` priced as is would overflow the ledger's 64-bit
+# counters: the request would then never be settled (its reservation held, its write retried).
+MAX_COST_NUSD = 10**15
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,7 @@ class Price:
         )
 
     def cost_nusd(self, usage: Usage) -> int:
-        """Nano-dollars for `usage`, rounded once at the end."""
+        """Nano-dollars for `usage`, rounded once at the end, at most MAX_COST_NUSD."""
         micro_total = (
             usage.input_tokens * self.input
             + usage.cached_input_tokens * self.cached_input
@@ -57,7 +61,7 @@ class Price:
             + usage.cache_write_1h_tokens * self.cache_write_1h
             + usage.output_tokens * self.output
         )
-        return (micro_total + 500) // 1000
+        return min((micro_total + 500) // 1000, MAX_COST_NUSD)
 
 
 class PriceTable:

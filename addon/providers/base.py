@@ -47,14 +47,21 @@ class UsageMeter:
         raise NotImplementedError
 
 
+# No response bills a trillion tokens of one kind. A count is capped there, so the sum of a
+# response's counts, and the rate windows' sums of them, stay far inside the ledger's 64-bit
+# integers whatever a provider (or whatever answers in its place) writes.
+MAX_TOKENS = 10**12
+
+
 def as_int(value: Any) -> int:
-    """A token count from JSON: a non-negative int; anything else (bool, null, text) is 0."""
+    """A token count from JSON: a non-negative int, at most MAX_TOKENS (a larger count is
+    capped: charged at the most, never at nothing); anything else (bool, null, text, NaN) is 0."""
     if type(value) is int:  # the common case first; bool is not int here
-        return value if value > 0 else 0
-    if isinstance(value, float) and 0 < value < 1e18:  # not NaN, not infinite
-        return int(value)
+        return (value if value < MAX_TOKENS else MAX_TOKENS) if value > 0 else 0
+    if isinstance(value, float) and value > 0:  # not NaN; infinity is capped
+        return int(min(value, MAX_TOKENS))
     if isinstance(value, int) and not isinstance(value, bool):  # an int subclass
-        return max(0, int(value))
+        return min(max(0, int(value)), MAX_TOKENS)
     return 0
 
 

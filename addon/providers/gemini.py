@@ -29,10 +29,15 @@ class GeminiMeter(UsageMeter):
         self._usage: dict | None = None
 
     def feed(self, event: str | None, data: Any) -> None:
-        if isinstance(data, list):  # a whole streamed array read at once
+        if isinstance(data, list):  # a whole streamed array read at once: its elements
             for item in data:
-                self.feed(event, item)
-            return
+                self._feed_chunk(item)
+        else:
+            self._feed_chunk(data)
+
+    def _feed_chunk(self, data: Any) -> None:
+        # One level only: an array of arrays is no Gemini answer, and recursing into one
+        # nested as deep as JSON allows would raise RecursionError.
         if not isinstance(data, dict):
             return
         if isinstance(data.get("modelVersion"), str):

@@ -22,8 +22,8 @@ class OpenAIMeter(UsageMeter):
     def feed(self, event: str | None, data: Any) -> None:
         if not isinstance(data, dict):
             return
-        response = data.get("response")
-        if isinstance(response, dict) and data.get("type", "").startswith("response."):
+        response, kind = data.get("response"), data.get("type")
+        if isinstance(response, dict) and isinstance(kind, str) and kind.startswith("response."):
             data = response
         if isinstance(data.get("model"), str):
             self.model = data["model"]

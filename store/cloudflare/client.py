@@ -161,13 +161,12 @@ class KVClient:
 
     def bulk_put(self, items: list[dict]) -> list[str]:
         """Write up to 10,000 pairs; returns the keys Cloudflare did not write."""
-        body = self._json("PUT", "/bulk", json=items)
-        result = body.get("result") or {}
-        return list(result.get("unsuccessful_keys") or [])
+        body = self._json("PUT", "/bulk", check=_check_written, json=items)
+        return list((body.get("result") or {}).get("unsuccessful_keys") or [])
 
     def bulk_delete(self, names: list[str]) -> list[str]:
         """Delete up to 10,000 keys; returns the keys Cloudflare did not delete."""
-        body = self._json("POST", "/bulk/delete", json=names)
+        body = self._json("POST", "/bulk/delete", check=_check_written, json=names)
         return list((body.get("result") or {}).get("unsuccessful_keys") or [])
 
     # --- transport -------------------------------------------------------------------------
@@ -246,14 +245,16 @@ class KVClient:
 
 
 def _check_page(body: dict) -> str | None:
-    """A listing page must say whether more follow: taking a page without `result_info` for
-    the last one would delete every key after it. Likewise an entry without a name: the key
-    it stands for would look deleted."""
+    """A listing page must say whether more follow: taking a page without `result_info` (or
+    with a cursor that is no string) for the last one would delete every key after it.
+    Likewise an entry without a name: the key it stands for would look deleted."""
     result, info = body.get("result"), body.get("result_info")
     if not isinstance(result, list):
         return "no result list"
     if not isinstance(info, dict):
         return "no result_info"
+    if not isinstance(info.get("cursor"), str | None):  # `0`, `false` or `[]` is no end either
+        return "a cursor that is no string"
     if not all(isinstance(item, dict) and isinstance(item.get("name"), str) for item in result):
         return "a key without a name"
     return None
@@ -266,6 +267,21 @@ def _check_values(body: dict) -> str | None:
     return None
 
 
+def _check_written(body: dict) -> str | None:
+    """A bulk write's answer: which keys it did not write, if any, as a list of names (any
+    other shape would be read as some keys written, or raise)."""
+    result = body.get("result")
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        return "a result that is no object"
+    failed = result.get("unsuccessful_keys")
+    if failed is not None and not (isinstance(failed, list)
+                                   and all(isinstance(k, str) for k in failed)):
+        return "unsuccessful_keys that are no list of names"
+    return None
+
+
 def _body(response: httpx.Response) -> Any:
     try:
         return orjson.loads(response.content)
@@ -274,10 +290,11 @@ def _body(response: httpx.Response) -> Any:
 
 
 def _errors(body: Any) -> str:
-    if isinstance(body, dict) and body.get("errors"):
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in body["errors"]
-                         if isinstance(e, dict))
-    return "unsuccessful response"
+    """The envelope's errors as text; any other shape (`"errors": 5`) reads as unsuccessful."""
+    errors = body.get("errors") if isinstance(body, dict) else None
+    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors
+                     if isinstance(e, dict)) if isinstance(errors, list) else ""
+    return text or "unsuccessful response"
 
 
 def _retry_after(response: httpx.Response) -> float | None:

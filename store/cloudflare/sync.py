@@ -56,6 +56,7 @@ STAMP = "aigw"  # the metadata field holding aigw's version stamp
 # `aigw serve`; no gateway reads them, so no node copies them.
 NOT_REPLICATED = (AUDIT_PREFIX, ADMIN_KEY_PREFIX)
 REJECTED_KEPT = 100  # rejected records named in the stored pass summary (the count is whole)
+KV_MAX_KEY = 512  # bytes: no KV key is longer, so what a pass derives from one fits LMDB's keys
 
 
 def stamp_of(value: bytes) -> str:
@@ -141,6 +142,10 @@ class Replicator:
             stamp = metadata.get(STAMP) if isinstance(metadata, dict) else None
             if name.startswith(NOT_REPLICATED):  # the admin server's own, not the nodes'
                 continue
+            if len(name.encode()) > KV_MAX_KEY:  # a listing KV could not have given
+                self._reject(summary, name, RecordError(
+                    f"{record_label(name)}: a KV key has at most {KV_MAX_KEY} bytes"))
+                continue
             if name.startswith(USAGE_PREFIX):
                 summary.usage_keys += 1
                 try:
@@ -198,6 +203,12 @@ class Replicator:
                 stamps.pop(name, None)
                 self._reject(summary, name, exc)
                 continue
+            if stamps.get(name):
+                # The stamp of the value applied, not the listing's: KV's listings and reads
+                # are eventually consistent apart, so a pass may list one version and read
+                # another. Kept with the listed stamp, an older value would never be fetched
+                # again; with its own, the next pass sees they differ and fetches it again.
+                stamps[name] = stamp_of(value)
             if self.store.records.get(name) != value:
                 summary.changed += 1
             puts[name] = value
@@ -294,7 +305,7 @@ class Replicator:
                 # even when its figures did not change.
                 figures = [counter.used_nusd, counter.requests, *([reset_ms] if reset_ms else [])]
                 current[name] = figures
-                if pushed_before.get(name) == figures or len(name.encode()) > 512:
+                if pushed_before.get(name) == figures or len(name.encode()) > KV_MAX_KEY:
                     continue
                 body = {"node": self.node_id, "month": month, "level": level, "id": level_id,
                         "used_nusd": figures[0], "requests": figures[1], "at": int(time.time())}
