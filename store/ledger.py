@@ -26,6 +26,9 @@ from store.registry import IsLive, Registry
 T = TypeVar("T")
 
 _COUNTER = struct.Struct("<qqqq")  # used_nusd, reserved_nusd, requests, updated_ms
+# A counter saturates here rather than overflow its int64: a write that cannot be packed would
+# fail, and a settle that always fails would be retried forever, its reservation held.
+_I64_MAX = 2**63 - 1
 _GRACE = struct.Struct("<qq")  # used_nusd, requests
 
 LEDGER_DBS = ("usage", "reservations", "requests", "grace", "meta")
@@ -262,7 +265,7 @@ class Ledger(_Part):
                 now = _now_ms()
                 put = txn.put
                 for k, c in zip(keys, counters, strict=True):
-                    put(k, pack(c[0], c[1] + amount_nusd, c[2], now), db=usage)
+                    put(k, pack(c[0], min(c[1] + amount_nusd, _I64_MAX), c[2], now), db=usage)
                 put(rid, _reservation(amount_nusd, now, pid, host, keys, rate),
                     db=self._reservations)
             return reason
@@ -303,8 +306,9 @@ class Ledger(_Part):
             for k in keys:
                 raw_counter = get(k, db=usage)
                 used, reserved, requests, _ = unpack(raw_counter) if raw_counter else _ZERO
-                value = Counter(used + cost_nusd, reserved - released if reserved > released
-                                else 0, requests + 1, now)
+                value = Counter(min(used + cost_nusd, _I64_MAX),
+                                reserved - released if reserved > released else 0,
+                                min(requests + 1, _I64_MAX), now)
                 put(k, pack(*value), db=usage)
                 after.append(value)
             if entry is not None:

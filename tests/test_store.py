@@ -72,6 +72,20 @@ def test_settle_releases_the_reservation_and_adds_the_real_cost(tmp_path):
         assert store.ledger.log_entries() == [record]
 
 
+def test_a_counter_saturates_instead_of_overflowing_so_every_settle_is_written(tmp_path):
+    """9,224 requests at the $1,000,000 cap of one request overflow an int64 of nano-dollars:
+    the counter stops at its maximum (every limit refuses it) rather than fail each write."""
+    top = 2**63 - 1
+    with Store(tmp_path / "s") as store:
+        levels = [("org", "o")]
+        store.ledger.settle(None, levels, "2026-11", top - 10)
+        store.ledger.reserve("r", levels, "2026-11", top - 5, never)
+        assert store.ledger.reserve("r2", levels, "2026-11", 100, never) is None
+        assert store.ledger.counters(levels, "2026-11")[0].reserved_nusd == top
+        after = store.ledger.settle("r", levels, "2026-11", 10**15)
+        assert after[0].used_nusd == top and after[0].requests == 2
+
+
 LEVELS = [("key", "k"), ("user", "u"), ("org", "o")]
 
 
