@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from addon import gateway as gateway_module
 from addon import settlement
@@ -28,26 +28,13 @@ from addon.pricing import MAX_COST_NUSD
 from addon.providers import ADAPTERS
 from addon.providers.base import MAX_TOKENS
 from addon.streams import zstd
-from store import Store
 from store.money import month_of, utc_now
+from tests.support.fuzz import fuzz_gateway, run
+from tests.support.fuzz import json_values as json_values_of
 from tests.support.seed import seed
 
 INT64_MAX = 2**63 - 1
 
-CONFIG = """
-store: {path: %(store)s}
-providers:
-  openai: {kind: openai, hosts: [api.openai.com], api_key_env: AIGW_FUZZ_KEY}
-  azure: {kind: azure_openai, hosts: [fuzz.openai.azure.com], api_key_env: AIGW_FUZZ_KEY}
-  anthropic: {kind: anthropic, hosts: [api.anthropic.com], api_key_env: AIGW_FUZZ_KEY}
-  gemini: {kind: gemini, hosts: [generativelanguage.googleapis.com], api_key_env: AIGW_FUZZ_KEY}
-pricing:
-  fallback: {input_per_1m: 1.0, output_per_1m: 2.0}
-  models:
-    gpt-4o: {input_per_1m: 2.5, cached_input_per_1m: 1.25, output_per_1m: 10.0}
-    claude-sonnet-4-5: {input_per_1m: 3.0, cached_input_per_1m: 0.3, output_per_1m: 15.0}
-    expensive: {input_per_1m: 1000.0, output_per_1m: 5000.0}
-"""
 
 # (provider, host, path, credential header, request body) per API kind, streamed or not.
 ENDPOINTS = {
@@ -76,18 +63,9 @@ DECODE_ERRORS = (zlib.error, brotli.error, zstd.ZstdError, ValueError)
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("fuzz_metering")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGW_FUZZ_KEY", "sk-provider-fuzz")
-        config = tmp / "mitm.yaml"
-        config.write_text(CONFIG % {"store": tmp / "store"})
-        Store(tmp / "store").close()
-        gateway = Gateway()
-        with taddons.context(gateway) as tctx:
-            tctx.configure(gateway, aigw_config=str(config))
-            gateway.seeded = seed(gateway.store, org_budget=None, user_limit=None)
-            yield gateway
-            gateway.done()
+    with fuzz_gateway(tmp_path_factory.mktemp("fuzz_metering")) as gateway:
+        gateway.seeded = seed(gateway.store, org_budget=None, user_limit=None)
+        yield gateway
 
 
 # --- strategies -----------------------------------------------------------------------------
@@ -121,12 +99,7 @@ DETAILS = {
     "anthropic": [("cache_creation", "ephemeral_1h_input_tokens")],
     "gemini": [],
 }
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63),
-                                                            max_value=2**64 - 1),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-json_values = st.recursive(json_leaf, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=12)
+json_values = json_values_of(max_leaves=12)
 models = st.one_of(st.sampled_from(["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-flash",
                                     "expensive", "unknown-model"]), json_values)
 
@@ -261,13 +234,6 @@ def request_flow(gw: Gateway, endpoint: str, stream: bool) -> http.HTTPFlow:
     flow.server_conn.address = (host, 443)
     flow.server_conn.timestamp_tcp_setup = 1.0  # it reached the provider
     return flow
-
-
-def run(result) -> None:
-    import asyncio
-
-    if asyncio.iscoroutine(result):
-        asyncio.run(result)
 
 
 class Settlements:

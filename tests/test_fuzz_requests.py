@@ -5,7 +5,6 @@ reservation and the provider's credential, or it is refused in the provider's er
 nothing reserved; never an internal fault (which mitmproxy, without the guard, would forward
 undecided). Gzip bombs and the model checks end to end are tests/test_adversarial.py's."""
 
-import asyncio
 import gzip
 import json
 from collections.abc import Iterator
@@ -15,27 +14,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from addon import gateway as gateway_module
 from addon.gateway import Gateway
-from store import Store
+from tests.support.fuzz import PROVIDER_KEY, fuzz_gateway, run
+from tests.support.fuzz import json_values as json_values_of
 from tests.support.seed import seed
-
-PROVIDER_KEY = "sk-provider-fuzz"
-CONFIG = """
-store: {path: %(store)s}
-providers:
-  openai: {kind: openai, hosts: [api.openai.com], api_key_env: AIGW_FUZZ_KEY}
-  azure: {kind: azure_openai, hosts: [fuzz.openai.azure.com], api_key_env: AIGW_FUZZ_KEY}
-  anthropic: {kind: anthropic, hosts: [api.anthropic.com], api_key_env: AIGW_FUZZ_KEY}
-  gemini: {kind: gemini, hosts: [generativelanguage.googleapis.com], api_key_env: AIGW_FUZZ_KEY}
-pricing:
-  fallback: {input_per_1m: 1.0, output_per_1m: 2.0}
-  models:
-    gpt-4o: {input_per_1m: 2.5, output_per_1m: 10.0}
-    claude-sonnet-4-5: {input_per_1m: 3.0, output_per_1m: 15.0}
-"""
 
 # (host, paths, credential header) per provider.
 ENDPOINTS = {
@@ -66,33 +51,19 @@ DENIAL_STATUSES = {400, 401, 403, 413, 429, 502}  # 503 is the failure mode: a h
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("fuzz_requests")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGW_FUZZ_KEY", PROVIDER_KEY)
-        config = tmp / "mitm.yaml"
-        config.write_text(CONFIG % {"store": tmp / "store"})
-        Store(tmp / "store").close()
-        gateway = Gateway()
-        with taddons.context(gateway) as tctx:
-            tctx.configure(gateway, aigw_config=str(config))
-            gateway.accounts = [
-                seed(gateway.store, suffix="1", org_budget=None, user_limit=None),
-                seed(gateway.store, suffix="2",
-                     allowed_models=["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-flash"]),
-                seed(gateway.store, suffix="3", key_limit=0.0),  # a budget used up
-            ]
-            yield gateway
-            gateway.done()
+    with fuzz_gateway(tmp_path_factory.mktemp("fuzz_requests")) as gateway:
+        gateway.accounts = [
+            seed(gateway.store, suffix="1", org_budget=None, user_limit=None),
+            seed(gateway.store, suffix="2",
+                 allowed_models=["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-flash"]),
+            seed(gateway.store, suffix="3", key_limit=0.0),  # a budget used up
+        ]
+        yield gateway
 
 
 # --- strategies -----------------------------------------------------------------------------
 
-json_leaf = st.one_of(st.none(), st.booleans(),
-                      st.integers(min_value=-(2**63), max_value=2**64 - 1),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10))
-json_values = st.recursive(json_leaf, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=10)
+json_values = json_values_of(max_leaves=10)
 sizes = st.one_of(st.integers(min_value=-5, max_value=10**6),
                   st.sampled_from([0, 2**31, 2**53, 2**63 - 1, 2**63, 2**64 - 1]),
                   st.floats(allow_nan=False), json_values)
@@ -142,11 +113,6 @@ def encoded(draw, body: bytes) -> tuple[str | None, bytes]:
     if choice == "lie":
         return "gzip", body
     return draw(st.sampled_from(["x-bogus", "gzip, identity", "compress"])), body
-
-
-def run(result) -> None:
-    if asyncio.iscoroutine(result):
-        asyncio.run(result)
 
 
 # --- the property ---------------------------------------------------------------------------

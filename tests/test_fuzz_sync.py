@@ -34,6 +34,7 @@ from store.cloudflare import (
 )
 from store.money import month_of, utc_now
 from store.records import RecordError, validate_record
+from tests.support.fuzz import json_values as json_values_of
 
 MONTH = month_of(utc_now())
 BASE = "http://kv.invalid/client/v4"
@@ -57,12 +58,7 @@ USAGE_NAMES = [f"{USAGE_PREFIX}node-b:{MONTH}:org:o1", f"{USAGE_PREFIX}node-c:{M
                f"{USAGE_PREFIX}node-b:2026-13:org:o1", f"{USAGE_PREFIX}node-b:{MONTH}:team:x",
                f"{USAGE_PREFIX}node-b:{MONTH}:key:" + "k" * 600, f"{USAGE_PREFIX}x"]
 
-json_leaf = st.one_of(st.none(), st.booleans(),
-                      st.integers(min_value=-(2**63), max_value=2**64 - 1),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-json_values = st.recursive(json_leaf, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=8)
+json_values = json_values_of(max_leaves=8)
 
 
 @st.composite
