@@ -99,9 +99,7 @@ class Gateway:
             error = self._load()
             if error is not None:
                 raise exceptions.OptionsError(error)
-        self._unsafe = unsafe_options(ctx.options, self.runtime.config)
-        if self._unsafe is not None:
-            self.runtime.not_ready = self._unsafe
+        if self._check_options() is not None:
             raise exceptions.OptionsError(self._unsafe)
         if TELEMETRY_OPTIONS & updated:
             try:
@@ -132,13 +130,20 @@ class Gateway:
         against it (a new provider may be one they would let pass), then derive them."""
         error = self._load()
         if error is None:
-            self._unsafe = error = unsafe_options(ctx.options, self.runtime.config)
+            error = self._check_options()
             if error is not None:
-                self.runtime.not_ready = error
                 log.error("aigw: not ready: %s", error)
                 return error
             self._derive_allow_hosts()
         return error
+
+    def _check_options(self) -> str | None:
+        """Why mitmproxy's options would let a provider request pass undecided under the
+        loaded mitm.yaml, if they would: the gateway is then not ready."""
+        self._unsafe = unsafe_options(ctx.options, self.runtime.config)
+        if self._unsafe is not None:
+            self.runtime.not_ready = self._unsafe
+        return self._unsafe
 
     def _derive_allow_hosts(self) -> None:
         derived = self.runtime.derived_allow_hosts(ctx.options.allow_hosts,
