@@ -42,6 +42,7 @@ from aigw_bench.runner import (
     free_port,
     median,
     pinned,
+    round_figures,
     say,
     start_upstream,
     wait_listening,
@@ -299,15 +300,12 @@ def _run(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
         before = tree_cpu(root)
         r = load(kind, s)
         after = tree_cpu(root)
-        answered = r["total_ok"] + sum(v for k, v in r["statuses"].items() if k != "200")
-        bad = r["errors"] + answered - r["total_ok"]
+        bad, per_request = round_figures(r, before, after)
         failed += bad
         if kind != "litellm" and r["gateway_headers"] != r["total_ok"]:
             report.invalid = True
             say(f"!! round {n}: {r['total_ok'] - r['gateway_headers']} aigw answers had no "
                 f"x-gateway-* headers: they did not go through the gateway")
-        per_request = ((after - before) / answered * 1e6
-                       if before is not None and after is not None and answered else 0.0)
         rps.append((kind, r["rps"]))
         cpu.append((kind, per_request))
         say(f"round {n:2d}  {kind:<13} {r['rps']:8.1f} req/s  CPU {per_request:6.0f} us/req"

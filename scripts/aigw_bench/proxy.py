@@ -53,6 +53,7 @@ from aigw_bench.runner import (
     free_port,
     median,
     pinned,
+    round_figures,
     run_json,
     say,
     start_mitmdump,
@@ -234,11 +235,8 @@ def _run(s: Settings, report: Report, procs: Processes, tmp: Path) -> None:
         before = proxy.cpu()
         r = run_loadgen(proxy.port, up_port, key_of(target), s, fresh=fresh)
         after = proxy.cpu()
-        answered = r["total_ok"] + sum(v for k, v in r["statuses"].items() if k != "200")
-        bad = r["errors"] + answered - r["total_ok"]
+        bad, per_request = round_figures(r, before, after)
         failed += bad
-        per_request = ((after - before) / answered * 1e6
-                       if before is not None and after is not None and answered else 0.0)
         rps.append((kind, r["rps"]))
         cpu.append((kind, per_request))
         say(f"round {n:2d}  {kind:<10} {r['rps']:8.1f} req/s  CPU {per_request:6.0f} us/req"

@@ -156,6 +156,16 @@ def paired_ratios(sequence: list[tuple[str, float]], of: str = "addon") -> list[
     return ratios
 
 
+def round_figures(result: dict, cpu_before: float | None, cpu_after: float | None
+                  ) -> tuple[int, float]:
+    """A load generator round's failed requests and CPU per answered request (us)."""
+    answered = result["total_ok"] + sum(v for k, v in result["statuses"].items() if k != "200")
+    bad = result["errors"] + answered - result["total_ok"]
+    per_request = ((cpu_after - cpu_before) / answered * 1e6
+                   if cpu_before is not None and cpu_after is not None and answered else 0.0)
+    return bad, per_request
+
+
 def median(values: list[float]) -> float:
     """The median (0 for no values)."""
     if not values:
